@@ -1,0 +1,1 @@
+"""Shared by server and worker: config, tensor codec, models, data, metrics, generated stubs."""

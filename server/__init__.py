@@ -1,0 +1,1 @@
+"""The parameter server: ServerCore, the update rules, the gRPC service."""

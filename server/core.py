@@ -1,0 +1,277 @@
+"""ServerCore: the parameter, the update rule, the waiting set, the schedulers and the iteration indexes.
+
+Pure: no sockets, clocks or files. A driver (the gRPC service, the simulator, a test) hands it
+"gradient g computed at index ite by worker k" and gets back "send (params, index) to these workers".
+It is not thread-safe by design: one driver task is its only writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.algorithms import SCHEDULERS, get_algorithm
+from server.schedule import LRSchedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """What the server computes. `scheduler=None` takes the algorithm's own (e.g. `ssgdm` is sync)."""
+
+    algo: str
+    num_workers: int
+    lr_schedule: LRSchedule
+    momentum: float = 0.9
+    scheduler: str | None = None
+    total_iterations: int | None = None
+    vanilla_sgd_step: bool = False
+    reject_nonfinite: bool = True
+
+    def __post_init__(self) -> None:
+        spec = get_algorithm(self.algo)  # raises ValueError naming the valid algorithms
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.total_iterations is not None and self.total_iterations < 1:
+            raise ValueError(f"total_iterations must be >= 1, got {self.total_iterations}")
+        if self.vanilla_sgd_step and "vanilla_sgd_step" not in spec.options:
+            raise ValueError(f"vanilla_sgd_step is OrMo's ablation; it does not apply to algo {self.algo!r}")
+
+    @property
+    def effective_scheduler(self) -> str:
+        return self.scheduler or get_algorithm(self.algo).default_scheduler
+
+
+class PushRejected(ValueError):
+    """A gradient the core refused; nothing was changed. `code` names the gRPC status a service returns."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Send `params` with `iteration_index` to `workers`.
+
+    `params` is a live view of the server's state: serialise or copy it before the next `push`.
+    """
+
+    workers: tuple[int, ...]
+    params: torch.Tensor
+    iteration_index: int
+
+
+@dataclass
+class WorkerRecord:
+    """Per-worker bookkeeping: the index it holds (None while it is in the waiting set) and its counts."""
+
+    outstanding_index: int | None = None
+    gradients_applied: int = 0
+    delay_sum: int = 0
+    delay_max: int = 0
+    active: bool = True
+
+
+@dataclass
+class StalenessStats:
+    """Delays `tau = t - ite` of the applied gradients."""
+
+    count: int = 0
+    total: int = 0
+    maximum: int = 0
+    histogram: dict[int, int] = field(default_factory=dict)
+
+    def add(self, delay: int) -> None:
+        self.count += 1
+        self.total += delay
+        self.maximum = max(self.maximum, delay)
+        self.histogram[delay] = self.histogram.get(delay, 0) + 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+class ServerCore:
+    """Algorithm 1 (SSGD/ASGD scheduling) around a registered update rule (Algorithm 2 for OrMo)."""
+
+    def __init__(self, params0: torch.Tensor, config: CoreConfig) -> None:
+        if params0.dim() != 1 or not params0.is_floating_point():
+            raise ValueError(f"params0 must be a flat floating-point vector, got shape {tuple(params0.shape)} "
+                             f"dtype {params0.dtype}")
+        self.config = config
+        self.w = params0.detach().clone()
+        spec = get_algorithm(config.algo)
+        options: dict[str, Any] = {"vanilla_sgd_step": True} if config.vanilla_sgd_step else {}
+        self.rule = spec.factory(self.w, config.num_workers, config.momentum, **options)
+        self.scheduler = config.effective_scheduler
+        self.iteration = 0  # t: gradients consumed so far
+        self.waiting_set: set[int] = set()
+        self.workers = [WorkerRecord() for _ in range(config.num_workers)]
+        self.staleness = StalenessStats()
+        self.started = False
+
+    # ----- queries -------------------------------------------------------------------------
+    @property
+    def num_workers(self) -> int:
+        return self.config.num_workers
+
+    @property
+    def done(self) -> bool:
+        total = self.config.total_iterations
+        return total is not None and self.iteration >= total
+
+    @property
+    def epoch(self) -> float:
+        return self.config.lr_schedule.epoch(self.iteration)
+
+    def lr(self) -> float:
+        """The schedule's `eta` at the current iteration (before any per-gradient adaptation)."""
+        return self.config.lr_schedule(self.iteration)
+
+    def active_workers(self) -> list[int]:
+        return [k for k, rec in enumerate(self.workers) if rec.active]
+
+    # ----- driving -------------------------------------------------------------------------
+    def start(self) -> Dispatch:
+        """Send `(w_0, 0)` to every worker."""
+        if self.started:
+            raise RuntimeError("ServerCore.start() called twice")
+        self.started = True
+        for rec in self.workers:
+            rec.outstanding_index = 0
+        return Dispatch(tuple(range(self.num_workers)), self.rule.params_to_send(self.lr()), 0)
+
+    def validate(self, worker: int, grad: torch.Tensor, iteration_index: int) -> None:
+        """Raise `PushRejected` if the gradient cannot be applied. Changes nothing."""
+        if not self.started:
+            raise PushRejected("FAILED_PRECONDITION", "the run has not started")
+        if self.done:
+            raise PushRejected("FAILED_PRECONDITION", f"the run is finished ({self.iteration} iterations)")
+        if not isinstance(worker, int) or not 0 <= worker < self.num_workers:
+            raise PushRejected("NOT_FOUND", f"unknown worker id {worker!r}; valid ids are 0..{self.num_workers - 1}")
+        rec = self.workers[worker]
+        if not rec.active:
+            raise PushRejected("FAILED_PRECONDITION", f"worker {worker} is not active; it must rejoin first")
+        if iteration_index > self.iteration:
+            raise PushRejected("INVALID_ARGUMENT", f"iteration index {iteration_index} is from the future "
+                               f"(the server is at iteration {self.iteration})")
+        if rec.outstanding_index is None:
+            raise PushRejected("FAILED_PRECONDITION", f"worker {worker} holds no parameters: it is in the "
+                               "waiting set until the synchronous round completes")
+        if iteration_index != rec.outstanding_index:
+            raise PushRejected("INVALID_ARGUMENT", f"worker {worker} was sent parameters with index "
+                               f"{rec.outstanding_index}, but its gradient claims index {iteration_index}")
+        if grad.dim() != 1 or grad.numel() != self.w.numel():
+            raise PushRejected("INVALID_ARGUMENT", f"gradient has shape {tuple(grad.shape)}; expected a flat "
+                               f"vector of {self.w.numel()} elements")
+        if grad.dtype != self.w.dtype:
+            raise PushRejected("INVALID_ARGUMENT", f"gradient dtype {grad.dtype}; expected {self.w.dtype}")
+        if self.config.reject_nonfinite and not bool(torch.isfinite(grad).all()):
+            raise PushRejected("INVALID_ARGUMENT", "gradient contains NaN or infinite values")
+
+    def push(self, worker: int, grad: torch.Tensor, iteration_index: int) -> list[Dispatch]:
+        """One server iteration: apply `grad` from `worker` and return what to send to whom.
+
+        Raises `PushRejected` (and changes nothing) for a gradient that cannot be applied.
+        """
+        self.validate(worker, grad, iteration_index)
+        if grad.device != self.w.device:
+            grad = grad.to(self.w.device)
+        t = self.iteration
+        self.rule.open_group(t, waiting_set_empty=not self.waiting_set)
+        lr = self.rule.effective_lr(self.config.lr_schedule(t), iteration_index, t)
+        self.rule.apply(grad, iteration_index, t, worker, lr)
+
+        delay = t - iteration_index
+        rec = self.workers[worker]
+        rec.outstanding_index = None
+        rec.gradients_applied += 1
+        rec.delay_sum += delay
+        rec.delay_max = max(rec.delay_max, delay)
+        self.staleness.add(delay)
+        self.iteration = t + 1
+        self.waiting_set.add(worker)
+        return self._schedule(lr)
+
+    def _schedule(self, lr: float) -> list[Dispatch]:
+        """The scheduler of Algorithm 1: option II answers at once, option I once every worker waits."""
+        if self.done:
+            return []
+        if self.scheduler == "sync" and not self.waiting_set.issuperset(self.active_workers()):
+            return []
+        receivers = tuple(sorted(self.waiting_set))
+        self.waiting_set.clear()
+        for k in receivers:
+            self.workers[k].outstanding_index = self.iteration
+        return [Dispatch(receivers, self.rule.params_to_send(lr), self.iteration)]
+
+    def deactivate(self, worker: int) -> list[Dispatch]:
+        """A worker is gone: its in-flight gradient is lost; a synchronous round no longer waits for it."""
+        rec = self.workers[worker]
+        if not rec.active:
+            return []
+        rec.active = False
+        rec.outstanding_index = None
+        self.waiting_set.discard(worker)
+        if self.scheduler == "sync" and self.waiting_set and self.started:
+            return self._schedule(self.lr())
+        return []
+
+    def rejoin(self, worker: int) -> Dispatch | None:
+        """A worker comes back: it gets the current parameters with their current index.
+
+        In a synchronous run mid-round it waits in the waiting set for the round to complete instead.
+        """
+        rec = self.workers[worker]
+        rec.active = True
+        if self.done:
+            return None
+        if self.scheduler == "sync" and self.waiting_set:
+            self.waiting_set.add(worker)
+            rec.outstanding_index = None
+            return None
+        rec.outstanding_index = self.iteration
+        return Dispatch((worker,), self.rule.params_to_send(self.lr()), self.iteration)
+
+    def current_params(self) -> torch.Tensor:
+        """The server's parameter `w_t` (what is evaluated; SMEGA2's estimate is only sent to workers)."""
+        return self.w
+
+    # ----- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "algo": self.config.algo,
+            "num_workers": self.num_workers,
+            "w": self.w.clone(),
+            "rule": {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.rule.state_dict().items()},
+            "iteration": self.iteration,
+            "waiting_set": sorted(self.waiting_set),
+            "started": self.started,
+            "workers": [vars(rec).copy() for rec in self.workers],
+            "staleness": vars(self.staleness).copy() | {"histogram": dict(self.staleness.histogram)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["algo"] != self.config.algo or state["num_workers"] != self.num_workers:
+            raise ValueError(f"checkpoint is for algo={state['algo']!r} K={state['num_workers']}; this server runs "
+                             f"algo={self.config.algo!r} K={self.num_workers}")
+        if state["w"].shape != self.w.shape:
+            raise ValueError(f"checkpoint parameter has {state['w'].numel()} elements; the model has {self.w.numel()}")
+        self.w.copy_(state["w"])
+        self.rule.load_state_dict(state["rule"])
+        self.iteration = int(state["iteration"])
+        self.waiting_set = set(state["waiting_set"])
+        self.started = bool(state["started"])
+        self.workers = [WorkerRecord(**rec) for rec in state["workers"]]
+        self.staleness = StalenessStats(**state["staleness"])
+

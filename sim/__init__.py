@@ -1,0 +1,1 @@
+"""The deterministic simulator: ServerCore driven by virtual workers."""

@@ -1,0 +1,1 @@
+"""The worker: gradient loop and gRPC client."""
