@@ -1,0 +1,253 @@
+"""The simulator: K virtual workers with a compute-time model drive the same ServerCore as the service.
+
+Each virtual worker holds the last (parameter, index) the core sent it. A priority queue of finish times
+decides which worker's gradient arrives next; that gradient is computed for real, at the parameter the
+worker holds, on the worker's own mini-batch stream. With a seed the run is reproducible bit for bit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import RunConfig
+from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
+from common.evaluation import Evaluator
+from common.gradients import GradientComputer
+from common.metrics import MetricsWriter, RunningMean
+from common.models import FlatModel, build_model, recompute_bn_stats
+from server.core import CoreConfig, Dispatch, ServerCore
+from server.schedule import LRSchedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ComputeTimeModel:
+    """Virtual seconds one gradient takes: `mean * U(1 - jitter, 1 + jitter)`, times `slow_factor` for slow workers.
+
+    Homogeneous: `slow_fraction = 0`. Heterogeneous: the last `round(slow_fraction * K)` workers are slow.
+    """
+
+    mean: float = 1.0
+    jitter: float = 0.1
+    slow_fraction: float = 0.0
+    slow_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.mean > 0:
+            raise ValueError(f"compute_time must be > 0, got {self.mean}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        if not 0 <= self.slow_fraction <= 1:
+            raise ValueError(f"slow_fraction must be in [0, 1], got {self.slow_fraction}")
+        if not self.slow_factor >= 1:
+            raise ValueError(f"slow_factor must be >= 1, got {self.slow_factor}")
+
+    def slow_workers(self, num_workers: int) -> frozenset[int]:
+        n_slow = round(self.slow_fraction * num_workers)
+        return frozenset(range(num_workers - n_slow, num_workers))
+
+    def sampler(self, num_workers: int, seed: int) -> Callable[[int], float]:
+        rng = np.random.default_rng(seed)
+        slow = self.slow_workers(num_workers)
+
+        def duration(worker: int) -> float:
+            factor = self.slow_factor if worker in slow else 1.0
+            return self.mean * factor * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
+
+        return duration
+
+
+def make_core(run: RunConfig, params0: torch.Tensor, iters_per_epoch: int) -> ServerCore:
+    """The ServerCore of a run (shared by the simulator and the gRPC service)."""
+    schedule = LRSchedule(
+        base_lr=run.lr,
+        iterations_per_epoch=iters_per_epoch,
+        warmup_epochs=run.warmup_epochs,
+        milestones=run.milestones(iters_per_epoch),
+        gamma=run.lr_gamma,
+    )
+    config = CoreConfig(
+        algo=run.algo,
+        num_workers=run.workers,
+        lr_schedule=schedule,
+        momentum=run.momentum,
+        scheduler=run.scheduler,
+        total_iterations=run.total_iterations(iters_per_epoch),
+        vanilla_sgd_step=run.vanilla_sgd_step,
+        reject_nonfinite=run.reject_nonfinite,
+    )
+    return ServerCore(params0, config)
+
+
+def initial_model(run: RunConfig, dataset: Dataset, device: torch.device) -> FlatModel:
+    """The model with `w_0` drawn from the run's seed (the same in the simulator and the service)."""
+    torch.manual_seed(run.seed)
+    return FlatModel(build_model(run.model_name, dataset.num_classes, dataset.input_shape), device=device)
+
+
+@dataclass
+class SimResult:
+    params: torch.Tensor
+    summary: dict[str, Any]
+
+
+class Simulator:
+    def __init__(
+        self,
+        run: RunConfig,
+        timing: ComputeTimeModel = ComputeTimeModel(),
+        *,
+        out_dir: str | Path | None = None,
+        device: str = "cpu",
+        eval_every: float | None = 1.0,
+        final_eval: bool = True,
+        log_every: int | None = None,
+        dataset: Dataset | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.timing = timing
+        self.device = torch.device(device)
+        self.dataset = dataset if dataset is not None else load_dataset(run.dataset, run.data_dir, run.download)
+        self.iters_per_epoch = iterations_per_epoch(self.dataset, run.batch_size)
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"batch_size {run.batch_size} is larger than the train set ({self.dataset.num_train})")
+        self.model = initial_model(run, self.dataset, self.device)
+        self.core = make_core(run, self.model.params, self.iters_per_epoch)
+        self.gradients = GradientComputer(self.model, run.weight_decay)
+        self.streams = [BatchStream(self.dataset, run.batch_size, run.worker_seed(k), self.device)
+                        for k in range(run.workers)]
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.eval_every = eval_every or None  # None or 0: evaluate only at the end
+        self.final_eval = final_eval
+        self.log_every = log_every or max(1, self.iters_per_epoch // 10)
+        self.progress = progress
+        self._evaluator: Evaluator | None = None
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            eval_model = initial_model(self.run, self.dataset, self.device)
+            self._evaluator = Evaluator(eval_model, self.dataset, seed=self.run.seed)
+        return self._evaluator
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+    def simulate(self) -> SimResult:
+        run, core = self.run, self.core
+        total = core.config.total_iterations
+        metrics = MetricsWriter(self.out_dir / "metrics.jsonl") if self.out_dir else None
+        if metrics:
+            metrics.write("start", source="sim", config=run.to_dict(), num_parameters=self.model.numel,
+                          iterations_per_epoch=self.iters_per_epoch, total_iterations=total,
+                          timing=vars(self.timing), slow_workers=sorted(self.timing.slow_workers(run.workers)))
+        duration = self.timing.sampler(run.workers, run.seed)
+        held: dict[int, tuple[torch.Tensor, int]] = {}
+        queue: list[tuple[float, int, int]] = []  # (finish time, tie-breaking sequence number, worker)
+        sequence = 0
+        now = 0.0
+
+        def deliver(dispatches: list[Dispatch]) -> None:
+            nonlocal sequence
+            for d in dispatches:
+                params = d.params.clone()  # shared read-only by every receiver of this dispatch
+                for k in d.workers:
+                    held[k] = (params, d.iteration_index)
+                    heapq.heappush(queue, (now + duration(k), sequence, k))
+                    sequence += 1
+
+        train_loss_window, train_loss_epoch = RunningMean(), RunningMean()
+        window_delays: list[int] = []
+        next_eval = self.eval_every
+        evals: list[dict[str, Any]] = []
+        diverged_at: int | None = None
+        wall0 = time.monotonic()
+        deliver([core.start()])
+        while not core.done and queue:
+            now, _, k = heapq.heappop(queue)
+            params, ite = held.pop(k)
+            x, y = next(self.streams[k])
+            grad, loss = self.gradients.compute(params, x, y)
+            if not math.isfinite(loss) or not bool(torch.isfinite(grad).all()):
+                diverged_at = core.iteration
+                self._say(f"diverged at iteration {core.iteration}: non-finite loss or gradient")
+                break
+            window_delays.append(core.iteration - ite)
+            deliver(core.push(k, grad, ite))
+            train_loss_window.add(loss)
+            train_loss_epoch.add(loss)
+            t = core.iteration
+            if t % self.log_every == 0 or core.done:
+                record = dict(iteration=t, epoch=round(core.epoch, 4), time=round(now, 4), lr=core.lr(),
+                              train_loss=train_loss_window.pop(), staleness_mean=float(np.mean(window_delays)),
+                              staleness_max=int(max(window_delays)))
+                window_delays.clear()
+                if metrics:
+                    metrics.write("progress", **record)
+                self._say(f"iter {t}/{total} epoch {core.epoch:.2f} loss {record['train_loss']:.4f} "
+                          f"lr {record['lr']:.4g} staleness {record['staleness_mean']:.1f}")
+            if self.eval_every and (core.epoch >= next_eval or core.done):
+                while next_eval <= core.epoch:
+                    next_eval += self.eval_every
+                evals.append(self._evaluate(metrics, now, train_loss_epoch.pop()))
+        if self.final_eval and diverged_at is None and (not evals or evals[-1]["iteration"] != core.iteration):
+            evals.append(self._evaluate(metrics, now, train_loss_epoch.pop()))
+        summary = self._summary(now, time.monotonic() - wall0, evals, diverged_at)
+        if metrics:
+            metrics.write("summary", **summary)
+            metrics.close()
+        if self.out_dir:
+            self.save(self.out_dir / "final.pt")
+        return SimResult(core.current_params().clone(), summary)
+
+    def _evaluate(self, metrics: MetricsWriter | None, now: float, train_loss: float | None) -> dict[str, Any]:
+        core = self.core
+        result = self.evaluator(core.current_params())
+        record = dict(iteration=core.iteration, epoch=round(core.epoch, 4), time=round(now, 4),
+                      train_loss=train_loss, **result)
+        if metrics:
+            metrics.write("eval", **record)
+        loss_text = f"{train_loss:.4f}" if train_loss is not None else "-"
+        self._say(f"eval epoch {core.epoch:.2f}: test accuracy {result['test_accuracy']:.4f} "
+                  f"test loss {result['test_loss']:.4f} train loss {loss_text}")
+        return record
+
+    def _summary(self, now: float, wall: float, evals: list[dict[str, Any]], diverged_at: int | None) -> dict[str, Any]:
+        core = self.core
+        st = core.staleness
+        last = evals[-1] if evals else {}
+        return dict(
+            algo=self.run.algo, workers=self.run.workers, iterations=core.iteration, epochs=round(core.epoch, 4),
+            time=round(now, 4), wall_seconds=round(wall, 3),
+            gradients_per_second=round(core.iteration / wall, 3) if wall > 0 else None,
+            final_test_accuracy=last.get("test_accuracy"), final_test_loss=last.get("test_loss"),
+            final_train_loss=last.get("train_loss"),
+            best_test_accuracy=max((e["test_accuracy"] for e in evals), default=None),
+            diverged=diverged_at is not None, diverged_at_iteration=diverged_at,
+            staleness_mean=round(st.mean, 4), staleness_max=st.maximum,
+            staleness_histogram={str(k): v for k, v in sorted(st.histogram.items())},
+            gradients_per_worker=[rec.gradients_applied for rec in core.workers],
+        )
+
+    def save(self, path: Path) -> None:
+        """The final parameters: the flat vector and a model state dict with BatchNorm statistics recomputed."""
+        evaluator = self.evaluator
+        evaluator.model.load_(self.core.current_params())
+        recompute_bn_stats(evaluator.model.module, evaluator.calibration)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"params": self.core.current_params().cpu().clone(), "iteration": self.core.iteration,
+                    "config": self.run.to_dict(), "model_state": evaluator.model.module.state_dict()}, tmp)
+        tmp.replace(path)
