@@ -24,9 +24,9 @@ from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.gradients import GradientComputer
 from common.metrics import MetricsWriter, RunningMean
-from common.models import FlatModel, build_model, recompute_bn_stats
-from server.core import CoreConfig, Dispatch, ServerCore
-from server.schedule import LRSchedule
+from common.models import recompute_bn_stats
+from server.run import initial_model, make_core
+from server.core import Dispatch
 
 logger = logging.getLogger(__name__)
 
@@ -66,34 +66,6 @@ class ComputeTimeModel:
             return self.mean * factor * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
 
         return duration
-
-
-def make_core(run: RunConfig, params0: torch.Tensor, iters_per_epoch: int) -> ServerCore:
-    """The ServerCore of a run (shared by the simulator and the gRPC service)."""
-    schedule = LRSchedule(
-        base_lr=run.lr,
-        iterations_per_epoch=iters_per_epoch,
-        warmup_epochs=run.warmup_epochs,
-        milestones=run.milestones(iters_per_epoch),
-        gamma=run.lr_gamma,
-    )
-    config = CoreConfig(
-        algo=run.algo,
-        num_workers=run.workers,
-        lr_schedule=schedule,
-        momentum=run.momentum,
-        scheduler=run.scheduler,
-        total_iterations=run.total_iterations(iters_per_epoch),
-        vanilla_sgd_step=run.vanilla_sgd_step,
-        reject_nonfinite=run.reject_nonfinite,
-    )
-    return ServerCore(params0, config)
-
-
-def initial_model(run: RunConfig, dataset: Dataset, device: torch.device) -> FlatModel:
-    """The model with `w_0` drawn from the run's seed (the same in the simulator and the service)."""
-    torch.manual_seed(run.seed)
-    return FlatModel(build_model(run.model_name, dataset.num_classes, dataset.input_shape), device=device)
 
 
 @dataclass

@@ -145,3 +145,14 @@ def test_resnet20_on_the_real_cifar10_images(tmp_path_factory):
     result = Simulator(run, eval_every=None, final_eval=False).simulate()
     assert result.summary["iterations"] == 6
     assert torch.isfinite(result.params).all()
+
+
+def test_ormo_trains_where_naive_asgdm_becomes_unstable(digits):
+    """K=16 on digits at eta=0.02 (bench/results/stability.md has the sweep over eta and seeds)."""
+    losses = {}
+    for algo in ("asgdm", "ormo"):
+        run = RunConfig(algo=algo, workers=16, dataset="digits", model="mlp", batch_size=32, lr=0.02, epochs=20)
+        losses[algo] = Simulator(run, ComputeTimeModel(jitter=0.2), dataset=digits, eval_every=None,
+                                 final_eval=True).simulate().summary["final_train_loss"]
+    assert losses["asgdm"] > 2.3  # worse than the untrained model's ln(10): unstable
+    assert losses["ormo"] < 0.6

@@ -1,0 +1,365 @@
+"""The gRPC `ParameterServer` service: one asyncio event loop drives ServerCore, the only writer.
+
+Each worker has one bidirectional `Train` stream. A reader task per stream decodes messages and calls
+`ServerCore.push` directly: code between two `await`s is atomic on one loop, so the core needs no lock,
+gradients are applied in arrival order, and the parameters a push returns are encoded before anything
+else can run. Answers go through a per-worker outbox that the stream's handler drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from common.codec import CodecError, decode, encode
+from common.config import RunConfig
+from common.metrics import MetricsWriter, RunningMean
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
+from server.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from server.core import Dispatch, PushRejected, ServerCore
+
+logger = logging.getLogger(__name__)
+
+_END = object()  # outbox sentinel: close the stream normally
+
+
+class Rejected(Exception):
+    """A message that ends its stream with a gRPC status; the server's state is unchanged."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Connection:
+    worker: int
+    name: str
+    slowdown: float
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    error: Rejected | None = None
+    ready: bool = False
+
+
+@dataclass
+class Counters:
+    gradients_applied: int = 0
+    gradients_rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        self.gradients_rejected += 1
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+
+
+class ParameterServerService(pb_grpc.ParameterServerServicer):
+    def __init__(
+        self,
+        core: ServerCore,
+        run: RunConfig,
+        *,
+        num_classes: int,
+        out_dir: Path | None = None,
+        metrics: MetricsWriter | None = None,
+        log_every: int = 50,
+        checkpoint_every: float = 60.0,
+        wait_for_all_workers: bool = True,
+        counters: Counters | None = None,
+    ) -> None:
+        self.core = core
+        self.run = run
+        self.num_classes = num_classes
+        self.out_dir = out_dir
+        self.metrics = metrics
+        self.log_every = log_every
+        self.checkpoint_every = checkpoint_every
+        self.wait_for_all_workers = wait_for_all_workers
+        self.counters = counters or Counters()
+        self.connections: dict[int, Connection] = {}
+        self.ever_assigned: set[int] = set()
+        self.started = core.started
+        self.finished = asyncio.Event()
+        self.train_loss_window = RunningMean()
+        self.train_loss_epoch = RunningMean()
+        self.last_epoch_train_loss: float | None = None
+        self._epoch_of_loss = int(core.epoch)
+        self._window_delays: list[int] = []
+        self._start_time = time.monotonic()
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_task: asyncio.Task | None = None
+        self._finish_task: asyncio.Task | None = None
+        if core.started:
+            # A resumed run: every worker must reconnect; what was in flight is lost.
+            for k in range(core.num_workers):
+                core.deactivate(k)
+            core.waiting_set.clear()
+
+    # ----- the run's configuration as workers see it --------------------------------------
+    def pb_run_config(self) -> pb.RunConfig:
+        run = self.run
+        return pb.RunConfig(
+            algorithm=run.algo, model=run.model_name, dataset=run.dataset, num_classes=self.num_classes,
+            batch_size=run.batch_size, weight_decay=run.weight_decay, seed=run.seed,
+            total_iterations=self.core.config.total_iterations or 0, num_workers=run.workers,
+            num_parameters=self.core.w.numel(),
+        )
+
+    # ----- Train: one stream per worker -----------------------------------------------------
+    async def Train(self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext):
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if self.core.done:
+            yield self._stop_done()
+            return
+        try:
+            conn = self._admit(first, context.peer())
+        except Rejected as e:
+            logger.warning("refused a worker from %s: %s", context.peer(), e.message)
+            await context.abort(e.code, e.message)
+            return
+        reader = asyncio.create_task(self._read(conn, request_iterator), name=f"reader-{conn.worker}")
+        try:
+            while True:
+                msg = await conn.outbox.get()
+                if msg is _END:
+                    break
+                yield msg
+                if msg.WhichOneof("payload") == "stop":
+                    # Let the worker read the Stop and close its side; gradients still in flight are dropped.
+                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                        await asyncio.wait_for(asyncio.shield(reader), timeout=5.0)
+                    break
+            if conn.error is not None:
+                await context.abort(conn.error.code, conn.error.message)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._disconnect(conn)
+
+    def _stop_done(self) -> pb.ServerMessage:
+        return pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_DONE,
+                                             detail=f"run finished after {self.core.iteration} iterations"))
+
+    def _admit(self, first: pb.WorkerMessage, peer: str) -> Connection:
+        """Register a worker: assign its id and welcome it. Atomic on the loop."""
+        if first.WhichOneof("payload") != "register":
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a Train stream must be Register")
+        reg = first.register
+        k = self.core.num_workers
+        if reg.HasField("requested_worker_id"):
+            worker = reg.requested_worker_id
+            if not 0 <= worker < k:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"requested worker id {worker} is out of range 0..{k - 1}")
+            if worker in self.connections:
+                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"worker {worker} already has an open Train stream")
+        else:
+            free = [w for w in range(k) if w not in self.connections]
+            if not free:
+                raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {k} worker slots are taken")
+            never = [w for w in free if w not in self.ever_assigned]
+            worker = (never or free)[0]
+        if not reg.slowdown >= 0:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"slowdown must be >= 0, got {reg.slowdown}")
+        conn = Connection(worker, reg.name or peer, reg.slowdown or 1.0)
+        self.connections[worker] = conn
+        self.ever_assigned.add(worker)
+        logger.info("worker %d registered (%s, slowdown %.2f), %d/%d connected", worker, conn.name,
+                    conn.slowdown, len(self.connections), k)
+        conn.outbox.put_nowait(pb.ServerMessage(welcome=pb.Welcome(
+            worker_id=worker, config=self.pb_run_config(), data_seed=self.run.worker_seed(worker))))
+        return conn
+
+    def _on_ready(self, conn: Connection) -> None:
+        """The worker can compute: count it in the run and hand it parameters."""
+        conn.ready = True
+        k = self.core.num_workers
+        if not self.started:
+            ready = sorted(w for w, c in self.connections.items() if c.ready)
+            if self.wait_for_all_workers and len(ready) < k:
+                logger.info("%d/%d workers ready", len(ready), k)
+                return
+            self.started = True
+            dispatch = self.core.start()
+            for w in range(k):  # with --start-at-once, those not here yet join when they come
+                if w not in ready:
+                    self.core.deactivate(w)
+            self._route([Dispatch(tuple(ready), dispatch.params, dispatch.iteration_index)])
+            logger.info("run started with %d workers", len(ready))
+        else:
+            dispatch = self.core.rejoin(conn.worker)
+            if dispatch is not None:
+                self._route([dispatch])
+
+    async def _read(self, conn: Connection, request_iterator: AsyncIterator[pb.WorkerMessage]) -> None:
+        try:
+            async for msg in request_iterator:
+                try:
+                    self._on_message(conn, msg)
+                except Rejected as e:
+                    logger.warning("worker %d: %s (%s)", conn.worker, e.message, e.code.name)
+                    conn.error = e
+                    conn.outbox.put_nowait(_END)
+                    return
+                if self.core.done and self._finish_task is None:
+                    # Owned by the service, not this stream: a worker hanging up must not cut it short.
+                    self._finish_task = asyncio.get_running_loop().create_task(self._finish())
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError:  # the worker went away mid-read
+            pass
+        conn.outbox.put_nowait(_END)
+
+    def _on_message(self, conn: Connection, msg: pb.WorkerMessage) -> None:
+        """Decode and apply one gradient, then route the answers. No await: atomic on the loop."""
+        kind = msg.WhichOneof("payload")
+        if kind == "ready" and not conn.ready:
+            self._on_ready(conn)
+            return
+        if kind != "gradient" or not conn.ready:
+            self.counters.reject("malformed")
+            expected = "a Gradient" if conn.ready else "Ready"
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"expected {expected} on the Train stream, got {kind or 'an empty message'}")
+        if self.core.done:
+            return  # in flight when the run finished: dropped
+        g = msg.gradient
+        core = self.core
+        try:
+            grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype)
+        except CodecError as e:
+            self.counters.reject("tensor")
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
+        ite = g.iteration_index
+        try:
+            dispatches = core.push(conn.worker, grad, ite)
+        except PushRejected as e:
+            self.counters.reject("nonfinite" if "NaN" in str(e) else e.code.lower())
+            raise Rejected(getattr(grpc.StatusCode, e.code), str(e)) from None
+        self.counters.gradients_applied += 1
+        self._route(dispatches)
+        self._record(g.loss, core.iteration - 1 - ite)
+
+    def _route(self, dispatches: list[Dispatch]) -> None:
+        """Encode each dispatch once, now (its tensor is live), and queue it for every receiver."""
+        for d in dispatches:
+            msg = pb.ServerMessage(parameters=pb.Parameters(
+                tensor=encode(d.params), iteration_index=d.iteration_index, epoch=self.core.epoch))
+            for w in d.workers:
+                conn = self.connections.get(w)
+                if conn is not None:
+                    conn.outbox.put_nowait(msg)
+
+    def _disconnect(self, conn: Connection) -> None:
+        if self.connections.get(conn.worker) is not conn:
+            return
+        del self.connections[conn.worker]
+        if self.core.started and not self.core.done:
+            self._route(self.core.deactivate(conn.worker))
+        logger.info("worker %d disconnected, %d connected", conn.worker, len(self.connections))
+
+    # ----- progress, metrics, checkpoints ---------------------------------------------------
+    def _record(self, loss: float, delay: int) -> None:
+        core = self.core
+        if loss == loss and abs(loss) != float("inf"):
+            self.train_loss_window.add(loss)
+            self.train_loss_epoch.add(loss)
+        self._window_delays.append(delay)
+        if int(core.epoch) > self._epoch_of_loss:
+            self._epoch_of_loss = int(core.epoch)
+            self.last_epoch_train_loss = self.train_loss_epoch.pop()
+        t = core.iteration
+        if t % self.log_every == 0 or core.done:
+            delays = self._window_delays
+            record = dict(iteration=t, epoch=round(core.epoch, 4), time=round(time.monotonic() - self._start_time, 4),
+                          lr=core.lr(), train_loss=self.train_loss_window.pop(),
+                          staleness_mean=sum(delays) / len(delays), staleness_max=max(delays),
+                          workers_connected=len(self.connections),
+                          gradients_rejected=self.counters.gradients_rejected)
+            delays.clear()
+            if self.metrics:
+                self.metrics.write("progress", **record)
+            logger.info("iter %d/%s epoch %.2f loss %s staleness %.1f workers %d", t,
+                        core.config.total_iterations, core.epoch,
+                        "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
+                        record["staleness_mean"], len(self.connections))
+        if (self.out_dir and time.monotonic() - self._last_checkpoint >= self.checkpoint_every
+                and (self._checkpoint_task is None or self._checkpoint_task.done())):
+            self._last_checkpoint = time.monotonic()
+            self._checkpoint_task = asyncio.get_running_loop().create_task(self.checkpoint())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Snapshot of everything a resumed server needs (taken on the loop: consistent)."""
+        return {
+            "core": self.core.state_dict(),
+            "run": self.run.to_dict() | {"model": self.run.model},
+            "counters": vars(self.counters).copy(),
+            "ever_assigned": sorted(self.ever_assigned),
+        }
+
+    async def checkpoint(self) -> Path | None:
+        if self.out_dir is None:
+            return None
+        state = self.state_dict()  # on the loop; the write happens in a thread
+        path = await asyncio.to_thread(save_checkpoint, self.out_dir / CHECKPOINT_NAME, state)
+        logger.info("checkpoint at iteration %d written to %s", state["core"]["iteration"], path)
+        return path
+
+    async def _finish(self) -> None:
+        """The run reached its last iteration: stop every worker and write the final state."""
+        stop = self._stop_done()
+        for conn in self.connections.values():
+            conn.outbox.put_nowait(stop)
+        if self.train_loss_epoch.count:
+            self.last_epoch_train_loss = self.train_loss_epoch.pop()
+        await self.checkpoint()
+        if self.out_dir:
+            await asyncio.to_thread(self._save_final)
+        self.finished.set()  # set last: whoever waits for it finds the final files written
+
+    def _save_final(self) -> None:
+        tmp = self.out_dir / ".final.pt.tmp"
+        torch.save({"params": self.core.current_params().cpu().clone(), "iteration": self.core.iteration,
+                    "config": self.run.to_dict()}, tmp)
+        tmp.replace(self.out_dir / "final.pt")
+
+    async def shutdown(self, detail: str = "server shutting down") -> None:
+        """Graceful stop before the end of the run: checkpoint, then tell the workers."""
+        if not self.finished.is_set():
+            await self.checkpoint()
+        stop = pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_SHUTDOWN, detail=detail))
+        for conn in list(self.connections.values()):
+            conn.outbox.put_nowait(stop)
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._start_time
+
+    # ----- unary calls ---------------------------------------------------------------------
+    async def GetParameters(self, request: pb.GetParametersRequest, context) -> pb.Parameters:
+        core = self.core
+        return pb.Parameters(tensor=encode(core.current_params()), iteration_index=core.iteration,
+                             epoch=core.epoch)
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.Status:
+        core = self.core
+        return pb.Status(
+            iteration=core.iteration, epoch=core.epoch, workers_connected=len(self.connections),
+            gradients_applied=self.counters.gradients_applied, gradients_rejected=self.counters.gradients_rejected,
+            done=self.core.done, config=self.pb_run_config(),
+            uptime_seconds=time.monotonic() - self._start_time,
+            train_loss=self.last_epoch_train_loss if self.last_epoch_train_loss is not None else float("nan"),
+        )

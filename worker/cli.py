@@ -1,0 +1,61 @@
+"""`ps-worker`: the per-container worker entrypoint. It needs the server's address and its data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+
+import click
+import grpc
+
+from common.cli_options import run_cli, setup_logging
+from worker.client import Worker, WorkerOptions
+
+logger = logging.getLogger(__name__)
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--server", default="127.0.0.1:50051", help="The parameter server's HOST:PORT.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where this worker's data set is.")
+@click.option("--download/--no-download", default=False, help="Download CIFAR into --data-dir if missing.")
+@click.option("--slowdown", type=click.FloatRange(min=1), default=1.0,
+              help="Make this a slow worker: each gradient takes this many times as long.")
+@click.option("--name", default=None, help="Name shown in the server's logs (default: the host name).")
+@click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              help="Exit when the server has been unreachable this many seconds.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+@click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
+def cli(**kw) -> None:
+    """Compute gradients for a parameter server until it says stop."""
+    setup_logging(kw.pop("verbose"))
+    if kw["threads"]:
+        import torch
+
+        torch.set_num_threads(kw["threads"])
+    try:
+        options = WorkerOptions(server=kw["server"], data_dir=kw["data_dir"], download=kw["download"],
+                                slowdown=kw["slowdown"], name=kw["name"], server_timeout=kw["server_timeout"],
+                                device=kw["device"])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        result = asyncio.run(Worker(options).run())
+    except grpc.aio.AioRpcError as e:
+        raise click.ClickException(f"the server refused this worker: {e.code().name}: {e.details()}") from None
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps({"worker_id": result.worker_id, "gradients_sent": result.gradients_sent,
+                           "stop_reason": result.stop_reason}))
+    if result.stop_reason == "server gone":
+        raise SystemExit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_cli(cli, argv, "ps-worker")
+
+
+if __name__ == "__main__":
+    main()

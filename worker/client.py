@@ -1,0 +1,173 @@
+"""The worker: register with the server, then compute a gradient at each parameter it is sent.
+
+It needs only the server's address and where its data is: the model, data set, batch size, weight decay
+and its data-stream seed come in the server's Welcome. It reconnects with backoff (keeping its worker id)
+when the stream breaks, and gives up when the server has been unreachable for `server_timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from common.codec import GRPC_MESSAGE_OPTIONS, decode, encode
+from common.data import BatchStream, Dataset, load_dataset
+from common.gradients import GradientComputer
+from common.models import FlatModel, build_model
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+# Statuses after which reconnecting cannot help.
+FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
+         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED}
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    server: str
+    data_dir: str | None = None
+    download: bool = False
+    slowdown: float = 1.0
+    name: str | None = None
+    server_timeout: float = 60.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 5.0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.server or ":" not in self.server:
+            raise ValueError(f"server must be HOST:PORT, got {self.server!r}")
+        if not self.slowdown >= 1:
+            raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
+        if not self.server_timeout > 0:
+            raise ValueError(f"server_timeout must be > 0, got {self.server_timeout}")
+
+
+@dataclass
+class WorkerResult:
+    worker_id: int | None
+    gradients_sent: int
+    stop_reason: str
+
+
+class Worker:
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        self.worker_id: int | None = None
+        self.gradients_sent = 0
+        self._dataset: Dataset | None = None
+        self._model: FlatModel | None = None
+        self._computer: GradientComputer | None = None
+        self._stream: BatchStream | None = None
+
+    async def run(self) -> WorkerResult:
+        opts = self.options
+        backoff = opts.backoff_initial
+        unreachable_since: float | None = None
+        async with grpc.aio.insecure_channel(opts.server, options=GRPC_MESSAGE_OPTIONS) as channel:
+            stub = pb_grpc.ParameterServerStub(channel)
+            while True:
+                try:
+                    reason = await self._session(stub)
+                    return WorkerResult(self.worker_id, self.gradients_sent, reason)
+                except grpc.aio.AioRpcError as e:
+                    code = e.code()
+                    if code in FATAL and self._stream is None:
+                        raise  # refused before doing any work: a configuration error
+                    if code == grpc.StatusCode.ALREADY_EXISTS and self.worker_id is not None:
+                        # our old stream is still open on the server: wait for it to notice
+                        logger.info("worker %s: previous stream still open, retrying", self.worker_id)
+                    elif code in FATAL:
+                        logger.warning("worker %s: stream ended with %s: %s; reconnecting", self.worker_id,
+                                       code.name, e.details())
+                    else:
+                        logger.info("worker %s: server unreachable (%s); retrying in %.1fs", self.worker_id,
+                                    code.name, backoff)
+                    now = time.monotonic()
+                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        unreachable_since = unreachable_since or now
+                        if now - unreachable_since > opts.server_timeout:
+                            return WorkerResult(self.worker_id, self.gradients_sent, "server gone")
+                    else:
+                        unreachable_since = None
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, opts.backoff_max)
+
+    async def _session(self, stub: pb_grpc.ParameterServerStub) -> str:
+        """One Train stream, from Register to Stop. Returns the stop reason."""
+        opts = self.options
+        call = stub.Train(wait_for_ready=True, timeout=None)
+        register = pb.Register(name=opts.name or socket.gethostname(), slowdown=opts.slowdown)
+        if self.worker_id is not None:
+            register.requested_worker_id = self.worker_id
+        await call.write(pb.WorkerMessage(register=register))
+        finished = False
+        try:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    code = await call.code()
+                    if code == grpc.StatusCode.OK:
+                        return "stream closed"
+                    raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(),
+                                               await call.details())
+                kind = msg.WhichOneof("payload")
+                if kind == "welcome":
+                    await asyncio.to_thread(self._on_welcome, msg.welcome)
+                    await call.write(pb.WorkerMessage(ready=pb.Ready()))
+                elif kind == "parameters":
+                    await call.write(await self._gradient(msg.parameters))
+                elif kind == "stop":
+                    finished = True
+                    await call.done_writing()
+                    return pb.StopReason.Name(msg.stop.reason)
+        finally:
+            if not finished:
+                call.cancel()
+
+    def _on_welcome(self, welcome: pb.Welcome) -> None:
+        cfg = welcome.config
+        first = self.worker_id is None
+        self.worker_id = welcome.worker_id
+        if self._model is None:
+            self._dataset = load_dataset(cfg.dataset, self.options.data_dir, self.options.download)
+            module = build_model(cfg.model, cfg.num_classes, self._dataset.input_shape)
+            self._model = FlatModel(module, device=self.options.device)
+            if self._model.numel != cfg.num_parameters:
+                raise RuntimeError(f"model {cfg.model} has {self._model.numel} parameters here, "
+                                   f"the server's has {cfg.num_parameters}")
+            self._computer = GradientComputer(self._model, cfg.weight_decay)
+        if self._stream is None or first:
+            self._stream = BatchStream(self._dataset, cfg.batch_size, welcome.data_seed, self.options.device)
+        logger.info("worker %d: %s on %s, %s, K=%d", self.worker_id, cfg.model, cfg.dataset, cfg.algorithm,
+                    cfg.num_workers)
+
+    async def _gradient(self, params_msg: pb.Parameters) -> pb.WorkerMessage:
+        if self._model is None:
+            raise RuntimeError("parameters arrived before the Welcome")
+        params = decode(params_msg.tensor, expected_numel=self._model.numel, expected_dtype=torch.float32,
+                        device=self.options.device)
+        started = time.monotonic()
+        # Off the event loop: gRPC keeps reading and answering pings meanwhile.
+        msg = await asyncio.to_thread(self._compute, params, params_msg.iteration_index)
+        if self.options.slowdown > 1:
+            # A slow worker: its gradient takes `slowdown` times as long as this machine needs.
+            await asyncio.sleep((self.options.slowdown - 1) * (time.monotonic() - started))
+        self.gradients_sent += 1
+        return msg
+
+    def _compute(self, params: torch.Tensor, iteration_index: int) -> pb.WorkerMessage:
+        x, y = next(self._stream)
+        grad, loss = self._computer.compute(params, x, y)
+        msg = pb.WorkerMessage(gradient=pb.Gradient(iteration_index=iteration_index, loss=loss, sample_count=len(y)))
+        encode(grad, out=msg.gradient.tensor)
+        return msg
