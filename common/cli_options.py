@@ -103,3 +103,28 @@ def run_cli(command: click.Command, argv: Sequence[str] | None, prog_name: str) 
     except SystemExit as e:
         if e.code not in (0, None):
             raise
+
+
+def run_config_flags(run: RunConfig) -> list[str]:
+    """The command-line flags that reproduce `run` (the inverse of `run_config_from`)."""
+    flags = ["--algo", run.algo, "--workers", str(run.workers), "--dataset", run.dataset,
+             "--batch-size", str(run.batch_size), "--lr", repr(run.lr), "--warmup-epochs", repr(run.warmup_epochs),
+             "--lr-gamma", repr(run.lr_gamma), "--momentum", repr(run.momentum),
+             "--weight-decay", repr(run.weight_decay), "--epochs", repr(run.epochs), "--seed", str(run.seed)]
+    if run.scheduler:
+        flags += ["--scheduler", run.scheduler]
+    if run.model:
+        flags += ["--model", run.model]
+    if run.data_dir:
+        flags += ["--data-dir", run.data_dir]
+    if run.download:
+        flags += ["--download"]
+    if run.lr_milestones is not None:
+        flags += ["--lr-milestones", ",".join(repr(m) for m in run.lr_milestones)]
+    if run.iterations is not None:
+        flags += ["--iterations", str(run.iterations)]
+    if run.vanilla_sgd_step:
+        flags += ["--vanilla-sgd-step"]
+    if not run.reject_nonfinite:
+        flags += ["--allow-nonfinite"]
+    return flags

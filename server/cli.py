@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -39,6 +39,7 @@ async def serve(
     wait_for_all_workers: bool = True,
     grace: float = 5.0,
     on_bound: object = None,
+    on_started: Callable[[ParameterServerService, int], None] | None = None,
 ) -> ParameterServerService:
     """Run the service until the run is finished (plus `linger` seconds for evaluators) or a signal."""
     state = load_checkpoint(resume) if resume is not None else None
@@ -81,6 +82,8 @@ async def serve(
     click.echo(f"ps-server listening on {host}:{port}", nl=True)
     if callable(on_bound):
         on_bound(port)
+    if on_started is not None:
+        on_started(service, port)  # tests and embedders reach the live service, on the serving loop
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -143,6 +143,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                         await asyncio.wait_for(asyncio.shield(reader), timeout=5.0)
                     break
             if conn.error is not None:
+                # abort() sends the status at once: free the worker's slot first, so a worker that
+                # reconnects as soon as it reads the status is not refused with ALREADY_EXISTS.
+                self._disconnect(conn)
                 await context.abort(conn.error.code, conn.error.message)
         finally:
             reader.cancel()

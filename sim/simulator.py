@@ -98,7 +98,9 @@ class Simulator:
         self.model = initial_model(run, self.dataset, self.device)
         self.core = make_core(run, self.model.params, self.iters_per_epoch)
         self.gradients = GradientComputer(self.model, run.weight_decay)
-        self.streams = [BatchStream(self.dataset, run.batch_size, run.worker_seed(k), self.device)
+        # One copy of the training set on the device, shared by every worker's stream.
+        train_data = self.dataset.to(self.device) if self.device.type != "cpu" else self.dataset
+        self.streams = [BatchStream(train_data, run.batch_size, run.worker_seed(k), self.device)
                         for k in range(run.workers)]
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.eval_every = eval_every or None  # None or 0: evaluate only at the end

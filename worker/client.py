@@ -73,12 +73,23 @@ class Worker:
         opts = self.options
         backoff = opts.backoff_initial
         unreachable_since: float | None = None
+        shutdown_seen = False
         async with grpc.aio.insecure_channel(opts.server, options=GRPC_MESSAGE_OPTIONS) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
             while True:
+                sent_before = self.gradients_sent
                 try:
                     reason = await self._session(stub)
-                    return WorkerResult(self.worker_id, self.gradients_sent, reason)
+                    if reason != "STOP_REASON_SHUTDOWN":
+                        return WorkerResult(self.worker_id, self.gradients_sent, reason)
+                    # The server is restarting (or gone for good): wait for it like for a lost connection.
+                    logger.info("worker %s: server shutting down; waiting up to %.0fs for it to come back",
+                                self.worker_id, opts.server_timeout)
+                    now = time.monotonic()
+                    unreachable_since = unreachable_since or now
+                    if now - unreachable_since > opts.server_timeout:
+                        return WorkerResult(self.worker_id, self.gradients_sent, reason)
+                    shutdown_seen = True
                 except grpc.aio.AioRpcError as e:
                     code = e.code()
                     if code in FATAL and self._stream is None:
@@ -96,16 +107,22 @@ class Worker:
                     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                         unreachable_since = unreachable_since or now
                         if now - unreachable_since > opts.server_timeout:
-                            return WorkerResult(self.worker_id, self.gradients_sent, "server gone")
+                            reason = "STOP_REASON_SHUTDOWN" if shutdown_seen else "server gone"
+                            return WorkerResult(self.worker_id, self.gradients_sent, reason)
                     else:
                         unreachable_since = None
+                if self.gradients_sent > sent_before:  # that session worked: start backing off afresh
+                    backoff = opts.backoff_initial
+                    if unreachable_since is not None and not shutdown_seen:
+                        unreachable_since = time.monotonic()
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, opts.backoff_max)
 
     async def _session(self, stub: pb_grpc.ParameterServerStub) -> str:
         """One Train stream, from Register to Stop. Returns the stop reason."""
         opts = self.options
-        call = stub.Train(wait_for_ready=True, timeout=None)
+        # Not wait_for_ready: an unreachable server must fail fast so the retry loop can time it out.
+        call = stub.Train(wait_for_ready=False, timeout=None)
         register = pb.Register(name=opts.name or socket.gethostname(), slowdown=opts.slowdown)
         if self.worker_id is not None:
             register.requested_worker_id = self.worker_id

@@ -1,0 +1,1 @@
+"""`ps-launch`: a server, K workers and an evaluator as local processes."""

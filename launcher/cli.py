@@ -1,0 +1,180 @@
+"""`ps-launch`: start a server, K worker processes (some slow if asked) and an evaluator on this machine.
+
+It shows progress from the server's status, waits for the run to finish, and prints the final result;
+metrics, the checkpoint and the final parameters are left in the output directory. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import grpc
+
+from common.cli_options import run_cli, run_config_flags, run_config_from, run_options
+from common.codec import GRPC_MESSAGE_OPTIONS
+from common.metrics import read_metrics
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
+
+LISTENING = re.compile(r"ps-server listening on (\S+):(\d+)")
+
+
+class Processes:
+    """The launched processes; all of them are stopped on exit, whatever happens."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
+
+    def start(self, name: str, argv: list[str], *, capture_stdout: bool = False) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")
+        self._logs.append(log)
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
+                                stdin=subprocess.DEVNULL, env=env, text=True)
+        self.procs[name] = proc
+        return proc
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
+
+
+def _read_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
+    """Wait for the server's `listening on` line; the rest of its stdout is copied to its log."""
+    found: list[int] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                m = LISTENING.search(line)
+                if m and not found:
+                    found.append(int(m.group(2)))
+                    ready.set()
+                log.write(line)
+                log.flush()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout) or not found:
+        raise click.ClickException(f"the server did not start; see {log_path}")
+    return found[0]
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@run_options
+@click.option("--slow-workers", type=click.IntRange(min=0), default=0, help="How many of the K workers are slow.")
+@click.option("--slowdown", type=click.FloatRange(min=1), default=4.0, help="How many times slower a slow worker is.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/launch",
+              help="Output directory: metrics.jsonl, checkpoint.pt, final.pt and one log per process.")
+@click.option("--eval-every", type=click.FloatRange(min=0), default=5.0, help="Epochs between evaluations (0: end only).")
+@click.option("--threads", type=click.IntRange(min=1), default=1,
+              help="torch threads per worker process (K processes share this machine's cores).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=0, help="Server port on 127.0.0.1 (0: any free).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600.0, help="Give up after this many seconds.")
+@click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
+def cli(**kw) -> None:
+    """Run a whole training run locally: ps-server, K x ps-worker and ps-eval as processes."""
+    run = run_config_from(kw)
+    if kw["slow_workers"] > run.workers:
+        raise click.UsageError(f"--slow-workers {kw['slow_workers']} is more than --workers {run.workers}")
+    out = Path(kw["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():
+        metrics_path.unlink()  # a fresh run; --resume belongs to ps-server
+    say = (lambda m: None) if kw["quiet"] else (lambda m: click.echo(m, err=True))
+    py = [sys.executable, "-m"]
+    procs = Processes(out)
+    started = time.monotonic()
+    try:
+        server = procs.start("server", py + ["server.cli", *run_config_flags(run), "--bind",
+                                              f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60"],
+                             capture_stdout=True)
+        port = _read_port(server, out / "server.log", timeout=120)
+        address = f"127.0.0.1:{port}"
+        say(f"server on {address}: {run.algo}, K={run.workers}, {run.model_name} on {run.dataset}; logs in {out}")
+        data = ["--data-dir", run.data_dir] if run.data_dir else []
+        for k in range(run.workers):
+            slow = k >= run.workers - kw["slow_workers"]
+            procs.start(f"worker-{k}", py + ["worker.cli", "--server", address, "--threads", str(kw["threads"]),
+                                              "--name", f"local-{k}", *data,
+                                              *(["--slowdown", str(kw["slowdown"])] if slow else [])])
+        evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
+                                                    "--eval-every", str(kw["eval_every"]), "--threads", "1", *data])
+        _watch(address, procs, evaluator, say, kw["timeout"], started)
+    finally:
+        procs.stop_all()
+    _report(out, time.monotonic() - started)
+
+
+def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, timeout: float, started: float) -> None:
+    """Progress lines until the evaluator has evaluated the final parameters (it exits then)."""
+    server = procs.procs["server"]
+    with grpc.insecure_channel(address, options=GRPC_MESSAGE_OPTIONS) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        last = None
+        while evaluator.poll() is None:
+            if server.poll() is not None:
+                raise click.ClickException(f"the server exited with code {server.returncode}; see its log")
+            if time.monotonic() - started > timeout:
+                raise click.ClickException(f"the run did not finish within {timeout:.0f}s")
+            try:
+                s = stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+                line = (f"iter {s.iteration}/{s.config.total_iterations} epoch {s.epoch:.2f} "
+                        f"workers {s.workers_connected} rejected {s.gradients_rejected}"
+                        + ("" if s.train_loss != s.train_loss else f" train loss {s.train_loss:.4f}")
+                        + (" done, final evaluation" if s.done else ""))
+                if line != last:
+                    say(line)
+                    last = line
+            except grpc.RpcError:
+                pass
+            time.sleep(2.0)
+    if evaluator.returncode != 0:
+        raise click.ClickException(f"the evaluator exited with code {evaluator.returncode}; see its log")
+
+
+def _report(out: Path, seconds: float) -> None:
+    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    evals = [r for r in records if r["event"] == "eval"]
+    summary = next((r for r in reversed(records) if r["event"] == "summary"), {})
+    result = dict(algo=summary.get("algo"), workers=summary.get("workers"), iterations=summary.get("iterations"),
+                  epochs=summary.get("epochs"), seconds=round(seconds, 1),
+                  final_test_accuracy=evals[-1]["test_accuracy"] if evals else None,
+                  final_test_loss=evals[-1]["test_loss"] if evals else None,
+                  final_train_loss=summary.get("final_train_loss"),
+                  gradients_applied=summary.get("gradients_applied"),
+                  gradients_rejected=summary.get("gradients_rejected"),
+                  staleness_mean=summary.get("staleness_mean"), out_dir=str(out))
+    click.echo(json.dumps(result))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_cli(cli, argv, "ps-launch")
+
+
+if __name__ == "__main__":
+    main()

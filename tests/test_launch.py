@@ -1,0 +1,143 @@
+"""End to end with real processes on loopback: ps-launch, ps-server + ps-worker against the simulator, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from common.codec import GRPC_MESSAGE_OPTIONS
+from common.config import RunConfig
+from common.metrics import read_metrics
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
+from launcher.cli import main as launch_main
+from server.checkpoint import load_checkpoint
+from sim.simulator import Simulator
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, module: str, *args: str, **kw) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", module, *args], env=ENV, cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+        self.procs.append(p)
+        return p
+
+    def server(self, *args: str) -> tuple[subprocess.Popen, int]:
+        p = self.start("server.cli", "--bind", "127.0.0.1:0", *args)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"ps-server listening on \S+:(\d+)", line)
+            if m:
+                return p, int(m.group(1))
+        raise AssertionError(f"server did not start (exit {p.poll()})")
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+
+
+@pytest.fixture
+def procs():
+    ps = Procs()
+    yield ps
+    ps.kill_all()
+
+
+def status(port: int) -> pb.Status:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS) as ch:
+        return pb_grpc.ParameterServerStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("algo", ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ssgd", "ssgdm"])
+def test_each_method_trains_four_worker_processes(algo, tmp_path, capsys):
+    launch_main(["--algo", algo, "--workers", "4", "--epochs", "8", "--batch-size", "32", "--lr", "0.05",
+                 "--out", str(tmp_path), "--eval-every", "0", "-q", "--timeout", "300"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["iterations"] == 8 * (1500 // 32)
+    assert result["gradients_applied"] == result["iterations"]
+    assert result["final_test_accuracy"] > 0.6  # chance is 0.1
+    assert (tmp_path / "final.pt").exists() and (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("algo", ["ormo", "smega2"])
+def test_one_worker_service_gives_the_simulators_numbers(algo, tmp_path, procs):
+    """Same arrival order (one worker), same seed and data order: the same parameters as the simulator."""
+    iterations = 30
+    args = ["--algo", algo, "--workers", "1", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
+            "--lr", "0.05", "--iterations", str(iterations), "--seed", "5"]
+    server, port = procs.server(*args, "--out", str(tmp_path), "--linger", "0")
+    worker = procs.start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
+    assert worker.wait(120) == 0
+    assert server.wait(60) == 0
+    served = torch.load(tmp_path / "final.pt")["params"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = RunConfig(algo=algo, workers=1, dataset="digits", model="mlp", batch_size=32, lr=0.05,
+                        iterations=iterations, seed=5)
+        simulated = Simulator(run, eval_every=None, final_eval=False).simulate().params
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(served, simulated)
+
+
+def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable_checkpoint(tmp_path, procs):
+    total = 400
+    args = ["--algo", "ormo", "--workers", "2", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
+            "--iterations", str(total), "--out", str(tmp_path), "--linger", "0"]
+    server, port = procs.server(*args)
+    addr = f"127.0.0.1:{port}"
+    workers = [procs.start("worker.cli", "--server", addr, "--threads", "1", "--server-timeout", "3")
+               for _ in range(2)]
+    wait_until(lambda: status(port).iteration > 50, 60, "50 iterations")
+    workers[0].send_signal(signal.SIGKILL)
+    before = status(port).iteration
+    wait_until(lambda: status(port).iteration > before + 50, 60, "the run to go on without the killed worker")
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    ckpt = load_checkpoint(tmp_path)
+    stopped_at = ckpt["core"]["iteration"]
+    assert before + 50 < stopped_at < total
+    assert workers[1].wait(30) == 0  # told to stop (shutdown), exits cleanly
+
+    server2, port2 = procs.server(*args, "--resume", str(tmp_path))
+    assert status(port2).iteration == stopped_at
+    procs.start("worker.cli", "--server", f"127.0.0.1:{port2}", "--threads", "1")
+    assert server2.wait(120) == 0
+    final = torch.load(tmp_path / "final.pt")
+    assert final["iteration"] == total
+    summary = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "summary"][-1]
+    assert summary["iterations"] == total
+    assert summary["gradients_applied"] == total

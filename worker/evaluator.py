@@ -1,0 +1,122 @@
+"""`ps-eval`: the evaluator. It pulls parameters over the unary call and measures test accuracy.
+
+It runs beside the server and the workers, so evaluation never stalls training: every `--eval-every`
+epochs (by the server's count) it fetches the current parameters, recomputes BatchNorm statistics at them
+and evaluates on the test set, appending `eval` records to the same JSON-lines metrics as the server. When
+the server reports the run done, it evaluates the final parameters once more and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import grpc
+
+from common.cli_options import run_cli, setup_logging
+from common.codec import GRPC_MESSAGE_OPTIONS, decode
+from common.data import load_dataset
+from common.evaluation import Evaluator
+from common.metrics import MetricsWriter
+from common.models import FlatModel, build_model
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | None = None,
+                  eval_every: float = 1.0, poll: float = 1.0, server_timeout: float = 60.0,
+                  rpc_timeout: float = 60.0, device: str = "cpu") -> dict | None:
+    """Evaluate until the run is done; returns the last eval record (None if the server never answered)."""
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a") if out_dir else None
+    evaluator: Evaluator | None = None
+    next_eval = eval_every if eval_every > 0 else math.inf
+    last_record: dict | None = None
+    last_seen = time.monotonic()
+    try:
+        with grpc.insecure_channel(server, options=GRPC_MESSAGE_OPTIONS) as channel:
+            stub = pb_grpc.ParameterServerStub(channel)
+            while True:
+                try:
+                    status = stub.GetStatus(pb.GetStatusRequest(), timeout=rpc_timeout, wait_for_ready=True)
+                except grpc.RpcError as e:
+                    if time.monotonic() - last_seen > server_timeout:
+                        logger.warning("server unreachable for %.0fs (%s); stopping", server_timeout, e.code().name)
+                        return last_record
+                    time.sleep(poll)
+                    continue
+                last_seen = time.monotonic()
+                due = status.done or status.epoch >= next_eval
+                if due and (last_record is None or last_record["iteration"] != status.iteration or status.done):
+                    if evaluator is None:
+                        cfg = status.config
+                        dataset = load_dataset(cfg.dataset, data_dir)
+                        model = FlatModel(build_model(cfg.model, cfg.num_classes, dataset.input_shape), device=device)
+                        evaluator = Evaluator(model, dataset, seed=cfg.seed)
+                    try:
+                        params = stub.GetParameters(pb.GetParametersRequest(), timeout=rpc_timeout)
+                    except grpc.RpcError as e:
+                        logger.warning("GetParameters failed: %s", e.code().name)
+                        time.sleep(poll)
+                        continue
+                    if last_record is None or last_record["iteration"] != params.iteration_index:
+                        result = evaluator(decode(params.tensor, expected_numel=evaluator.model.numel))
+                        train_loss = status.train_loss if math.isfinite(status.train_loss) else None
+                        last_record = dict(iteration=params.iteration_index, epoch=round(params.epoch, 4),
+                                           time=round(status.uptime_seconds, 4), train_loss=train_loss, **result)
+                        if metrics:
+                            metrics.write("eval", **last_record)
+                        logger.info("eval at epoch %.2f: test accuracy %.4f test loss %.4f", params.epoch,
+                                    result["test_accuracy"], result["test_loss"])
+                    while next_eval <= status.epoch:
+                        next_eval += eval_every
+                if status.done:
+                    return last_record
+                time.sleep(poll)
+    finally:
+        if metrics:
+            metrics.close()
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--server", default="127.0.0.1:50051", help="The parameter server's HOST:PORT.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where the test set is.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Append eval records to OUT/metrics.jsonl.")
+@click.option("--eval-every", type=click.FloatRange(min=0), default=1.0, help="Epochs between evaluations (0: end only).")
+@click.option("--poll", type=click.FloatRange(min=0.05), default=1.0, help="Seconds between status polls.")
+@click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              help="Exit when the server has been unreachable this many seconds.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+@click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
+def cli(**kw) -> None:
+    """Evaluate a running server's parameters every few epochs and at the end."""
+    setup_logging(kw.pop("verbose"))
+    if kw["threads"]:
+        import torch
+
+        torch.set_num_threads(kw["threads"])
+    try:
+        record = run_evaluator(kw["server"], data_dir=kw["data_dir"],
+                               out_dir=Path(kw["out_dir"]) if kw["out_dir"] else None, eval_every=kw["eval_every"],
+                               poll=kw["poll"], server_timeout=kw["server_timeout"], device=kw["device"])
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(record))
+    if record is None:
+        raise SystemExit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_cli(cli, argv, "ps-eval")
+
+
+if __name__ == "__main__":
+    main()
