@@ -1,0 +1,104 @@
+"""Loading runs: every `metrics.jsonl` under the given paths, with the key that groups its seeds."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.metrics import read_metrics
+
+# The paper's order of methods.
+METHOD_ORDER = ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ssgd", "ssgdm"]
+METHOD_LABELS = {"asgd": "ASGD", "asgdm": "naive ASGDm", "shifted-momentum": "shifted momentum",
+                 "smega2": "SMEGA2", "ormo": "OrMo", "ormo-da": "OrMo-DA", "ssgd": "SSGD", "ssgdm": "SSGDm"}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    setting: str  # "hom." or "het."
+    source: str  # "sim" or "server"
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    progress: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def algo(self) -> str:
+        return self.config["algo"]
+
+    @property
+    def workers(self) -> int:
+        return int(self.config["workers"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def group(self) -> tuple[int, str]:
+        return (self.workers, self.setting)
+
+    @property
+    def final_test_accuracy(self) -> float | None:
+        return self.evals[-1]["test_accuracy"] if self.evals else None
+
+    @property
+    def final_train_loss(self) -> float | None:
+        if self.evals and self.evals[-1].get("train_loss") is not None:
+            return self.evals[-1]["train_loss"]
+        return self.summary.get("final_train_loss")
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.summary.get("diverged"))
+
+
+def load_run(metrics_path: Path) -> Run | None:
+    records = read_metrics(metrics_path)
+    start = next((r for r in records if r["event"] == "start"), None)
+    if start is None:
+        return None
+    timing = start.get("timing") or {}
+    slow = (timing.get("slow_fraction", 0) > 0 and timing.get("slow_factor", 1) > 1) or start.get("slow_workers")
+    run = Run(metrics_path.parent, start["config"], "het." if slow else "hom.", start.get("source", "?"))
+    for r in records:
+        if r["event"] == "eval":
+            run.evals.append(r)
+        elif r["event"] == "progress":
+            run.progress.append(r)
+        elif r["event"] == "summary":
+            run.summary = r
+    return run
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run under `paths` (a run directory, a metrics.jsonl file, or a folder of runs)."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_file():
+            files.append(p)
+        elif (p / "metrics.jsonl").exists():
+            files.append(p / "metrics.jsonl")
+        elif p.is_dir():
+            files.extend(sorted(p.rglob("metrics.jsonl")))
+        else:
+            raise FileNotFoundError(f"no run at {p}: expected a directory holding metrics.jsonl, or a folder of runs")
+    runs = [r for r in (load_run(f) for f in files) if r is not None]
+    if not runs:
+        raise FileNotFoundError(f"no metrics.jsonl with a start record under {', '.join(map(str, paths))}")
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def method_key(algo: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(algo) if algo in METHOD_ORDER else len(METHOD_ORDER), algo)
