@@ -182,6 +182,18 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
+    def state_dict(self) -> dict:
+        """Where the stream is: continuing from a loaded state gives the batches it would have given."""
+        return {"generator": self.generator.get_state(), "order": self._order.clone(), "position": self._position,
+                "passes_completed": self.passes_completed, "batches_yielded": self.batches_yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order = state["order"].clone()
+        self._position = int(state["position"])
+        self.passes_completed = int(state["passes_completed"])
+        self.batches_yielded = int(state["batches_yielded"])
+
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._position + self.batch_size > len(self._order):
             if len(self._order):

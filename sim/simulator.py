@@ -57,15 +57,9 @@ class ComputeTimeModel:
         n_slow = round(self.slow_fraction * num_workers)
         return frozenset(range(num_workers - n_slow, num_workers))
 
-    def sampler(self, num_workers: int, seed: int) -> Callable[[int], float]:
-        rng = np.random.default_rng(seed)
-        slow = self.slow_workers(num_workers)
-
-        def duration(worker: int) -> float:
-            factor = self.slow_factor if worker in slow else 1.0
-            return self.mean * factor * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
-
-        return duration
+    def duration(self, worker: int, num_workers: int, rng: np.random.Generator) -> float:
+        factor = self.slow_factor if worker in self.slow_workers(num_workers) else 1.0
+        return self.mean * factor * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
 
 
 @dataclass
@@ -108,6 +102,7 @@ class Simulator:
         self.log_every = log_every or max(1, self.iters_per_epoch // 10)
         self.progress = progress
         self._evaluator: Evaluator | None = None
+        self._reset()
 
     @property
     def evaluator(self) -> Evaluator:
@@ -120,72 +115,130 @@ class Simulator:
         if self.progress is not None:
             self.progress(message)
 
-    def simulate(self) -> SimResult:
-        run, core = self.run, self.core
+    # ----- the event loop ------------------------------------------------------------------
+    def _reset(self) -> None:
+        """The run's mutable state beside the core and the data streams (all of it is checkpointed)."""
+        self.rng = np.random.default_rng(self.run.seed)  # compute times
+        self.held: dict[int, tuple[torch.Tensor, int]] = {}  # worker -> (parameter it holds, its index)
+        self.queue: list[tuple[float, int, int]] = []  # (finish time, tie-breaking sequence number, worker)
+        self.sequence = 0
+        self.now = 0.0
+        self.train_loss_window, self.train_loss_epoch = RunningMean(), RunningMean()
+        self.window_delays: list[int] = []
+        self.next_eval = self.eval_every
+        self.evals: list[dict[str, Any]] = []
+        self.diverged_at: int | None = None
+        self.wall_seconds = 0.0
+
+    def _deliver(self, dispatches: list[Dispatch]) -> None:
+        for d in dispatches:
+            params = d.params.clone()  # shared read-only by every receiver of this dispatch
+            for k in d.workers:
+                self.held[k] = (params, d.iteration_index)
+                finish = self.now + self.timing.duration(k, self.run.workers, self.rng)
+                heapq.heappush(self.queue, (finish, self.sequence, k))
+                self.sequence += 1
+
+    def _open_metrics(self) -> MetricsWriter | None:
+        if not self.out_dir:
+            return None
+        if self.core.started:  # resumed: keep what the first part wrote
+            return MetricsWriter(self.out_dir / "metrics.jsonl", mode="a")
+        metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
+        metrics.write("start", source="sim", config=self.run.to_dict(), num_parameters=self.model.numel,
+                      iterations_per_epoch=self.iters_per_epoch, total_iterations=self.core.config.total_iterations,
+                      timing=vars(self.timing), slow_workers=sorted(self.timing.slow_workers(self.run.workers)))
+        return metrics
+
+    def simulate(self, stop_at: int | None = None) -> SimResult | None:
+        """Run to the end (or pause once `stop_at` iterations are done, returning None: see `state_dict`)."""
+        core = self.core
         total = core.config.total_iterations
-        metrics = MetricsWriter(self.out_dir / "metrics.jsonl") if self.out_dir else None
-        if metrics:
-            metrics.write("start", source="sim", config=run.to_dict(), num_parameters=self.model.numel,
-                          iterations_per_epoch=self.iters_per_epoch, total_iterations=total,
-                          timing=vars(self.timing), slow_workers=sorted(self.timing.slow_workers(run.workers)))
-        duration = self.timing.sampler(run.workers, run.seed)
-        held: dict[int, tuple[torch.Tensor, int]] = {}
-        queue: list[tuple[float, int, int]] = []  # (finish time, tie-breaking sequence number, worker)
-        sequence = 0
-        now = 0.0
-
-        def deliver(dispatches: list[Dispatch]) -> None:
-            nonlocal sequence
-            for d in dispatches:
-                params = d.params.clone()  # shared read-only by every receiver of this dispatch
-                for k in d.workers:
-                    held[k] = (params, d.iteration_index)
-                    heapq.heappush(queue, (now + duration(k), sequence, k))
-                    sequence += 1
-
-        train_loss_window, train_loss_epoch = RunningMean(), RunningMean()
-        window_delays: list[int] = []
-        next_eval = self.eval_every
-        evals: list[dict[str, Any]] = []
-        diverged_at: int | None = None
+        metrics = self._open_metrics()
         wall0 = time.monotonic()
-        deliver([core.start()])
-        while not core.done and queue:
-            now, _, k = heapq.heappop(queue)
-            params, ite = held.pop(k)
+        if not core.started:
+            self._reset()
+            self._deliver([core.start()])
+        while not core.done and self.queue and (stop_at is None or core.iteration < stop_at):
+            self.now, _, k = heapq.heappop(self.queue)
+            params, ite = self.held.pop(k)
             x, y = next(self.streams[k])
             grad, loss = self.gradients.compute(params, x, y)
             if not math.isfinite(loss) or not bool(torch.isfinite(grad).all()):
-                diverged_at = core.iteration
+                self.diverged_at = core.iteration
                 self._say(f"diverged at iteration {core.iteration}: non-finite loss or gradient")
                 break
-            window_delays.append(core.iteration - ite)
-            deliver(core.push(k, grad, ite))
-            train_loss_window.add(loss)
-            train_loss_epoch.add(loss)
+            self.window_delays.append(core.iteration - ite)
+            self._deliver(core.push(k, grad, ite))
+            self.train_loss_window.add(loss)
+            self.train_loss_epoch.add(loss)
             t = core.iteration
             if t % self.log_every == 0 or core.done:
-                record = dict(iteration=t, epoch=round(core.epoch, 4), time=round(now, 4), lr=core.lr(),
-                              train_loss=train_loss_window.pop(), staleness_mean=float(np.mean(window_delays)),
-                              staleness_max=int(max(window_delays)))
-                window_delays.clear()
+                record = dict(iteration=t, epoch=round(core.epoch, 4), time=round(self.now, 4), lr=core.lr(),
+                              train_loss=self.train_loss_window.pop(),
+                              staleness_mean=float(np.mean(self.window_delays)),
+                              staleness_max=int(max(self.window_delays)))
+                self.window_delays.clear()
                 if metrics:
                     metrics.write("progress", **record)
                 self._say(f"iter {t}/{total} epoch {core.epoch:.2f} loss {record['train_loss']:.4f} "
                           f"lr {record['lr']:.4g} staleness {record['staleness_mean']:.1f}")
-            if self.eval_every and (core.epoch >= next_eval or core.done):
-                while next_eval <= core.epoch:
-                    next_eval += self.eval_every
-                evals.append(self._evaluate(metrics, now, train_loss_epoch.pop()))
-        if self.final_eval and diverged_at is None and (not evals or evals[-1]["iteration"] != core.iteration):
-            evals.append(self._evaluate(metrics, now, train_loss_epoch.pop()))
-        summary = self._summary(now, time.monotonic() - wall0, evals, diverged_at)
+            if self.eval_every and (core.epoch >= self.next_eval or core.done):
+                while self.next_eval <= core.epoch:
+                    self.next_eval += self.eval_every
+                self.evals.append(self._evaluate(metrics, self.now, self.train_loss_epoch.pop()))
+        self.wall_seconds += time.monotonic() - wall0
+        if not core.done and self.diverged_at is None and self.queue:
+            if metrics:
+                metrics.close()
+            return None  # paused at stop_at
+        if self.final_eval and self.diverged_at is None and (not self.evals
+                                                             or self.evals[-1]["iteration"] != core.iteration):
+            self.evals.append(self._evaluate(metrics, self.now, self.train_loss_epoch.pop()))
+        summary = self._summary(self.now, self.wall_seconds, self.evals, self.diverged_at)
         if metrics:
             metrics.write("summary", **summary)
             metrics.close()
         if self.out_dir:
             self.save(self.out_dir / "final.pt")
         return SimResult(core.current_params().clone(), summary)
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a paused simulation needs to continue exactly as if it had never stopped."""
+        held_ids: dict[int, int] = {}
+        held_params: list[torch.Tensor] = []
+        held: dict[int, tuple[int, int]] = {}
+        for k, (params, ite) in self.held.items():
+            slot = held_ids.setdefault(id(params), len(held_params))
+            if slot == len(held_params):
+                held_params.append(params.cpu().clone())
+            held[k] = (slot, ite)
+        return {
+            "core": self.core.state_dict(), "run": self.run.to_dict() | {"model": self.run.model},
+            "held_params": held_params, "held": held, "queue": list(self.queue), "sequence": self.sequence,
+            "now": self.now, "rng": self.rng.bit_generator.state, "streams": [s.state_dict() for s in self.streams],
+            "loss": [vars(self.train_loss_window).copy(), vars(self.train_loss_epoch).copy()],
+            "window_delays": list(self.window_delays), "next_eval": self.next_eval, "evals": list(self.evals),
+            "diverged_at": self.diverged_at, "wall_seconds": self.wall_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._reset()
+        self.core.load_state_dict(state["core"])
+        params = [p.to(self.device) for p in state["held_params"]]
+        self.held = {int(k): (params[slot], ite) for k, (slot, ite) in state["held"].items()}
+        self.queue = [tuple(e) for e in state["queue"]]
+        heapq.heapify(self.queue)
+        self.sequence, self.now = state["sequence"], state["now"]
+        self.rng.bit_generator.state = state["rng"]
+        for stream, st in zip(self.streams, state["streams"], strict=True):
+            stream.load_state_dict(st)
+        for mean, st in zip((self.train_loss_window, self.train_loss_epoch), state["loss"]):
+            mean.total, mean.count = st["total"], st["count"]
+        self.window_delays = list(state["window_delays"])
+        self.next_eval, self.evals = state["next_eval"], list(state["evals"])
+        self.diverged_at, self.wall_seconds = state["diverged_at"], state["wall_seconds"]
 
     def _evaluate(self, metrics: MetricsWriter | None, now: float, train_loss: float | None) -> dict[str, Any]:
         core = self.core

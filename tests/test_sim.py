@@ -156,3 +156,22 @@ def test_ormo_trains_where_naive_asgdm_becomes_unstable(digits):
                                  final_eval=True).simulate().summary["final_train_loss"]
     assert losses["asgdm"] > 2.3  # worse than the untrained model's ln(10): unstable
     assert losses["ormo"] < 0.6
+
+
+@pytest.mark.parametrize("algo", ["ormo", "smega2", "shifted-momentum", "ssgdm"])
+def test_resuming_a_checkpoint_gives_the_same_parameters_as_never_stopping(digits, tmp_path, algo):
+    from server.checkpoint import load_checkpoint, save_checkpoint
+
+    run = small_run(algo=algo, iterations=90, workers=3)
+    timing = ComputeTimeModel(jitter=0.3, slow_fraction=0.34, slow_factor=3)
+    straight = Simulator(run, timing, dataset=digits, eval_every=None, final_eval=False).simulate()
+
+    first = Simulator(run, timing, dataset=digits, eval_every=None, final_eval=False)
+    assert first.simulate(stop_at=37) is None
+    save_checkpoint(tmp_path / "sim.ckpt", first.state_dict())
+    second = Simulator(run, timing, dataset=digits, eval_every=None, final_eval=False)
+    second.load_state_dict(load_checkpoint(tmp_path / "sim.ckpt"))
+    resumed = second.simulate()
+    assert torch.equal(resumed.params, straight.params)
+    assert resumed.summary["staleness_histogram"] == straight.summary["staleness_histogram"]
+    assert resumed.summary["gradients_per_worker"] == straight.summary["gradients_per_worker"]
