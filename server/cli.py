@@ -17,6 +17,7 @@ from common.cli_options import run_cli, run_config_from, run_options, setup_logg
 from common.codec import GRPC_MESSAGE_OPTIONS
 from common.config import RunConfig
 from common.data import iterations_per_epoch, load_dataset
+from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
 from common.metrics import MetricsWriter
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from server.checkpoint import CheckpointError, load_checkpoint
@@ -68,7 +69,7 @@ async def serve(
         metrics.write("start", source="server", config=run.to_dict(), num_parameters=core.w.numel(),
                       iterations_per_epoch=ipe, total_iterations=core.config.total_iterations)
 
-    server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS)
+    server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS)
     pb_grpc.add_ParameterServerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -225,6 +225,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             raise
         except grpc.aio.AioRpcError:  # the worker went away mid-read
             pass
+        except Exception:  # a bug must end this stream with a status, not leave it hanging
+            logger.exception("worker %d: unexpected error handling a message", conn.worker)
+            conn.error = Rejected(grpc.StatusCode.INTERNAL, "internal error in the parameter server")
         conn.outbox.put_nowait(_END)
 
     def _on_message(self, conn: Connection, msg: pb.WorkerMessage) -> None:
