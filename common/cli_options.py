@@ -14,6 +14,7 @@ import click
 
 from common.config import RunConfig
 from common.data import DATASETS
+from common.security import ClientSecurity, ServerSecurity
 from common.models import MODELS
 from server.algorithms import ALGORITHMS, SCHEDULERS
 
@@ -69,9 +70,7 @@ RUN_OPTIONS: list[Callable[[Any], Any]] = [
 
 
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(RUN_OPTIONS):
-        f = option(f)
-    return f
+    return _apply(RUN_OPTIONS, f)
 
 
 def run_config_from(kwargs: dict[str, Any]) -> RunConfig:
@@ -128,3 +127,56 @@ def run_config_flags(run: RunConfig) -> list[str]:
     if not run.reject_nonfinite:
         flags += ["--allow-nonfinite"]
     return flags
+
+
+_TOKEN_HELP = "Shared token: sent as 'authorization: Bearer TOKEN' on every call (checked on all but health)."
+SERVER_SECURITY_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="Server certificate (PEM): TLS on."),
+    click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Server private key (PEM)."),
+    click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+                 help="Require client certificates signed by this CA (mutual TLS)."),
+    click.option("--token", default=None, help=_TOKEN_HELP),
+    click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Read the token from a file."),
+]
+CLIENT_SECURITY_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
+                 help="CA certificate (PEM) that signed the server's: TLS on."),
+    click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+                 help="Client certificate (PEM), for mutual TLS."),
+    click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Client private key (PEM)."),
+    click.option("--tls-server-name", default=None, help="Expected name in the server's certificate (override)."),
+    click.option("--token", default=None, help=_TOKEN_HELP),
+    click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Read the token from a file."),
+]
+
+
+def _apply(options: list[Callable[[Any], Any]], f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def server_security_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    return _apply(SERVER_SECURITY_OPTIONS, f)
+
+
+def client_security_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    return _apply(CLIENT_SECURITY_OPTIONS, f)
+
+
+def server_security_from(kwargs: dict[str, Any]) -> ServerSecurity:
+    try:
+        return ServerSecurity(tls_cert=kwargs.pop("tls_cert"), tls_key=kwargs.pop("tls_key"),
+                              tls_client_ca=kwargs.pop("tls_client_ca"), token=kwargs.pop("token"),
+                              token_file=kwargs.pop("token_file"))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def client_security_from(kwargs: dict[str, Any]) -> ClientSecurity:
+    try:
+        return ClientSecurity(tls_ca=kwargs.pop("tls_ca"), tls_cert=kwargs.pop("tls_cert"),
+                              tls_key=kwargs.pop("tls_key"), tls_server_name=kwargs.pop("tls_server_name"),
+                              token=kwargs.pop("token"), token_file=kwargs.pop("token_file"))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None

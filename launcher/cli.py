@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from common.codec import GRPC_MESSAGE_OPTIONS
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
+from common.security import ClientSecurity
 
 LISTENING = re.compile(r"ps-server listening on (\S+):(\d+)")
 
@@ -32,15 +34,16 @@ LISTENING = re.compile(r"ps-server listening on (\S+):(\d+)")
 class Processes:
     """The launched processes; all of them are stopped on exit, whatever happens."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, token: str) -> None:
         self.log_dir = log_dir
+        self.token = token  # every process of the run shares it (PS_TOKEN); nobody else gets in
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 
     def start(self, name: str, argv: list[str], *, capture_stdout: bool = False) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")
         self._logs.append(log)
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "PS_TOKEN": self.token}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
                                 stdin=subprocess.DEVNULL, env=env, text=True)
         self.procs[name] = proc
@@ -107,7 +110,7 @@ def cli(**kw) -> None:
         metrics_path.unlink()  # a fresh run; --resume belongs to ps-server
     say = (lambda m: None) if kw["quiet"] else (lambda m: click.echo(m, err=True))
     py = [sys.executable, "-m"]
-    procs = Processes(out)
+    procs = Processes(out, os.environ.get("PS_TOKEN") or secrets.token_urlsafe(24))
     started = time.monotonic()
     try:
         server = procs.start("server", py + ["server.cli", *run_config_flags(run), "--bind",
@@ -124,16 +127,17 @@ def cli(**kw) -> None:
                                               *(["--slowdown", str(kw["slowdown"])] if slow else [])])
         evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
                                                     "--eval-every", str(kw["eval_every"]), "--threads", "1", *data])
-        _watch(address, procs, evaluator, say, kw["timeout"], started)
+        _watch(address, procs, evaluator, say, kw["timeout"], started, ClientSecurity(token=procs.token))
     finally:
         procs.stop_all()
     _report(out, time.monotonic() - started)
 
 
-def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, timeout: float, started: float) -> None:
+def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, timeout: float, started: float,
+           security: ClientSecurity) -> None:
     """Progress lines until the evaluator has evaluated the final parameters (it exits then)."""
     server = procs.procs["server"]
-    with grpc.insecure_channel(address, options=GRPC_MESSAGE_OPTIONS) as channel:
+    with security.channel(address, GRPC_MESSAGE_OPTIONS) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         last = None
         while evaluator.poll() is None:
@@ -142,7 +146,7 @@ def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, tim
             if time.monotonic() - started > timeout:
                 raise click.ClickException(f"the run did not finish within {timeout:.0f}s")
             try:
-                s = stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+                s = stub.GetStatus(pb.GetStatusRequest(), timeout=5, metadata=security.call_metadata())
                 line = (f"iter {s.iteration}/{s.config.total_iterations} epoch {s.epoch:.2f} "
                         f"workers {s.workers_connected} rejected {s.gradients_rejected}"
                         + ("" if s.train_loss != s.train_loss else f" train loss {s.train_loss:.4f}")

@@ -13,13 +13,21 @@ import click
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.cli_options import run_cli, run_config_from, run_options, setup_logging
+from common.cli_options import (
+    run_cli,
+    run_config_from,
+    run_options,
+    server_security_from,
+    server_security_options,
+    setup_logging,
+)
 from common.codec import GRPC_MESSAGE_OPTIONS
 from common.config import RunConfig
 from common.data import iterations_per_epoch, load_dataset
 from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
 from common.metrics import MetricsWriter
 from common.pb import parameter_server_pb2_grpc as pb_grpc
+from common.security import ServerSecurity, warn_if_exposed
 from server.checkpoint import CheckpointError, load_checkpoint
 from server.run import initial_model, make_core
 from server.service import Counters, ParameterServerService
@@ -40,6 +48,7 @@ async def serve(
     wait_for_all_workers: bool = True,
     grace: float = 5.0,
     on_bound: object = None,
+    security: ServerSecurity = ServerSecurity(),
     on_started: Callable[[ParameterServerService, int], None] | None = None,
 ) -> ParameterServerService:
     """Run the service until the run is finished (plus `linger` seconds for evaluators) or a signal."""
@@ -69,11 +78,14 @@ async def serve(
         metrics.write("start", source="server", config=run.to_dict(), num_parameters=core.w.numel(),
                       iterations_per_epoch=ipe, total_iterations=core.config.total_iterations)
 
-    server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS)
+    server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS,
+                             interceptors=security.interceptors())
     pb_grpc.add_ParameterServerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(bind)
+    credentials = security.credentials()
+    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    warn_if_exposed(bind, security)
     if port == 0:
         raise OSError(f"could not bind {bind}")
     await server.start()
@@ -158,10 +170,12 @@ def service_summary(service: ParameterServerService) -> dict:
               help="Seconds to keep serving GetParameters/GetStatus after the run finishes.")
 @click.option("--start-when-all/--start-at-once", "wait_for_all", default=True,
               help="Send w_0 once all K workers registered (as Algorithm 1), or to each worker as it comes.")
+@server_security_options
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 def cli(**kwargs) -> None:
     """Serve a training run: workers connect with `ps-worker --server HOST:PORT`."""
     run = run_config_from(kwargs)
+    security = server_security_from(kwargs)
     setup_logging(kwargs.pop("verbose"))
     out_dir = Path(kwargs["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +183,8 @@ def cli(**kwargs) -> None:
         asyncio.run(serve(run, bind=kwargs["bind"], out_dir=out_dir,
                           resume=Path(kwargs["resume"]) if kwargs["resume"] else None,
                           checkpoint_every=kwargs["checkpoint_every"], log_every=kwargs["log_every"],
-                          linger=kwargs["linger"], wait_for_all_workers=kwargs["wait_for_all"]))
+                          linger=kwargs["linger"], wait_for_all_workers=kwargs["wait_for_all"],
+                          security=security))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:

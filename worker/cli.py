@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import click
 import grpc
 
-from common.cli_options import run_cli, setup_logging
+from common.cli_options import client_security_from, client_security_options, run_cli, setup_logging
 from worker.client import Worker, WorkerOptions
 
 logger = logging.getLogger(__name__)
@@ -27,10 +27,12 @@ logger = logging.getLogger(__name__)
               help="Exit when the server has been unreachable this many seconds.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+@client_security_options
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 def cli(**kw) -> None:
     """Compute gradients for a parameter server until it says stop."""
     setup_logging(kw.pop("verbose"))
+    security = client_security_from(kw)
     if kw["threads"]:
         import torch
 
@@ -38,7 +40,7 @@ def cli(**kw) -> None:
     try:
         options = WorkerOptions(server=kw["server"], data_dir=kw["data_dir"], download=kw["download"],
                                 slowdown=kw["slowdown"], name=kw["name"], server_timeout=kw["server_timeout"],
-                                device=kw["device"])
+                                device=kw["device"], security=security)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:

@@ -20,9 +20,11 @@ import torch
 from common.codec import GRPC_MESSAGE_OPTIONS, decode, encode
 from common.data import BatchStream, Dataset, load_dataset
 from common.gradients import GradientComputer
+from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
 from common.models import FlatModel, build_model
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
+from common.security import ClientSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class WorkerOptions:
     backoff_initial: float = 0.2
     backoff_max: float = 5.0
     device: str = "cpu"
+    security: ClientSecurity = ClientSecurity()
 
     def __post_init__(self) -> None:
         if not self.server or ":" not in self.server:
@@ -74,7 +77,8 @@ class Worker:
         backoff = opts.backoff_initial
         unreachable_since: float | None = None
         shutdown_seen = False
-        async with grpc.aio.insecure_channel(opts.server, options=GRPC_MESSAGE_OPTIONS) as channel:
+        channel_options = GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS
+        async with opts.security.aio_channel(opts.server, channel_options) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
             while True:
                 sent_before = self.gradients_sent
@@ -122,7 +126,7 @@ class Worker:
         """One Train stream, from Register to Stop. Returns the stop reason."""
         opts = self.options
         # Not wait_for_ready: an unreachable server must fail fast so the retry loop can time it out.
-        call = stub.Train(wait_for_ready=False, timeout=None)
+        call = stub.Train(wait_for_ready=False, timeout=None, metadata=opts.security.call_metadata())
         register = pb.Register(name=opts.name or socket.gethostname(), slowdown=opts.slowdown)
         if self.worker_id is not None:
             register.requested_worker_id = self.worker_id

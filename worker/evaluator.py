@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import grpc
 
-from common.cli_options import run_cli, setup_logging
+from common.cli_options import client_security_from, client_security_options, run_cli, setup_logging
 from common.codec import GRPC_MESSAGE_OPTIONS, decode
 from common.data import load_dataset
 from common.evaluation import Evaluator
@@ -26,13 +26,15 @@ from common.metrics import MetricsWriter
 from common.models import FlatModel, build_model
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
+from common.security import ClientSecurity
 
 logger = logging.getLogger(__name__)
 
 
 def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | None = None,
                   eval_every: float = 1.0, poll: float = 1.0, server_timeout: float = 60.0,
-                  rpc_timeout: float = 60.0, device: str = "cpu") -> dict | None:
+                  rpc_timeout: float = 60.0, device: str = "cpu",
+                  security: ClientSecurity = ClientSecurity()) -> dict | None:
     """Evaluate until the run is done; returns the last eval record (None if the server never answered)."""
     metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a") if out_dir else None
     evaluator: Evaluator | None = None
@@ -40,12 +42,15 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
     last_record: dict | None = None
     last_seen = time.monotonic()
     try:
-        with grpc.insecure_channel(server, options=GRPC_MESSAGE_OPTIONS) as channel:
+        metadata = security.call_metadata()
+        with security.channel(server, GRPC_MESSAGE_OPTIONS) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
             while True:
                 try:
-                    status = stub.GetStatus(pb.GetStatusRequest(), timeout=rpc_timeout, wait_for_ready=True)
+                    status = stub.GetStatus(pb.GetStatusRequest(), timeout=rpc_timeout, metadata=metadata)
                 except grpc.RpcError as e:
+                    if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        raise ValueError(f"the server refused the evaluator: {e.details()}") from None
                     if time.monotonic() - last_seen > server_timeout:
                         logger.warning("server unreachable for %.0fs (%s); stopping", server_timeout, e.code().name)
                         return last_record
@@ -60,7 +65,8 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                         model = FlatModel(build_model(cfg.model, cfg.num_classes, dataset.input_shape), device=device)
                         evaluator = Evaluator(model, dataset, seed=cfg.seed)
                     try:
-                        params = stub.GetParameters(pb.GetParametersRequest(), timeout=rpc_timeout)
+                        params = stub.GetParameters(pb.GetParametersRequest(), timeout=rpc_timeout,
+                                                    metadata=metadata)
                     except grpc.RpcError as e:
                         logger.warning("GetParameters failed: %s", e.code().name)
                         time.sleep(poll)
@@ -95,10 +101,12 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
               help="Exit when the server has been unreachable this many seconds.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+@client_security_options
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 def cli(**kw) -> None:
     """Evaluate a running server's parameters every few epochs and at the end."""
     setup_logging(kw.pop("verbose"))
+    security = client_security_from(kw)
     if kw["threads"]:
         import torch
 
@@ -106,7 +114,8 @@ def cli(**kw) -> None:
     try:
         record = run_evaluator(kw["server"], data_dir=kw["data_dir"],
                                out_dir=Path(kw["out_dir"]) if kw["out_dir"] else None, eval_every=kw["eval_every"],
-                               poll=kw["poll"], server_timeout=kw["server_timeout"], device=kw["device"])
+                               poll=kw["poll"], server_timeout=kw["server_timeout"], device=kw["device"],
+                               security=security)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(record))
