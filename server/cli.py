@@ -49,6 +49,7 @@ async def serve(
     grace: float = 5.0,
     on_bound: object = None,
     security: ServerSecurity = ServerSecurity(),
+    sync_timeout: float | None = None,
     on_started: Callable[[ParameterServerService, int], None] | None = None,
 ) -> ParameterServerService:
     """Run the service until the run is finished (plus `linger` seconds for evaluators) or a signal."""
@@ -68,10 +69,14 @@ async def serve(
     if state is not None:
         core.load_state_dict(state["core"])
         counters = Counters(**state["counters"])
+        if core.done:
+            raise ValueError(f"the run in {resume} is already finished ({core.iteration} iterations); "
+                             "nothing to resume")
     metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a") if out_dir else None
     service = ParameterServerService(core, run, num_classes=dataset.num_classes, out_dir=out_dir, metrics=metrics,
                                      log_every=log_every, checkpoint_every=checkpoint_every,
-                                     wait_for_all_workers=wait_for_all_workers, counters=counters)
+                                     wait_for_all_workers=wait_for_all_workers, counters=counters,
+                                     sync_timeout=sync_timeout)
     if state is not None:
         service.ever_assigned = set(state["ever_assigned"])
     if metrics and state is None:
@@ -114,6 +119,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
+    watchdog = asyncio.create_task(service.watch_barrier())
     try:
         finished = asyncio.create_task(service.finished.wait())
         stopped = asyncio.create_task(stop.wait())
@@ -129,6 +135,7 @@ async def serve(
         for t in (finished, stopped):
             t.cancel()
     finally:
+        watchdog.cancel()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace)
@@ -168,6 +175,8 @@ def service_summary(service: ParameterServerService) -> dict:
 @click.option("--log-every", type=click.IntRange(min=1), default=50, help="Progress record every N iterations.")
 @click.option("--linger", type=click.FloatRange(min=0), default=10.0,
               help="Seconds to keep serving GetParameters/GetStatus after the run finishes.")
+@click.option("--sync-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
+              help="Synchronous runs: drop a worker silent this many seconds from the barrier.")
 @click.option("--start-when-all/--start-at-once", "wait_for_all", default=True,
               help="Send w_0 once all K workers registered (as Algorithm 1), or to each worker as it comes.")
 @server_security_options
@@ -184,7 +193,7 @@ def cli(**kwargs) -> None:
                           resume=Path(kwargs["resume"]) if kwargs["resume"] else None,
                           checkpoint_every=kwargs["checkpoint_every"], log_every=kwargs["log_every"],
                           linger=kwargs["linger"], wait_for_all_workers=kwargs["wait_for_all"],
-                          security=security))
+                          security=security, sync_timeout=kwargs["sync_timeout"]))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:

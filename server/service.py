@@ -57,6 +57,7 @@ class Counters:
     gradients_applied: int = 0
     gradients_rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    dropped_workers: int = 0
 
     def reject(self, reason: str) -> None:
         self.gradients_rejected += 1
@@ -76,6 +77,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         checkpoint_every: float = 60.0,
         wait_for_all_workers: bool = True,
         counters: Counters | None = None,
+        sync_timeout: float | None = None,
     ) -> None:
         self.core = core
         self.run = run
@@ -85,6 +87,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.log_every = log_every
         self.checkpoint_every = checkpoint_every
         self.wait_for_all_workers = wait_for_all_workers
+        self.sync_timeout = sync_timeout
+        self._sent_at: dict[int, float] = {}  # when each worker was last sent parameters
         self.counters = counters or Counters()
         self.connections: dict[int, Connection] = {}
         self.ever_assigned: set[int] = set()
@@ -265,7 +269,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         for d in dispatches:
             msg = pb.ServerMessage(parameters=pb.Parameters(
                 tensor=encode(d.params), iteration_index=d.iteration_index, epoch=self.core.epoch))
+            now = time.monotonic()
             for w in d.workers:
+                self._sent_at[w] = now
                 conn = self.connections.get(w)
                 if conn is not None:
                     conn.outbox.put_nowait(msg)
@@ -277,6 +283,31 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if self.core.started and not self.core.done:
             self._route(self.core.deactivate(conn.worker))
         logger.info("worker %d disconnected, %d connected", conn.worker, len(self.connections))
+
+    def drop_silent_workers(self) -> list[int]:
+        """Synchronous runs: drop from the barrier every worker silent for more than `sync_timeout` seconds
+        while others wait; the round completes with the rest. A dropped worker rejoins by reconnecting."""
+        core = self.core
+        if self.sync_timeout is None or core.scheduler != "sync" or not core.waiting_set or core.done:
+            return []
+        now = time.monotonic()
+        silent = [k for k in core.active_workers() if k not in core.waiting_set
+                  and now - self._sent_at.get(k, now) > self.sync_timeout]
+        for k in silent:
+            logger.warning("worker %d silent for more than %.1fs: dropped from the synchronous barrier",
+                           k, self.sync_timeout)
+            self.counters.dropped_workers += 1
+            self._route(core.deactivate(k))
+        return silent
+
+    async def watch_barrier(self, interval: float | None = None) -> None:
+        """Background task: `drop_silent_workers` every `interval` seconds."""
+        if self.sync_timeout is None:
+            return
+        interval = interval or max(0.05, min(1.0, self.sync_timeout / 4))
+        while not self.finished.is_set():
+            await asyncio.sleep(interval)
+            self.drop_silent_workers()
 
     # ----- progress, metrics, checkpoints ---------------------------------------------------
     def _record(self, loss: float, delay: int) -> None:

@@ -1,0 +1,518 @@
+"""Container and cluster files, checked without Docker or a cluster.
+
+The compose file against the Compose specification, the Kubernetes manifests against the Kubernetes
+schemas and kustomize, the Dockerfile with hadolint; every command and PS_* variable they name exists in
+the package (a misspelt variable is silently ignored by click, so only a test catches it); and the compose
+services' commands, run with their environment as local processes, train to the end.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.30.0"  # native gRPC probes are GA since 1.27
+APP_DIR = "/app"  # where the Dockerfile puts the sources (WORKDIR /app)
+ENV_PREFIX = "PS"
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+def tool(name: str) -> str:
+    """Path of a command-line tool from the test extra; skip with the reason when it is not installed."""
+    found = shutil.which(name) or shutil.which(name, path=sysconfig.get_path("scripts"))
+    if found is None:
+        pytest.skip(f"{name} is not installed: pip install -e '.[test]' (setup.cfg's test extra)")
+    return found
+
+
+def run_tool(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def console_scripts() -> dict[str, str]:
+    """setup.cfg's console scripts: name -> 'module:function'."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = cfg["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict((part.strip() for part in line.split("=", 1)) for line in lines if line.strip())
+
+
+def click_command(script: str) -> click.Command:
+    module, _, function = console_scripts()[script].partition(":")
+    mod = importlib.import_module(module)
+    assert function == "main" and isinstance(mod.cli, click.Command), f"{script}: expected {module}.cli"
+    return mod.cli
+
+
+def env_option(command: click.Command, name: str) -> click.Option | None:
+    """The option of `command` that the environment variable `name` sets (click's auto_envvar_prefix)."""
+    for param in command.params:
+        if not isinstance(param, click.Option):
+            continue
+        if param.envvar:
+            names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar)
+            if name in names:
+                return param
+        elif param.allow_from_autoenv and param.name and f"{ENV_PREFIX}_{param.name.upper()}" == name:
+            return param
+    return None
+
+
+_VAR = re.compile(r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}"
+                  r"|\$(?P<plain>[A-Za-z_][A-Za-z0-9_]*)")
+
+
+def interpolate(value: object, env: dict[str, str]) -> object:
+    """Compose's variable interpolation (${VAR}, ${VAR:-default}, ${VAR-default}, $VAR, $$) on strings."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group("braced") or m.group("plain")
+        got = env.get(name)
+        if m.group("op") == ":-" and not got:
+            return m.group("default")
+        if m.group("op") == "-" and got is None:
+            return m.group("default")
+        return got or ""
+
+    out = _VAR.sub(sub, value)
+    assert "${" not in out, f"unsupported interpolation in {value!r}"
+    return out
+
+
+def compose(env: dict[str, str] | None = None) -> dict:
+    """docker-compose.yml with YAML merge keys resolved and variables interpolated (defaults when env is empty)."""
+    return interpolate(yaml.safe_load(COMPOSE.read_text()), env or {})
+
+
+def service_env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def k8s_files() -> list[Path]:
+    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def k8s_objects() -> list[dict]:
+    return [doc for path in k8s_files() for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@dataclass
+class Container:
+    where: str
+    command: list[str]
+    env: dict[str, str]
+    spec: dict
+
+
+def k8s_containers() -> list[Container]:
+    found = []
+    for obj in k8s_objects():
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if pod is None:
+            continue
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            env = {e["name"]: str(e.get("value", "")) for e in c.get("env", [])}
+            found.append(Container(f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}",
+                                   list(c.get("command", [])) + list(c.get("args", [])), env, c))
+    return found
+
+
+def compose_containers(doc: dict | None = None) -> list[Container]:
+    doc = doc or compose()
+    return [Container(f"compose service {name}", list(svc["command"]), service_env(svc), svc)
+            for name, svc in doc["services"].items()]
+
+
+def app_file(argv: list[str]) -> Path | None:
+    """The repository file that `python /app/...` runs in the image, or None if argv is not such a command."""
+    if len(argv) >= 2 and argv[0] == "python" and argv[1].startswith(APP_DIR + "/"):
+        return ROOT / argv[1][len(APP_DIR) + 1:]
+    return None
+
+
+def job(name: str) -> dict:
+    (obj,) = [o for o in k8s_objects() if o["kind"] == "Job" and o["metadata"]["name"] == name]
+    return obj
+
+
+def k8s_env(obj: dict, container: int = 0) -> dict[str, str]:
+    c = obj["spec"]["template"]["spec"]["containers"][container]
+    return {e["name"]: str(e.get("value", "")) for e in c.get("env", [])}
+
+
+# ----- validators --------------------------------------------------------------------------------
+def test_compose_file_follows_the_compose_specification():
+    result = run_tool(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_k8s_manifests_follow_the_kubernetes_schemas():
+    files = [str(p) for p in k8s_files()]
+    assert files
+    result = run_tool(tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed for resource") == len(k8s_objects()), result.stdout
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in k8s_files())
+    images = {c.spec["image"].split(":")[0] for c in k8s_containers()}
+    assert images == {i["name"] for i in kustomization["images"]}
+
+
+def test_kustomize_renders_valid_manifests(tmp_path):
+    """What `kubectl apply -k deploy/k8s` would send: it renders, and it passes the schemas too."""
+    rendered = run_tool(tool("kubectl"), "kustomize", str(K8S))
+    assert rendered.returncode == 0, rendered.stderr
+    objects = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == sorted(
+        (o["kind"], o["metadata"]["name"]) for o in k8s_objects())
+    out = tmp_path / "rendered.yaml"
+    out.write_text(rendered.stdout)
+    result = run_tool(tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    result = run_tool(tool("hadolint"), str(DOCKERFILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----- the image ---------------------------------------------------------------------------------
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln else "") for ln in lines]
+
+
+def dockerignore_regex(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern as a regex (Go's filepath.Match plus `**`, as Docker reads them)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i:end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` (relative, '/'-separated) out of the build context."""
+    excluded = False
+    parts = path.strip("/").split("/")
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        regex = dockerignore_regex(pattern.lstrip("!").strip().strip("/"))
+        # a pattern matching a folder excludes what is in it; the last matching line wins
+        if any(regex.fullmatch("/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded
+
+
+def test_image_installs_the_package_and_runs_as_a_user():
+    instructions = dockerfile_instructions()
+    kinds = [k for k, _ in instructions]
+    args = dict(v.split("=", 1) for k, v in instructions if k == "ARG" and "=" in v)
+    assert args["BASE_IMAGE"] == "python:3.11-slim"
+    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    # the image's torch is the one setup.cfg pins
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    requires = cfg["options"]["install_requires"]
+    assert f"torch=={args['TORCH_VERSION']}" in requires and f"torchvision=={args['TORCHVISION_VERSION']}" in requires
+    # every package setup.cfg installs is copied, from a path that exists and the context keeps
+    copied = {src.rstrip("/") for k, v in instructions if k == "COPY" for src in v.split()[:-1]}
+    packages = {p.strip() for p in cfg["options.packages.find"]["include"].split() if "*" not in p}
+    assert packages <= copied, f"Dockerfile misses COPY for {sorted(packages - copied)}"
+    for src in copied:
+        assert (ROOT / src).exists(), src
+        assert not dockerignored(src), f".dockerignore excludes {src}, which the Dockerfile copies"
+    # the health probe is where compose and the manifests run it
+    assert ("COPY", "deploy/healthcheck.py deploy/healthcheck.py") in instructions
+    assert ("WORKDIR", APP_DIR) in instructions
+    assert any(k == "ENV" and "PYTHONUNBUFFERED=1" in v for k, v in instructions)
+    # the final user is a number (Kubernetes' runAsNonRoot checks numbers) and not root
+    user = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], [v for k, v in instructions if k == "USER"][-1])
+    assert int(user.split(":")[0]) > 0, user
+    assert "CMD" in kinds and "ENTRYPOINT" not in kinds  # compose and the manifests pick the role by command
+
+
+def test_dockerignore_keeps_data_results_and_caches_out():
+    for path in (".git", "runs", "runs/launch/checkpoint.pt", "data/cifar10/x.png", "tests", ".pytest_cache",
+                 "common/__pycache__/codec.cpython-311.pyc", ".hypothesis", "ormo_ps.egg-info"):
+        assert dockerignored(path), path
+    for path in ("setup.cfg", "common/codec.py", "deploy/healthcheck.py"):
+        assert not dockerignored(path), path
+
+
+# ----- commands and variables --------------------------------------------------------------------
+def test_every_command_exists_in_the_package():
+    scripts = console_scripts()
+    commands = compose_containers() + k8s_containers()
+    assert commands
+    for c in commands:
+        assert c.command, f"{c.where}: give the command explicitly (the image's CMD is the server's)"
+        script = app_file(c.command)
+        if script is not None:
+            assert script.is_file(), f"{c.where}: {c.command[1]} is not in the repository"
+        else:
+            assert c.command[0] in scripts, f"{c.where}: {c.command[0]} is not a console script of setup.cfg"
+            click_command(c.command[0]).make_context(c.command[0], c.command[1:], resilient_parsing=True)
+    health = compose()["services"]["server"]["healthcheck"]["test"]
+    assert health[0] == "CMD" and app_file(health[1:]) == ROOT / "deploy" / "healthcheck.py"
+
+
+def test_every_ps_variable_is_an_option_of_its_command():
+    """Each PS_* variable names an option of that role's command, and its value (with the defaults) parses."""
+    checked = 0
+    for c in compose_containers() + k8s_containers():
+        names = [n for n in c.env if n.startswith(ENV_PREFIX + "_")]
+        if app_file(c.command) is not None:
+            assert set(names) <= {"PS_BIND"}, f"{c.where}: the health probe reads only PS_BIND"
+            continue
+        command = click_command(c.command[0])
+        ctx = click.Context(command, auto_envvar_prefix=ENV_PREFIX)
+        for name in names:
+            option = env_option(command, name)
+            assert option is not None, f"{c.where}: {name} is no option of {c.command[0]}"
+            if c.env[name]:  # empty means "the command's default" (click ignores empty variables)
+                option.type_cast_value(ctx, c.env[name])
+            checked += 1
+    assert checked >= 20
+
+
+def test_empty_variables_fall_back_to_defaults(monkeypatch):
+    """The compose file passes unset knobs as empty strings: click must treat them as absent."""
+    command = click_command("ps-server")
+    monkeypatch.setenv("PS_EPOCHS", "")
+    monkeypatch.setenv("PS_WORKERS", "7")
+    ctx = command.make_context("ps-server", [], auto_envvar_prefix=ENV_PREFIX)
+    assert ctx.params["epochs"] == 30.0 and ctx.params["workers"] == 7
+
+
+def test_worker_counts_and_addresses_agree():
+    # compose: the default replicas add up to the K the server waits for, with the same default
+    doc = compose()
+    services = doc["services"]
+    server_env = service_env(services["server"])
+    k = int(server_env["PS_WORKERS"])
+    assert k == 64
+    assert int(services["worker"]["deploy"]["replicas"]) + int(services["slow-worker"]["deploy"]["replicas"]) == k
+    assert compose({"PS_WORKERS": "16"})["services"]["worker"]["deploy"]["replicas"] == "16"
+    assert service_env(compose({"PS_WORKERS": "16"})["services"]["server"])["PS_WORKERS"] == "16"
+    port = server_env["PS_BIND"].rsplit(":", 1)[1]
+    for name in ("worker", "slow-worker", "evaluator"):
+        env = service_env(services[name])
+        assert env["PS_SERVER"] == f"server:{port}", name
+        assert env["PS_DATA_DIR"] == server_env["PS_DATA_DIR"], name
+        assert services[name]["depends_on"]["server"]["condition"] == "service_healthy", name
+    assert service_env(services["slow-worker"])["PS_SLOWDOWN"] == "4"
+    assert service_env(compose({"PS_SLOWDOWN": "8"})["services"]["slow-worker"])["PS_SLOWDOWN"] == "8"
+    assert "PS_SLOWDOWN" not in service_env(services["worker"])
+    # kubernetes: the same, with the Service as the address
+    server = job("ps-server")
+    env = k8s_env(server)
+    k = int(env["PS_WORKERS"])
+    assert job("ps-worker")["spec"]["parallelism"] + job("ps-slow-worker")["spec"]["parallelism"] == k == 64
+    (service,) = [o for o in k8s_objects() if o["kind"] == "Service"]
+    svc_port = service["spec"]["ports"][0]["port"]
+    assert env["PS_BIND"] == f"0.0.0.0:{svc_port}"
+    assert service["spec"]["selector"].items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    for name in ("ps-worker", "ps-slow-worker", "ps-eval"):
+        assert k8s_env(job(name))["PS_SERVER"] == f"{service['metadata']['name']}:{svc_port}", name
+        assert k8s_env(job(name))["PS_DATA_DIR"] == env["PS_DATA_DIR"], name
+    assert k8s_env(job("ps-slow-worker"))["PS_SLOWDOWN"] == "4"
+    assert "PS_SLOWDOWN" not in k8s_env(job("ps-worker"))
+    # one shared token (optional) for every role that talks to the server
+    for c in compose_containers() + k8s_containers():
+        if app_file(c.command) is None:
+            assert "PS_TOKEN" in c.env, c.where
+    token_refs = {str(e["valueFrom"]["secretKeyRef"]) for c in k8s_containers() for e in c.spec.get("env", [])
+                  if e["name"] == "PS_TOKEN"}
+    assert len(token_refs) == 1 and "'optional': True" in token_refs.pop()
+
+
+def test_k8s_server_is_probed_over_grpc_and_data_is_read_only():
+    image_uid = int(dict(v.split("=", 1) for k, v in dockerfile_instructions() if k == "ARG" and "=" in v)["APP_UID"])
+    server = job("ps-server")["spec"]["template"]["spec"]["containers"][0]
+    port = server["ports"][0]["containerPort"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == port, probe
+    for obj in k8s_objects():
+        if obj["kind"] != "Job":
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == image_uid  # the image's user owns /data and /runs
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in pod.get("volumes", [])}
+        assert claims["data"]["claimName"] == "ps-data" and claims["data"]["readOnly"] is True
+        for c in pod["containers"]:
+            mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+            assert mounts["data"]["mountPath"] == "/data" and mounts["data"]["readOnly"] is True
+            if "runs" in mounts:
+                assert claims["runs"]["claimName"] == "ps-runs" and mounts["runs"]["mountPath"] == "/runs"
+
+
+# ----- the compose services as processes -----------------------------------------------------------
+class Role:
+    """One compose service's command, run as a local process with the service's environment."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(argv, env=env, cwd=log.parent, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with self.log.open("w") as f:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                f.write(line)
+                f.flush()
+
+    def output(self) -> str:
+        self._reader.join(5)
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name}: no {pattern!r} (exit {self.proc.poll()}):\n{self.output()[-3000:]}")
+
+
+def as_process(argv: list[str]) -> list[str]:
+    """The argv that runs a container command here: console scripts via their entry point, /app via the repo."""
+    script = app_file(argv)
+    if script is not None:
+        return [sys.executable, str(script), *argv[2:]]
+    module, _, function = console_scripts()[argv[0]].partition(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())",
+            *argv[1:]]
+
+
+@pytest.fixture
+def roles() -> Iterator[list[Role]]:
+    started: list[Role] = []
+    yield started
+    for role in started:
+        if role.proc.poll() is None:
+            role.proc.kill()
+        role.proc.wait(10)
+
+
+@pytest.mark.slow
+def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
+    """server, worker, slow-worker and evaluator exactly as compose starts them, on digits with K = 2."""
+    knobs = {"PS_WORKERS": "2", "PS_DATASET": "digits", "PS_MODEL": "mlp", "PS_ITERATIONS": "300",
+             "PS_LINGER": "3", "PS_EVAL_EVERY": "10",  # what a person would put on `docker compose up`
+             "PS_TOKEN": "a-shared-deploy-test-token"}  # the health probe goes without: it is exempt
+    services = compose(knobs)["services"]
+    volumes = {"/data": tmp_path / "data", "/runs": tmp_path / "runs"}
+    for path in volumes.values():
+        path.mkdir()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX + "_")}
+    base |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}  # the image's ENV; the package as installed
+
+    def environment(name: str, **overrides: str) -> dict[str, str]:
+        env = service_env(services[name]) | overrides
+        for container_path, local in volumes.items():  # the volumes, mounted here
+            env = {k: v.replace(container_path, str(local), 1) if v.startswith(container_path) else v
+                   for k, v in env.items()}
+        return base | env
+
+    def start(name: str, env: dict[str, str]) -> Role:
+        workdir = tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        role = Role(name, as_process(services[name]["command"]), env, workdir / "output.log")
+        roles.append(role)
+        return role
+
+    # The server listens on 0.0.0.0:50051 in its container; here on loopback, on a port of its choosing.
+    server_env = environment("server", PS_BIND="127.0.0.1:0")
+    server = start("server", server_env)
+    port = int(server.wait_for(r"ps-server listening on 127\.0\.0\.1:(\d+)", timeout=60).group(1))
+    server_env["PS_BIND"] = f"127.0.0.1:{port}"  # the probe reads the port of PS_BIND, as in the container
+    health = as_process(services["server"]["healthcheck"]["test"][1:])
+    probe = subprocess.run(health, env=server_env, capture_output=True, text=True, timeout=30, check=False)
+    assert probe.returncode == 0, probe.stderr  # compose: server healthy, the others may start
+
+    address = {"PS_SERVER": f"127.0.0.1:{port}"}
+    workers = [start("worker", environment("worker", **address)),
+               start("slow-worker", environment("slow-worker", **address))]
+    evaluator = start("evaluator", environment("evaluator", **address))
+    for role in [*workers, evaluator, server]:
+        assert role.proc.wait(timeout=120) == 0, f"{role.name}:\n{role.output()[-3000:]}"
+
+    for role in workers:
+        result = json.loads(role.output().strip().splitlines()[-1])
+        assert result["stop_reason"] == "STOP_REASON_DONE" and result["gradients_sent"] > 0, role.name
+    log = server.output()
+    assert re.search(r"registered \(\S+, slowdown 4\.00\)", log) and re.search(r"slowdown 1\.00", log)
+    records = [json.loads(line) for line in (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["event"] for r in records]
+    summary = records[kinds.index("summary")]
+    assert summary["iterations"] == 300 and summary["workers"] == 2 and min(summary["gradients_per_worker"]) > 0
+    final_eval = json.loads(evaluator.output().strip().splitlines()[-1])
+    assert final_eval["iteration"] == 300 and final_eval["test_accuracy"] > 0.5
+    assert "eval" in kinds  # the evaluator's records went to the server's metrics file, on the runs volume
+    for name in ("checkpoint.pt", "final.pt"):
+        assert (tmp_path / "runs" / name).is_file(), name
+    # the run is over and the server gone: the probe says so
+    gone = subprocess.run(health, env=server_env, capture_output=True, timeout=30, check=False)
+    assert gone.returncode == 1
