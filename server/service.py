@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from common.codec import CodecError, decode, encode
 from common.config import RunConfig
@@ -125,6 +126,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
+        except DecodeError as e:
+            logger.warning("malformed first message from %s: %s", context.peer(), e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
+            return
         if self.core.done:
             yield self._stop_done()
             return
@@ -229,6 +234,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             raise
         except grpc.aio.AioRpcError:  # the worker went away mid-read
             pass
+        except DecodeError as e:
+            logger.warning("worker %d: malformed message: %s", conn.worker, e)
+            self.counters.reject("malformed")
+            conn.error = Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
         except Exception:  # a bug must end this stream with a status, not leave it hanging
             logger.exception("worker %d: unexpected error handling a message", conn.worker)
             conn.error = Rejected(grpc.StatusCode.INTERNAL, "internal error in the parameter server")

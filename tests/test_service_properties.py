@@ -1,0 +1,109 @@
+"""Property-based tests of the service: random and malformed messages never crash it or change its state."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.config import RunConfig
+from common.pb import parameter_server_pb2 as pb
+from tests.conftest import RawWorker
+
+ITEMSIZE = {1: 4, 2: 2, 3: 2, 4: 8}
+
+
+@pytest.fixture(scope="module")
+def one_worker_server():
+    from tests.conftest import start_server
+
+    run = RunConfig(algo="ormo", workers=1, dataset="digits", model="mlp", batch_size=32, iterations=1_000_000)
+    live, stop = start_server(run, bind="127.0.0.1:0", linger=0.0, grace=1.0, log_every=10**6)
+    try:
+        yield live
+    finally:
+        stop()
+
+
+def snapshot(live):
+    def take():
+        core = live.service.core
+        return core.w.clone(), core.iteration, {k: (v.clone() if hasattr(v, "clone") else v)
+                                                for k, v in core.rule.state_dict().items()}
+    return live.on_loop(take)
+
+
+def same(a, b) -> bool:
+    import torch
+
+    return torch.equal(a[0], b[0]) and a[1] == b[1] and all(
+        torch.equal(a[2][k], b[2][k]) if hasattr(a[2][k], "clone") else a[2][k] == b[2][k] for k in a[2])
+
+
+gradients = st.fixed_dictionaries({
+    "dtype": st.sampled_from([0, 1, 1, 1, 2, 3, 4, 99]),
+    "numel_delta": st.sampled_from([0, 0, 0, -1, 1, None]),
+    "length_delta": st.sampled_from([0, 0, 0, -1, 3]),
+    "poison": st.sampled_from([None, None, "nan", "inf"]),
+    "index_delta": st.sampled_from([0, 0, 1, -1, 10**9, None]),
+    "loss": st.floats(allow_nan=True, allow_infinity=True),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=gradients)
+def test_random_gradients_are_applied_exactly_when_valid(one_worker_server, spec):
+    live = one_worker_server
+    w = RawWorker(live.stub())
+    try:
+        n = w.register(worker_id=0).config.num_parameters
+        w.ready()
+        params = w.parameters()
+        index = params.iteration_index
+        numel = n + spec["numel_delta"] if spec["numel_delta"] is not None else 7
+        values = np.full(max(numel, 0), 1e-3, dtype=np.float32)
+        if spec["poison"] and numel > 0:
+            values[numel // 2] = np.nan if spec["poison"] == "nan" else np.inf
+        # the bytes of `numel` elements of the declared dtype (float32 values reinterpreted for the others)
+        raw = values.tobytes()[: max(numel, 0) * ITEMSIZE.get(spec["dtype"], 4)]
+        raw = raw.ljust(max(numel, 0) * ITEMSIZE.get(spec["dtype"], 4), b"\0")
+        raw = raw + b"\0" * spec["length_delta"] if spec["length_delta"] >= 0 else raw[: spec["length_delta"]]
+        ite = index + spec["index_delta"] if spec["index_delta"] is not None else -5
+        msg = pb.WorkerMessage(gradient=pb.Gradient(
+            tensor=pb.Tensor(dtype=spec["dtype"], numel=max(numel, 0), data=raw), iteration_index=ite,
+            loss=spec["loss"], sample_count=32))
+        valid = (spec["dtype"] == 1 and numel == n and spec["length_delta"] == 0 and spec["poison"] is None
+                 and spec["index_delta"] == 0)
+        before = snapshot(live)
+        w.send(msg)
+        if valid:
+            reply = w.parameters()
+            assert reply.iteration_index == index + 1
+            assert snapshot(live)[1] == before[1] + 1
+        else:
+            err = w.expect_abort()
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+            assert same(before, snapshot(live))
+    finally:
+        w.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.binary(min_size=0, max_size=64))
+def test_undecodable_bytes_never_crash_the_server(one_worker_server, blob):
+    live = one_worker_server
+    before = snapshot(live)
+    channel = live.channel()
+    train = channel.stream_stream("/ps.v1.ParameterServer/Train", request_serializer=lambda b: b,
+                                  response_deserializer=lambda b: b)
+    try:
+        replies = list(train(iter([blob]), timeout=5))
+        # Some byte strings are valid (e.g. empty = an empty WorkerMessage): then only refusals or a Welcome
+        assert all(isinstance(r, bytes) for r in replies)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+    assert same(before, snapshot(live))
+    status = live.stub().GetStatus(pb.GetStatusRequest(), timeout=5)  # still serving
+    assert status.iteration == before[1]
