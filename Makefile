@@ -3,7 +3,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install install-test proto test test-fast launch sim bench-stability
+.PHONY: help install install-test proto test test-fast launch sim bench-quick bench bench-stability
 
 help:
 	@echo "make install      install the package (pinned torch, grpc) in editable mode"
@@ -12,7 +12,8 @@ help:
 	@echo "make test         install with test extras and run the whole test suite"
 	@echo "make test-fast    the tests without the slow (multi-process, training) ones"
 	@echo "make proto        regenerate the gRPC stubs in common/pb/ from proto/ps/v1/"
-	@echo "make bench-stability  OrMo vs naive ASGDm across learning rates (bench/results/stability.md)"
+	@echo "make bench-quick  the benchmarks in minutes (results in bench/results/)"
+	@echo "make bench        the longer benchmarks (CIFAR-10 from DATA_DIR, default ../shared/data extracted)"
 
 install:
 	$(PIP) install -e .
@@ -35,5 +36,26 @@ launch: install
 sim: install
 	ps-sim
 
+DATA_DIR ?= /tmp/ormo-ps-cifar10
+
 bench-stability:
 	$(PYTHON) bench/stability.py
+
+bench-quick:
+	$(PYTHON) bench/stability.py
+	$(PYTHON) bench/convergence.py --variant quick
+	$(PYTHON) bench/update_cost.py --repeats 10
+	$(PYTHON) bench/sim_overhead.py --iterations 20 --repeats 2 --out bench/results/sim_overhead_quick
+	$(PYTHON) bench/throughput.py --quick
+
+$(DATA_DIR)/train:
+	mkdir -p $(DATA_DIR) && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C $(DATA_DIR)
+
+bench: $(DATA_DIR)/train
+	$(PYTHON) bench/sim_overhead.py --data-dir $(DATA_DIR)
+	$(PYTHON) bench/update_cost.py
+	$(PYTHON) bench/throughput.py
+	$(PYTHON) bench/convergence.py --variant cpu --data-dir $(DATA_DIR) --seeds 2
+	$(PYTHON) bench/wallclock.py
+	$(PYTHON) bench/soak.py --seconds 120
+	$(PYTHON) bench/chaos.py

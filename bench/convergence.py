@@ -64,6 +64,7 @@ def one_run(spec: dict) -> dict:
     sim = Simulator(run, timing, dataset=dataset, out_dir=spec["out"], device=device,
                     eval_every=max(spec["epochs"] / 10, 1.0))
     summary = sim.simulate().summary
+    (Path(spec["out"]) / "final.pt").unlink(missing_ok=True)  # keep the committed results small: metrics only
     return dict(name=Path(spec["out"]).name, accuracy=summary["final_test_accuracy"],
                 loss=summary["final_train_loss"], wall=summary["wall_seconds"], diverged=summary["diverged"])
 

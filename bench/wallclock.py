@@ -1,0 +1,91 @@
+"""Wall-clock comparison with real processes: OrMo against SSGDm and ASGD, K workers, hom. and het.
+
+Each run is `ps-launch` (a server, K worker processes, an evaluator) into OUT/runs/<algo>-<setting>/;
+the figures of test accuracy and training loss against wall-clock time and the table come from
+`ps-plot`'s code. Heterogeneous: a quarter of the workers `--slowdown` times slower (real sleeps).
+
+    python bench/wallclock.py                    # digits + MLP, K=16 (a few minutes on 2 cores)
+    python bench/wallclock.py --dataset cifar10 --data-dir D --model resnet20 --epochs 160   # a real cluster run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launcher.cli import main as launch  # noqa: E402
+from report.plots import write_figures  # noqa: E402
+from report.runs import find_runs  # noqa: E402
+from report.tables import paper_table  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algos", default="asgd,ssgdm,ormo")
+    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--settings", default="hom,het")
+    p.add_argument("--slowdown", type=float, default=4.0)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--eval-every", type=float, default=1.0)
+    p.add_argument("--out", type=Path, default=RESULTS / "wallclock")
+    args = p.parse_args(argv)
+    t0 = time.monotonic()
+    for setting in args.settings.split(","):
+        for algo in args.algos.split(","):
+            out = args.out / "runs" / f"{algo}-{setting}"
+            flags = ["--algo", algo, "--workers", str(args.workers), "--dataset", args.dataset, "--model", args.model,
+                     "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--epochs", str(args.epochs),
+                     "--eval-every", str(args.eval_every), "--out", str(out), "-q"]
+            if args.data_dir:
+                flags += ["--data-dir", args.data_dir]
+            if setting == "het":
+                flags += ["--slow-workers", str(args.workers // 4), "--slowdown", str(args.slowdown)]
+            print(f"{algo} {setting} ...", file=sys.stderr)
+            launch(flags)
+            _mark_setting(out, setting, args)
+    runs = find_runs([args.out / "runs"])
+    figures = write_figures(runs, args.out)
+    meta = dict(command="python bench/wallclock.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=platform.platform(),
+                seconds=round(time.monotonic() - t0, 1))
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (args.out / "README.md").write_text("\n".join([
+        "# Wall-clock comparison with real processes", "", f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']}; machine: {meta['machine']} (server, {args.workers} workers and the evaluator share "
+        f"its cores); took {meta['seconds']} s.  ",
+        f"Recipe: {args.model} on {args.dataset}, batch {args.batch_size}, eta {args.lr}, {args.epochs} epochs; "
+        f"het.: {args.workers // 4} of {args.workers} workers {args.slowdown:g}x slower.", "",
+        "## Final test accuracy (%)", "", paper_table(runs, "test_accuracy"), "",
+        "## Final training loss", "", paper_table(runs, "train_loss"), "",
+        "## Figures (time = wall-clock seconds since the server started)", "",
+        *[f"![{f.stem}]({f.name})" for f in figures], ""]))
+    print((args.out / "README.md").read_text())
+
+
+def _mark_setting(out: Path, setting: str, args: argparse.Namespace) -> None:
+    """The server's start record does not know which workers were slow: add it for ps-plot's grouping."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    first = json.loads(lines[0])
+    if setting == "het":
+        first["slow_workers"] = list(range(args.workers - args.workers // 4, args.workers))
+    lines[0] = json.dumps(first)
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
