@@ -180,3 +180,29 @@ def client_security_from(kwargs: dict[str, Any]) -> ClientSecurity:
                               token=kwargs.pop("token"), token_file=kwargs.pop("token_file"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+
+
+CLIENT_PROCESS_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+                 help="Exit when the server has been unreachable this many seconds."),
+    click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
+    click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's)."),
+    *CLIENT_SECURITY_OPTIONS,
+    click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging."),
+]
+
+
+def client_process_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """What every client process of a server takes: timeout, device, threads, TLS/token, logging."""
+    return _apply(CLIENT_PROCESS_OPTIONS, f)
+
+
+def setup_client_process(kwargs: dict[str, Any]) -> ClientSecurity:
+    """Logging and torch threads from `client_process_options`; returns the (validated) client security."""
+    setup_logging(kwargs.pop("verbose"))
+    threads = kwargs.pop("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return client_security_from(kwargs)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import click
 import grpc
 
-from common.cli_options import client_security_from, client_security_options, run_cli, setup_logging
+from common.cli_options import client_process_options, run_cli, setup_client_process
 from worker.client import Worker, WorkerOptions
 
 logger = logging.getLogger(__name__)
@@ -23,20 +23,10 @@ logger = logging.getLogger(__name__)
 @click.option("--slowdown", type=click.FloatRange(min=1), default=1.0,
               help="Make this a slow worker: each gradient takes this many times as long.")
 @click.option("--name", default=None, help="Name shown in the server's logs (default: the host name).")
-@click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
-              help="Exit when the server has been unreachable this many seconds.")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
-@client_security_options
-@click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
+@client_process_options
 def cli(**kw) -> None:
     """Compute gradients for a parameter server until it says stop."""
-    setup_logging(kw.pop("verbose"))
-    security = client_security_from(kw)
-    if kw["threads"]:
-        import torch
-
-        torch.set_num_threads(kw["threads"])
+    security = setup_client_process(kw)
     try:
         options = WorkerOptions(server=kw["server"], data_dir=kw["data_dir"], download=kw["download"],
                                 slowdown=kw["slowdown"], name=kw["name"], server_timeout=kw["server_timeout"],

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import grpc
 
-from common.cli_options import client_security_from, client_security_options, run_cli, setup_logging
+from common.cli_options import client_process_options, run_cli, setup_client_process
 from common.codec import GRPC_MESSAGE_OPTIONS, decode
 from common.data import load_dataset
 from common.evaluation import Evaluator
@@ -97,20 +97,10 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
               help="Append eval records to OUT/metrics.jsonl.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0, help="Epochs between evaluations (0: end only).")
 @click.option("--poll", type=click.FloatRange(min=0.05), default=1.0, help="Seconds between status polls.")
-@click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
-              help="Exit when the server has been unreachable this many seconds.")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
-@client_security_options
-@click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
+@client_process_options
 def cli(**kw) -> None:
     """Evaluate a running server's parameters every few epochs and at the end."""
-    setup_logging(kw.pop("verbose"))
-    security = client_security_from(kw)
-    if kw["threads"]:
-        import torch
-
-        torch.set_num_threads(kw["threads"])
+    security = setup_client_process(kw)
     try:
         record = run_evaluator(kw["server"], data_dir=kw["data_dir"],
                                out_dir=Path(kw["out_dir"]) if kw["out_dir"] else None, eval_every=kw["eval_every"],
