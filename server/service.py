@@ -259,7 +259,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         g = msg.gradient
         core = self.core
         try:
-            grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype)
+            # copy=False: the core only reads the gradient, within this call (no await in between)
+            grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype, copy=False)
         except CodecError as e:
             self.counters.reject("tensor")
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
