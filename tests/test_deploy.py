@@ -460,7 +460,7 @@ def roles() -> Iterator[list[Role]]:
 def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
     """server, worker, slow-worker and evaluator exactly as compose starts them, on digits with K = 2."""
     knobs = {"PS_WORKERS": "2", "PS_DATASET": "digits", "PS_MODEL": "mlp", "PS_ITERATIONS": "300",
-             "PS_LINGER": "3", "PS_EVAL_EVERY": "10",  # what a person would put on `docker compose up`
+             "PS_LINGER": "15", "PS_EVAL_EVERY": "10",  # what a person would put on `docker compose up`
              "PS_TOKEN": "a-shared-deploy-test-token"}  # the health probe goes without: it is exempt
     services = compose(knobs)["services"]
     volumes = {"/data": tmp_path / "data", "/runs": tmp_path / "runs"}

@@ -57,13 +57,14 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                     time.sleep(poll)
                     continue
                 last_seen = time.monotonic()
+                if evaluator is None:  # at once, not when the first evaluation is due: the run may end meanwhile
+                    cfg = status.config
+                    dataset = load_dataset(cfg.dataset, data_dir)
+                    model = FlatModel(build_model(cfg.model, cfg.num_classes, dataset.input_shape), device=device)
+                    evaluator = Evaluator(model, dataset, seed=cfg.seed)
+                    continue  # poll again: loading may have taken a while
                 due = status.done or status.epoch >= next_eval
                 if due and (last_record is None or last_record["iteration"] != status.iteration or status.done):
-                    if evaluator is None:
-                        cfg = status.config
-                        dataset = load_dataset(cfg.dataset, data_dir)
-                        model = FlatModel(build_model(cfg.model, cfg.num_classes, dataset.input_shape), device=device)
-                        evaluator = Evaluator(model, dataset, seed=cfg.seed)
                     try:
                         params = stub.GetParameters(pb.GetParametersRequest(), timeout=rpc_timeout,
                                                     metadata=metadata)
