@@ -1,0 +1,150 @@
+"""A synthetic gradient pusher for bench/throughput.py: one raw Train stream, no model, no compute.
+
+Registers, sends Ready, then loops: receive Parameters, at once send a Gradient of the announced size
+(float32, small values, the iteration index it received), until the orchestrator raises the stop flag,
+`--max-round-trips` replies came back, or `--max-seconds` passed. It only stops right after a reply, so
+a pusher that ends normally has nothing in flight. Live counters go to a shared control file (a small
+int64 memmap, see the column names below) that the orchestrator reads at the edges of a measurement
+window. While the orchestrator's pause flag is up, the pusher holds its parameters and polls the flag
+every 0.2 s instead of sending: a paused group has nothing in flight and uses almost no CPU. (Pausing
+with SIGSTOP does not work: a stopped peer's full TCP receive window trips gRPC's TCP_USER_TIMEOUT,
+which the keepalive options set to 10 s, and the connection is dropped.)
+
+Imports no torch: K of these start in seconds on two cores. Works against the real ps-server and against
+bench/grpc_echo.py, which speaks the same protocol.
+
+    python bench/grad_pusher.py --target 127.0.0.1:PORT --control FILE --slot I --slots K
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.grpc_options import GRPC_KEEPALIVE_OPTIONS  # noqa: E402
+from common.pb import parameter_server_pb2 as pb  # noqa: E402
+from common.pb import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
+
+# common.codec.GRPC_MESSAGE_OPTIONS, spelled out because common.codec imports torch (seconds per process);
+# tests/test_bench_throughput.py checks that the two stay equal.
+GRPC_MESSAGE_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+
+# Columns of a pusher's row in the control file (int64). Shared with bench/throughput.py.
+STATE, SENT, REPLIES, UP_BYTES, DOWN_BYTES, ERROR, PID, NUMEL, PAUSED, REPLY_NS_A, REPLY_NS_B = range(11)
+COLUMNS = 11
+# REPLY_NS_A/B: time.monotonic_ns() of the latest reply, written before and after REPLIES, so a reader
+# that finds them equal knows the count and the time belong together (see `record_reply`).
+# Control row (the last one): the orchestrator's stop and pause flags; torch-rpc's server writes its
+# applied count and its pid (it is a forked rank, not a process the orchestrator started).
+STOP, APPLIED, SERVER_PID, PAUSE = 0, 1, 2, 3
+PAUSE_POLL = 0.2  # seconds between looks at the pause flag while paused
+STARTING, READY, DONE, FAILED = 0, 1, 2, -1
+
+
+def open_control(path: str | Path, slots: int) -> np.memmap:
+    return np.memmap(path, dtype=np.int64, mode="r+", shape=(slots + 1, COLUMNS))
+
+
+def record_reply(row: np.ndarray, replies: int) -> None:
+    now = time.monotonic_ns()
+    row[REPLY_NS_A] = now
+    row[REPLIES] = replies
+    row[REPLY_NS_B] = now
+
+
+def gradient_bytes(numel: int, seed: int) -> bytes:
+    """Small float32 values (|g| ~ 1e-4), little-endian: a plausible gradient that never overflows."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(numel, dtype=np.float32) * np.float32(1e-4)).astype("<f4").tobytes()
+
+
+async def push(target: str, control: np.memmap, slot: int, max_round_trips: int, max_seconds: float) -> int:
+    row = control[slot]
+    stop = control[-1]
+    deadline = time.monotonic() + max_seconds
+    async with grpc.aio.insecure_channel(target, options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS) as channel:
+        stub = pb_grpc.ParameterServerStub(channel)
+        # The call's deadline bounds every read, also if the other side hangs.
+        call = stub.Train(timeout=max_seconds + 30.0)
+        try:
+            await call.write(pb.WorkerMessage(register=pb.Register(name=f"pusher-{slot}")))
+            first = await call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("payload") != "welcome":
+                raise RuntimeError(f"expected a Welcome, got {first!r}")
+            numel = first.welcome.config.num_parameters
+            row[NUMEL] = numel
+            msg = pb.WorkerMessage(gradient=pb.Gradient(
+                tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, numel=numel, data=gradient_bytes(numel, slot)),
+                iteration_index=0, loss=0.0, sample_count=128))
+            grad = msg.gradient
+            row[UP_BYTES] = msg.ByteSize()
+            await call.write(pb.WorkerMessage(ready=pb.Ready()))
+            row[STATE] = READY
+            replies = -1  # the first Parameters answers Ready, not a gradient
+            while True:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    break
+                kind = reply.WhichOneof("payload")
+                if kind == "stop":
+                    break
+                if kind != "parameters":
+                    raise RuntimeError(f"unexpected {kind} on the Train stream")
+                replies += 1
+                if replies == 0:
+                    row[DOWN_BYTES] = reply.ByteSize()
+                record_reply(row, replies)
+                if stop[STOP] or replies >= max_round_trips or time.monotonic() > deadline:
+                    break
+                if stop[PAUSE]:
+                    row[PAUSED] = 1
+                    while stop[PAUSE] and not stop[STOP] and time.monotonic() < deadline:
+                        await asyncio.sleep(PAUSE_POLL)
+                    row[PAUSED] = 0
+                    if stop[STOP] or time.monotonic() > deadline:
+                        break
+                grad.iteration_index = reply.parameters.iteration_index
+                await call.write(msg)
+                row[SENT] += 1
+            await call.done_writing()
+            row[STATE] = DONE
+            return 0
+        finally:
+            call.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", required=True, help="HOST:PORT of the server (127.0.0.1 only)")
+    p.add_argument("--control", required=True, help="control file made by bench/throughput.py")
+    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--slots", type=int, required=True, help="number of pusher rows in the control file")
+    p.add_argument("--max-round-trips", type=int, default=10**9)
+    p.add_argument("--max-seconds", type=float, default=600.0)
+    args = p.parse_args(argv)
+    if not args.target.startswith("127.0.0.1:"):
+        p.error("the benchmark talks to 127.0.0.1 only")
+    control = open_control(args.control, args.slots)
+    control[args.slot, PID] = os.getpid()
+    try:
+        return asyncio.run(push(args.target, control, args.slot, args.max_round_trips, args.max_seconds))
+    except BaseException as e:  # noqa: BLE001 - recorded for the orchestrator, then re-raised
+        control[args.slot, STATE] = FAILED
+        control[args.slot, ERROR] = 1
+        print(f"pusher {args.slot}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        control.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
