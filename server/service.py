@@ -277,8 +277,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     def _route(self, dispatches: list[Dispatch]) -> None:
         """Encode each dispatch once, now (its tensor is live), and queue it for every receiver."""
         for d in dispatches:
-            msg = pb.ServerMessage(parameters=pb.Parameters(
-                tensor=encode(d.params), iteration_index=d.iteration_index, epoch=self.core.epoch))
+            msg = pb.ServerMessage()
+            msg.parameters.iteration_index = d.iteration_index
+            msg.parameters.epoch = self.core.epoch
+            encode(d.params, out=msg.parameters.tensor)  # in place: nesting a built Tensor would copy its bytes
             now = time.monotonic()
             for w in d.workers:
                 self._sent_at[w] = now
