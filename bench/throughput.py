@@ -854,6 +854,9 @@ def main(argv: list[str] | None = None) -> dict:
         "apply to a parameter server on another machine.",
         "On 2 cores the pushers compete with the server for CPU: every number here is for the server and K "
         "pushers sharing those 2 cores, the same for all three systems.",
+        "ps-server runs with torch's default intra-op threads (2 here): its process uses more than one core "
+        "while its event loop is the bottleneck (libgomp in the native profile). `--server-env "
+        "OMP_NUM_THREADS=1` measures it with one torch thread (a diagnostic; the server's code is unchanged).",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     for mode, prof in (profile_result or {}).items():
