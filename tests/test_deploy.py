@@ -17,8 +17,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,8 @@ from pathlib import Path
 import click
 import pytest
 import yaml
+
+from tests.logged_process import LoggedProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -400,40 +400,11 @@ def test_k8s_server_is_probed_over_grpc_and_data_is_read_only():
 
 
 # ----- the compose services as processes -----------------------------------------------------------
-class Role:
+class Role(LoggedProcess):
     """One compose service's command, run as a local process with the service's environment."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(argv, env=env, cwd=log.parent, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        with self.log.open("w") as f:
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                f.write(line)
-                f.flush()
-
-    def output(self) -> str:
-        self._reader.join(5)
-        return "".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = re.search(pattern, line)
-                if m:
-                    return m
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name}: no {pattern!r} (exit {self.proc.poll()}):\n{self.output()[-3000:]}")
+        super().__init__(name, argv, env, log.parent, log)
 
 
 def as_process(argv: list[str]) -> list[str]:

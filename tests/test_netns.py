@@ -17,7 +17,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import pytest
 
 from common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from server.checkpoint import CheckpointError, load_checkpoint
+from tests.logged_process import LoggedProcess
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,46 +99,14 @@ def hosts() -> Iterator[Hosts]:
             ip("netns", "del", ns, check=False)
 
 
-class Host:
+class Host(LoggedProcess):
     """A process in a namespace, its output collected line by line."""
 
     def __init__(self, ns: str, name: str, argv: list[str], log: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
         env |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-        self.name = name
-        self.lines: list[str] = []
-        self.log = log
         # `ip netns exec` execs the command: the process we hold is python itself
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, *argv], env=env, cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        with self.log.open("w") as f:
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                f.write(line)
-                f.flush()
-
-    def output(self) -> str:
-        self._reader.join(5)
-        return "".join(self.lines)
-
-    def find_all(self, pattern: str) -> list[re.Match]:
-        return [m for line in list(self.lines) if (m := re.search(pattern, line))]
-
-    def wait_for(self, pattern: str, timeout: float, count: int = 1) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.find_all(pattern)
-            if len(found) >= count:
-                return found[count - 1]
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name}: no {pattern!r} x{count} (exit {self.proc.poll()}):\n"
-                             f"{self.output()[-3000:]}")
+        super().__init__(name, ["ip", "netns", "exec", ns, sys.executable, *argv], env, ROOT, log)
 
 
 @pytest.fixture
