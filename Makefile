@@ -55,7 +55,7 @@ bench: $(DATA_DIR)/train
 	$(PYTHON) bench/sim_overhead.py --data-dir $(DATA_DIR)
 	$(PYTHON) bench/update_cost.py
 	$(PYTHON) bench/throughput.py
-	$(PYTHON) bench/convergence.py --variant cpu --data-dir $(DATA_DIR) --seeds 2
+	$(PYTHON) bench/convergence.py --variant cpu --data-dir $(DATA_DIR) --seeds 3
 	$(PYTHON) bench/wallclock.py
 	$(PYTHON) bench/soak.py --seconds 120
 	$(PYTHON) bench/chaos.py

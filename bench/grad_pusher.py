@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.grpc_options import GRPC_KEEPALIVE_OPTIONS  # noqa: E402
+from common.malloc_tuning import tune_malloc  # noqa: E402
 from common.pb import parameter_server_pb2 as pb  # noqa: E402
 from common.pb import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-round-trips", type=int, default=10**9)
     p.add_argument("--max-seconds", type=float, default=600.0)
     args = p.parse_args(argv)
+    tune_malloc()  # as ps-worker does
     if not args.target.startswith("127.0.0.1:"):
         p.error("the benchmark talks to 127.0.0.1 only")
     control = open_control(args.control, args.slots)

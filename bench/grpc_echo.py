@@ -1,12 +1,13 @@
 """The transport's ceiling: a grpc.aio bidi server that speaks the Train protocol with no server logic.
 
 Same service definition, same message and keepalive options as ps-server, same messages on the wire,
-so the same pusher processes (bench/grad_pusher.py) drive it unchanged: Register -> Welcome (announcing
-`--numel`), Ready -> Parameters (a prebuilt zero tensor), then every Gradient is answered at once by a
-Parameters message carrying a copy of the gradient's own tensor back (same size) and the next iteration
-index.
-No decoding, no checks, no update, no queue or reader task: one handler coroutine per stream. GetStatus
-reports the number of gradients echoed as `gradients_applied`, so the benchmark reads both servers alike.
+and the same hand-framed Train (de)serializers (`common.wire`: the tensor's bytes are sliced out of the
+request without a copy and copied once into the reply), so the same pusher processes
+(bench/grad_pusher.py) drive it unchanged: Register -> Welcome (announcing `--numel`), Ready -> Parameters
+(a prebuilt zero tensor), then every Gradient is answered at once by a Parameters message carrying the
+gradient's own tensor back (same size) and the next iteration index.
+No checks, no update, no queue or reader task: one handler coroutine per stream. GetStatus reports the
+number of gradients echoed as `gradients_applied`, so the benchmark reads both servers alike.
 
     python bench/grpc_echo.py --bind 127.0.0.1:0 --numel 269722     # prints "echo listening on HOST:PORT"
 """
@@ -21,15 +22,17 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.grpc_options import GRPC_KEEPALIVE_OPTIONS  # noqa: E402
+from common.malloc_tuning import tune_malloc  # noqa: E402
 from common.pb import parameter_server_pb2 as pb  # noqa: E402
 from common.pb import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
 
-from grad_pusher import GRPC_MESSAGE_OPTIONS  # noqa: E402  (common.codec's, without importing torch)
+from common.codec import GRPC_MESSAGE_OPTIONS  # noqa: E402
+from common.wire import parse_worker_message, serialize_parameters, serialize_server_message  # noqa: E402
 
 
 class EchoService(pb_grpc.ParameterServerServicer):
@@ -44,18 +47,15 @@ class EchoService(pb_grpc.ParameterServerServicer):
         self.next_id = 0
 
     async def Train(self, request_iterator, context):
-        async for msg in request_iterator:
+        async for received in request_iterator:
+            msg = received.message
             kind = msg.WhichOneof("payload")
             if kind == "gradient":
                 g = msg.gradient
                 self.echoed += 1
-                # The cheapest way upb offers to put the tensor in a reply (one copy of its bytes). Building
-                # it as ServerMessage(parameters=Parameters(tensor=...)) costs ~25x more for 1 MB (measured:
-                # ~2.5 ms against ~0.1 ms), which would lower the ceiling instead of measuring it.
-                reply = pb.ServerMessage()
-                reply.parameters.tensor.CopyFrom(g.tensor)
-                reply.parameters.iteration_index = g.iteration_index + 1
-                yield reply
+                # One copy of the tensor's bytes, as ps-server's reply costs (no dtype or length check).
+                data = received.tensor_data if received.tensor_data is not None else g.tensor.data
+                yield serialize_parameters(np.frombuffer(data, dtype=np.float32), g.iteration_index + 1, 0.0)
             elif kind == "register":
                 self.next_id += 1
                 yield pb.ServerMessage(welcome=pb.Welcome(worker_id=self.next_id - 1, config=self.config))
@@ -69,7 +69,15 @@ class EchoService(pb_grpc.ParameterServerServicer):
 
 async def serve(bind: str, numel: int) -> None:
     server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS)
-    pb_grpc.add_ParameterServerServicer_to_server(EchoService(numel), server)
+    service = EchoService(numel)
+    handlers = {
+        "Train": grpc.stream_stream_rpc_method_handler(
+            service.Train, request_deserializer=parse_worker_message, response_serializer=serialize_server_message),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            service.GetStatus, request_deserializer=pb.GetStatusRequest.FromString,
+            response_serializer=pb.Status.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("ps.v1.ParameterServer", handlers),))
     port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"could not bind {bind}")
@@ -88,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bind", default="127.0.0.1:0")
     p.add_argument("--numel", type=int, required=True, help="parameters announced in the Welcome")
     args = p.parse_args(argv)
+    tune_malloc()  # as ps-server does: the ceiling gets the same allocator settings
     if not args.bind.startswith("127.0.0.1:"):
         p.error("the benchmark listens on 127.0.0.1 only")
     asyncio.run(serve(args.bind, args.numel))

@@ -6,8 +6,9 @@ Three systems, driven side by side in one run, for each model size and number of
   synthetic data set), or bench/ps_server_sized.py (the same CLI with a flat model of 11.2M / 25.6M
   parameters registered, since the model registry has none that large), with K synthetic gradient
   pushers (bench/grad_pusher.py: separate processes, raw Train streams, no model compute);
-- `echo`: bench/grpc_echo.py, a grpc.aio bidi server with the same service, options and messages and no
-  server logic, driven by the same pushers: the round trips gRPC allows on this machine;
+- `echo`: bench/grpc_echo.py, a grpc.aio bidi server with the same service, options, messages and Train
+  serializers (common/wire.py) and no server logic, driven by the same pushers: the round trips gRPC
+  allows on this machine;
 - `torch-rpc`: bench/torch_rpc_ps.py, a parameter server on torch.distributed.rpc (TensorPipe over
   loopback TCP) as PyTorch's tutorials build one, with K worker ranks pushing the same gradients.
 
@@ -451,7 +452,7 @@ def py_spy_profile(pid: int, seconds: float, out: Path, native: bool) -> dict:
     exe = Path(sys.executable).parent / "py-spy"
     cmd = [str(exe) if exe.exists() else "py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
            "--format", "raw", "--threads", "--output", str(out)]
-    cmd += ["--native", "--rate", "50"] if native else ["--nonblocking", "--rate", "200"]
+    cmd += ["--native", "--rate", "50"] if native else ["--nonblocking", "--idle", "--rate", "200"]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     except FileNotFoundError:
@@ -674,7 +675,8 @@ def markdown(result: dict) -> str:
         "send at once a float32 gradient of the right size with the received iteration index) drive the real "
         "`ps-server` (OrMo, every check and update it does in training: decode, NaN/Inf check, the update, "
         "encode, metrics) and, with the same pushers and messages, `bench/grpc_echo.py`, a grpc.aio bidi server "
-        "that answers each gradient with its own tensor and does nothing else (the transport's ceiling). "
+        "that answers each gradient with its own tensor (through ps-server's Train serializers) and does nothing else "
+        "(the transport's ceiling). "
         "`bench/torch_rpc_ps.py` is the same job on `torch.distributed.rpc` as PyTorch's tutorials build it "
         "(rank 0 holds the parameters, K worker ranks `rpc_sync` an update-and-fetch that applies "
         "`torch.optim.SGD(momentum=0.9)` under a lock and returns the parameters; TensorPipe over loopback TCP). "
@@ -854,9 +856,11 @@ def main(argv: list[str] | None = None) -> dict:
         "apply to a parameter server on another machine.",
         "On 2 cores the pushers compete with the server for CPU: every number here is for the server and K "
         "pushers sharing those 2 cores, the same for all three systems.",
-        "ps-server runs with torch's default intra-op threads (2 here): its process uses more than one core "
-        "while its event loop is the bottleneck (libgomp in the native profile). `--server-env "
-        "OMP_NUM_THREADS=1` measures it with one torch thread (a diagnostic; the server's code is unchanged).",
+        "Every process of all three systems (servers, ranks, pushers) runs with the same glibc malloc settings "
+        "(common/malloc_tuning.py, as ps-server and ps-worker do): with glibc's defaults each megabyte message "
+        "paid fresh page faults for each of its buffers. ps-server uses one torch thread (its `--threads` "
+        "default); the echo shares ps-server's hand-framed Train serializers (common/wire.py), so it stays the "
+        "cheapest way to move these messages through grpc.aio, not a slower protobuf path.",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     for mode, prof in (profile_result or {}).items():

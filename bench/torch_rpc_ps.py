@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grad_pusher import APPLIED, DONE, FAILED, PAUSE, PAUSE_POLL, PAUSED, PID, READY, SENT  # noqa: E402
 from grad_pusher import SERVER_PID, STATE, STOP  # noqa: E402
 from grad_pusher import DOWN_BYTES, ERROR, NUMEL, UP_BYTES, open_control, record_reply  # noqa: E402
+from common.malloc_tuning import tune_malloc  # noqa: E402  (grad_pusher put the repository on the path)
 
 PS_NAME = "ps"
 
@@ -114,6 +115,7 @@ def run_worker(rank: int, numel: int, max_round_trips: int, max_seconds: float) 
 def run_rank(args: argparse.Namespace, rank: int) -> None:
     global _control
     _control = open_control(args.control, args.world - 1)
+    tune_malloc()  # the same allocator settings as ps-server and its pushers: the designs are compared
     slot = rank - 1 if rank else -1
     if rank:
         _control[slot, PID] = os.getpid()

@@ -14,6 +14,7 @@ import click
 
 from common.config import RunConfig
 from common.data import DATASETS
+from common.malloc_tuning import tune_malloc
 from common.security import ClientSecurity, ServerSecurity
 from common.models import MODELS
 from server.algorithms import ALGORITHMS, SCHEDULERS
@@ -200,6 +201,7 @@ def client_process_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def setup_client_process(kwargs: dict[str, Any]) -> ClientSecurity:
     """Logging and torch threads from `client_process_options`; returns the (validated) client security."""
     setup_logging(kwargs.pop("verbose"))
+    tune_malloc()
     threads = kwargs.pop("threads")
     if threads:
         import torch

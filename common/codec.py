@@ -123,21 +123,13 @@ def itemsize(dtype: torch.dtype | np.dtype | int) -> int:
     return _wire_for(dtype).np_dtype.itemsize
 
 
-def encode(
-    t: torch.Tensor | np.ndarray, *, dtype: torch.dtype | None = None, out: pb.Tensor | None = None
-) -> pb.Tensor:
-    """Encodes a tensor or array as a flat pb.Tensor (any shape is flattened, C order) and returns it.
-
-    dtype, when given, casts first (e.g. torch.bfloat16 to halve a gradient's size). GPU tensors are
-    copied to the host. The element bytes are copied once (``tobytes``) and protobuf copies them once
-    more into the message, which no Python API avoids. out, when given, is a pb.Tensor field of the
-    message being built (``encode(g, out=msg.gradient.tensor)``): filling it in place saves the further
-    full copy that assigning or CopyFrom-ing a finished pb.Tensor into a parent message costs.
-    """
+def wire_array(t: torch.Tensor | np.ndarray, dtype: torch.dtype | None = None) -> tuple[_Wire, np.ndarray]:
+    """The wire dtype of `t` and its elements as a flat, C-contiguous, little-endian array: a view of `t`'s
+    memory whenever no cast, device transfer or byte swap is needed. (`encode` and `common.wire` use it.)"""
     if isinstance(t, np.ndarray):
         if dtype is not None:  # cast in torch, which knows bfloat16
             native = np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("="))
-            return encode(torch.from_numpy(native), dtype=dtype, out=out)
+            return wire_array(torch.from_numpy(native), dtype)
         wire = _wire_for(t.dtype)
         array = t
     elif isinstance(t, torch.Tensor):
@@ -154,7 +146,22 @@ def encode(
     else:
         raise TypeError(f"encode expects a torch.Tensor or numpy.ndarray, got {type(t).__name__}")
     # A no-op view on little-endian hosts; a byte swap on big-endian ones.
-    array = np.ascontiguousarray(array.reshape(-1), dtype=wire.np_dtype)
+    return wire, np.ascontiguousarray(array.reshape(-1), dtype=wire.np_dtype)
+
+
+def encode(
+    t: torch.Tensor | np.ndarray, *, dtype: torch.dtype | None = None, out: pb.Tensor | None = None
+) -> pb.Tensor:
+    """Encodes a tensor or array as a flat pb.Tensor (any shape is flattened, C order) and returns it.
+
+    dtype, when given, casts first (e.g. torch.bfloat16 to halve a gradient's size). GPU tensors are
+    copied to the host. The element bytes are copied once (``tobytes``) and protobuf copies them once
+    more into the message, which no protobuf API avoids (``common.wire`` frames the bytes by hand for the
+    server's hot path). out, when given, is a pb.Tensor field of the message being built
+    (``encode(g, out=msg.gradient.tensor)``): filling it in place saves the further full copy that
+    assigning or CopyFrom-ing a finished pb.Tensor into a parent message costs.
+    """
+    wire, array = wire_array(t, dtype)
     if out is None:
         return pb.Tensor(dtype=wire.pb_dtype, numel=array.size, data=array.tobytes())
     out.dtype, out.numel, out.data = wire.pb_dtype, array.size, array.tobytes()
@@ -168,6 +175,7 @@ def decode(
     expected_dtype: torch.dtype | np.dtype | int | None = None,
     device: torch.device | str = "cpu",
     copy: bool = True,
+    data: bytes | memoryview | None = None,
 ) -> torch.Tensor:
     """Checks a pb.Tensor and returns it as a 1-D tensor of its own dtype on device.
 
@@ -178,6 +186,9 @@ def decode(
     a memcpy). copy=False skips that copy on the CPU: the tensor then shares the bytes object read from
     the message, which Python treats as immutable, so it must only be read, never written in place
     (the server reading a gradient once may use it). Decoding to another device always copies.
+
+    data, when given, stands for ``msg.data`` (which must then be empty): the bytes that
+    ``common.wire.parse_worker_message`` kept out of the message, as a view of the received buffer.
     """
     if not isinstance(msg, pb.Tensor):
         raise TypeError(f"decode expects a ps.v1.Tensor message, got {type(msg).__name__}")
@@ -191,7 +202,10 @@ def decode(
     numel = msg.numel
     if expected_numel is not None and numel != expected_numel:
         raise CodecError(f"tensor numel is {numel}, expected {expected_numel}")
-    data = msg.data  # upb hands out a fresh bytes copy on every access: read it once
+    if data is None:
+        data = msg.data  # upb hands out a fresh bytes copy on every access: read it once
+    elif msg.data:
+        raise CodecError("tensor data given twice (in the message and beside it)")
     size = wire.np_dtype.itemsize
     if len(data) != numel * size:
         raise CodecError(

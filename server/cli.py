@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.cli_options import (
@@ -25,15 +26,14 @@ from common.codec import GRPC_MESSAGE_OPTIONS
 from common.config import RunConfig
 from common.data import iterations_per_epoch, load_dataset
 from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
+from common.malloc_tuning import tune_malloc
 from common.metrics import MetricsWriter
-from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.security import ServerSecurity, warn_if_exposed
 from server.checkpoint import CheckpointError, load_checkpoint
 from server.run import initial_model, make_core
-from server.service import Counters, ParameterServerService
+from server.service import SERVICE_NAME, Counters, ParameterServerService, add_to_server
 
 logger = logging.getLogger(__name__)
-SERVICE_NAME = "ps.v1.ParameterServer"
 
 
 async def serve(
@@ -85,7 +85,7 @@ async def serve(
 
     server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS,
                              interceptors=security.interceptors())
-    pb_grpc.add_ParameterServerServicer_to_server(service, server)
+    add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = security.credentials()
@@ -179,6 +179,9 @@ def service_summary(service: ParameterServerService) -> dict:
               help="Synchronous runs: drop a worker silent this many seconds from the barrier.")
 @click.option("--start-when-all/--start-at-once", "wait_for_all", default=True,
               help="Send w_0 once all K workers registered (as Algorithm 1), or to each worker as it comes.")
+@click.option("--threads", type=click.IntRange(min=1), default=1,
+              help="torch CPU threads for the updates. One keeps a core free for gRPC and the event loop "
+                   "(more threads only pay off for updates of tens of millions of parameters).")
 @server_security_options
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 def cli(**kwargs) -> None:
@@ -186,6 +189,8 @@ def cli(**kwargs) -> None:
     run = run_config_from(kwargs)
     security = server_security_from(kwargs)
     setup_logging(kwargs.pop("verbose"))
+    tune_malloc()
+    torch.set_num_threads(kwargs["threads"])
     out_dir = Path(kwargs["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

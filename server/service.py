@@ -22,6 +22,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common.codec import CodecError, decode, encode
+from common.wire import Received, parse_worker_message, serialize_parameters, serialize_server_message
 from common.config import RunConfig
 from common.metrics import MetricsWriter, RunningMean
 from common.pb import parameter_server_pb2 as pb
@@ -30,6 +31,7 @@ from server.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from server.core import Dispatch, PushRejected, ServerCore
 
 logger = logging.getLogger(__name__)
+SERVICE_NAME = "ps.v1.ParameterServer"
 
 _END = object()  # outbox sentinel: close the stream normally
 
@@ -121,9 +123,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         )
 
     # ----- Train: one stream per worker -----------------------------------------------------
-    async def Train(self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext):
+    async def Train(self, request_iterator: AsyncIterator[Received], context: grpc.aio.ServicerContext):
         try:
-            first = await anext(aiter(request_iterator))
+            first = (await anext(aiter(request_iterator))).message
         except StopAsyncIteration:
             return
         except DecodeError as e:
@@ -146,7 +148,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 if msg is _END:
                     break
                 yield msg
-                if msg.WhichOneof("payload") == "stop":
+                if isinstance(msg, pb.ServerMessage) and msg.WhichOneof("payload") == "stop":
                     # Let the worker read the Stop and close its side; gradients still in flight are dropped.
                     with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                         await asyncio.wait_for(asyncio.shield(reader), timeout=5.0)
@@ -217,7 +219,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             if dispatch is not None:
                 self._route([dispatch])
 
-    async def _read(self, conn: Connection, request_iterator: AsyncIterator[pb.WorkerMessage]) -> None:
+    async def _read(self, conn: Connection, request_iterator: AsyncIterator[Received]) -> None:
         try:
             async for msg in request_iterator:
                 try:
@@ -243,8 +245,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             conn.error = Rejected(grpc.StatusCode.INTERNAL, "internal error in the parameter server")
         conn.outbox.put_nowait(_END)
 
-    def _on_message(self, conn: Connection, msg: pb.WorkerMessage) -> None:
+    def _on_message(self, conn: Connection, received: Received) -> None:
         """Decode and apply one gradient, then route the answers. No await: atomic on the loop."""
+        msg = received.message
         kind = msg.WhichOneof("payload")
         if kind == "ready" and not conn.ready:
             self._on_ready(conn)
@@ -260,7 +263,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         core = self.core
         try:
             # copy=False: the core only reads the gradient, within this call (no await in between)
-            grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype, copy=False)
+            grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype, copy=False,
+                          data=received.tensor_data)
         except CodecError as e:
             self.counters.reject("tensor")
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
@@ -275,12 +279,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._record(g.loss, core.iteration - 1 - ite)
 
     def _route(self, dispatches: list[Dispatch]) -> None:
-        """Encode each dispatch once, now (its tensor is live), and queue it for every receiver."""
+        """Serialize each dispatch once, now (its tensor is live), and queue the bytes for every receiver."""
         for d in dispatches:
-            msg = pb.ServerMessage()
-            msg.parameters.iteration_index = d.iteration_index
-            msg.parameters.epoch = self.core.epoch
-            encode(d.params, out=msg.parameters.tensor)  # in place: nesting a built Tensor would copy its bytes
+            msg = serialize_parameters(d.params, d.iteration_index, self.core.epoch)
             now = time.monotonic()
             for w in d.workers:
                 self._sent_at[w] = now
@@ -412,3 +413,20 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             uptime_seconds=time.monotonic() - self._start_time,
             train_loss=self.last_epoch_train_loss if self.last_epoch_train_loss is not None else float("nan"),
         )
+
+
+def add_to_server(service: ParameterServerService, server: grpc.aio.Server) -> None:
+    """Register the service: Train with the hand-framed tensor (de)serializers of `common.wire` (one copy
+    of the tensor per direction instead of three or four), the unary calls as generated."""
+    handlers = {
+        "Train": grpc.stream_stream_rpc_method_handler(
+            service.Train, request_deserializer=parse_worker_message, response_serializer=serialize_server_message),
+        "GetParameters": grpc.unary_unary_rpc_method_handler(
+            service.GetParameters, request_deserializer=pb.GetParametersRequest.FromString,
+            response_serializer=pb.Parameters.SerializeToString),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            service.GetStatus, request_deserializer=pb.GetStatusRequest.FromString,
+            response_serializer=pb.Status.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
