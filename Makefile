@@ -56,6 +56,6 @@ bench: $(DATA_DIR)/train
 	$(PYTHON) bench/update_cost.py
 	$(PYTHON) bench/throughput.py
 	$(PYTHON) bench/convergence.py --variant cpu --data-dir $(DATA_DIR) --seeds 3
-	$(PYTHON) bench/wallclock.py
+	$(PYTHON) bench/wallclock.py --dataset cifar10 --data-dir $(DATA_DIR) --model small-cnn --batch-size 32 --epochs 2 --lr 0.01 --momentum-lr 0.002 --warmup-epochs 0.2 --eval-every 0.25
 	$(PYTHON) bench/soak.py --seconds 120
 	$(PYTHON) bench/chaos.py

@@ -5,6 +5,8 @@ the figures of test accuracy and training loss against wall-clock time and the t
 `ps-plot`'s code. Heterogeneous: a quarter of the workers `--slowdown` times slower (real sleeps).
 
     python bench/wallclock.py                    # digits + MLP, K=16 (a few minutes on 2 cores)
+    python bench/wallclock.py --dataset cifar10 --data-dir D --model small-cnn --batch-size 32 --epochs 2 \
+        --lr 0.01 --momentum-lr 0.002 --warmup-epochs 0.2 --eval-every 0.25   # `make bench` (~15 min, 2 cores)
     python bench/wallclock.py --dataset cifar10 --data-dir D --model resnet20 --epochs 160   # a real cluster run
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.cli import main as launch  # noqa: E402
 from report.plots import write_figures  # noqa: E402
-from report.runs import find_runs  # noqa: E402
+from report.runs import METHOD_LABELS, METHOD_ORDER, find_runs  # noqa: E402
 from report.tables import paper_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--momentum-lr", type=float, default=None,
+                   help="eta of the momentum methods (OrMo, SSGDm, ...); default: --lr")
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--worker-nice", type=int, default=10,
+                   help="nice level of the workers, so the server and the evaluator keep up on a small machine")
     p.add_argument("--eval-every", type=float, default=1.0)
     p.add_argument("--out", type=Path, default=RESULTS / "wallclock")
     args = p.parse_args(argv)
@@ -48,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         for algo in args.algos.split(","):
             out = args.out / "runs" / f"{algo}-{setting}"
             flags = ["--algo", algo, "--workers", str(args.workers), "--dataset", args.dataset, "--model", args.model,
-                     "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--epochs", str(args.epochs),
+                     "--batch-size", str(args.batch_size), "--lr", str(lr_of(algo, args)), "--epochs", str(args.epochs),
+                     "--warmup-epochs", str(args.warmup_epochs), "--worker-nice", str(args.worker_nice),
                      "--eval-every", str(args.eval_every), "--out", str(out), "-q"]
             if args.data_dir:
                 flags += ["--data-dir", args.data_dir]
@@ -57,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{algo} {setting} ...", file=sys.stderr)
             launch(flags)
             _mark_setting(out, setting, args)
+            for big in ("checkpoint.pt", "final.pt"):  # keep the committed results small: metrics and logs
+                (out / big).unlink(missing_ok=True)
     runs = find_runs([args.out / "runs"])
     figures = write_figures(runs, args.out)
     meta = dict(command="python bench/wallclock.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -67,13 +78,48 @@ def main(argv: list[str] | None = None) -> None:
         "# Wall-clock comparison with real processes", "", f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}; machine: {meta['machine']} (server, {args.workers} workers and the evaluator share "
         f"its cores); took {meta['seconds']} s.  ",
-        f"Recipe: {args.model} on {args.dataset}, batch {args.batch_size}, eta {args.lr}, {args.epochs} epochs; "
-        f"het.: {args.workers // 4} of {args.workers} workers {args.slowdown:g}x slower.", "",
+        f"Recipe: {args.model} on {args.dataset}, batch {args.batch_size}, eta {args.lr}"
+        + (f" for ASGD and {args.momentum_lr} for the momentum methods" if args.momentum_lr is not None else "")
+        + f" (warm-up "
+        f"{args.warmup_epochs:g} epochs), {args.epochs} epochs; evaluation every {args.eval_every:g} epochs (the "
+        f"evaluator evaluates the newest parameters when it is free, so slow evaluations skip points); "
+        f"het.: {args.workers // 4} of {args.workers} workers {args.slowdown:g}x slower (each sleeps "
+        f"{args.slowdown - 1:g}x its own step time after each gradient); workers at nice {args.worker_nice}, so "
+        f"that the server and the evaluator are not starved by {args.workers} workers on "
+        f"{os.cpu_count()} cores.", "",
+        "## Wall-clock seconds", "", time_table(runs), "",
         "## Final test accuracy (%)", "", paper_table(runs, "test_accuracy"), "",
         "## Final training loss", "", paper_table(runs, "train_loss"), "",
         "## Figures (time = wall-clock seconds since the server started)", "",
         *[f"![{f.stem}]({f.name})" for f in figures], ""]))
     print((args.out / "README.md").read_text())
+
+
+def lr_of(algo: str, args: argparse.Namespace) -> float:
+    momentum = algo not in ("asgd", "ssgd")
+    return args.momentum_lr if momentum and args.momentum_lr is not None else args.lr
+
+
+def time_table(runs: list) -> str:
+    """Seconds from the server's start to the end of training, and until the first evaluation at or above
+    90% of the best final accuracy of all runs (a common target), per method and setting."""
+    finals = [r.final_test_accuracy for r in runs if r.final_test_accuracy is not None]
+    target = 0.9 * max(finals) if finals else None
+    settings = sorted({r.setting for r in runs}, key=lambda s: s != "hom.")
+    lines = ["| method | " + " | ".join(f"{s} to finish | {s} to {100 * target:.1f} % test accuracy"
+                                         if target else f"{s} to finish" for s in settings) + " |",
+             "|---|" + "---|" * (len(settings) * (2 if target else 1))]
+    for algo in sorted({r.algo for r in runs}, key=lambda a: METHOD_ORDER.index(a) if a in METHOD_ORDER else 99):
+        cells = []
+        for setting in settings:
+            run = next((r for r in runs if r.algo == algo and r.setting == setting), None)
+            finish = run.summary.get("time") if run else None
+            cells.append("-" if finish is None else f"{finish:.0f}")
+            if target:
+                hit = next((e["time"] for e in (run.evals if run else []) if e["test_accuracy"] >= target), None)
+                cells.append("not reached" if hit is None else f"{hit:.0f}")
+        lines.append(f"| {METHOD_LABELS.get(algo, algo)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _mark_setting(out: Path, setting: str, args: argparse.Namespace) -> None:

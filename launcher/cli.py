@@ -40,12 +40,13 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 
-    def start(self, name: str, argv: list[str], *, capture_stdout: bool = False) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], *, capture_stdout: bool = False, nice: int = 0) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")
         self._logs.append(log)
         env = os.environ | {"PYTHONUNBUFFERED": "1", "PS_TOKEN": self.token}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
-                                stdin=subprocess.DEVNULL, env=env, text=True)
+                                stdin=subprocess.DEVNULL, env=env, text=True,
+                                preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self.procs[name] = proc
         return proc
 
@@ -95,6 +96,9 @@ def _read_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
 @click.option("--eval-every", type=click.FloatRange(min=0), default=5.0, help="Epochs between evaluations (0: end only).")
 @click.option("--threads", type=click.IntRange(min=1), default=1,
               help="torch threads per worker process (K processes share this machine's cores).")
+@click.option("--worker-nice", type=click.IntRange(min=0, max=19), default=0,
+              help="Run the workers at this nice level: when K workers oversubscribe the cores, the server and "
+                   "the evaluator keep up (evaluations land where asked instead of whenever the CPU allows).")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=0, help="Server port on 127.0.0.1 (0: any free).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=3600.0, help="Give up after this many seconds.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
@@ -124,7 +128,8 @@ def cli(**kw) -> None:
             slow = k >= run.workers - kw["slow_workers"]
             procs.start(f"worker-{k}", py + ["worker.cli", "--server", address, "--threads", str(kw["threads"]),
                                               "--name", f"local-{k}", *data,
-                                              *(["--slowdown", str(kw["slowdown"])] if slow else [])])
+                                              *(["--slowdown", str(kw["slowdown"])] if slow else [])],
+                        nice=kw["worker_nice"])
         evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
                                                     "--eval-every", str(kw["eval_every"]), "--threads", "1", *data])
         _watch(address, procs, evaluator, say, kw["timeout"], started, ClientSecurity(token=procs.token))
