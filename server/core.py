@@ -59,11 +59,13 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 class PushRejected(ValueError):
-    """A gradient the core refused; nothing was changed. `code` names the gRPC status a service returns."""
+    """A gradient the core refused; nothing was changed. `code` names the gRPC status a service returns;
+    `reason` is the counter it is counted under (default: the code in lower case)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason or code.lower()
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ class ServerCore:
         if grad.dtype != self.w.dtype:
             raise PushRejected("INVALID_ARGUMENT", f"gradient dtype {grad.dtype}; expected {self.w.dtype}")
         if self.config.reject_nonfinite and not all_finite(grad):
-            raise PushRejected("INVALID_ARGUMENT", "gradient contains NaN or infinite values")
+            raise PushRejected("INVALID_ARGUMENT", "gradient contains NaN or infinite values", reason="nonfinite")
 
     def push(self, worker: int, grad: torch.Tensor, iteration_index: int) -> list[Dispatch]:
         """One server iteration: apply `grad` from `worker` and return what to send to whom.

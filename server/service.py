@@ -272,7 +272,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         try:
             dispatches = core.push(conn.worker, grad, ite)
         except PushRejected as e:
-            self.counters.reject("nonfinite" if "NaN" in str(e) else e.code.lower())
+            self.counters.reject(e.reason)
             raise Rejected(getattr(grpc.StatusCode, e.code), str(e)) from None
         self.counters.gradients_applied += 1
         self._route(dispatches)
