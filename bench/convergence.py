@@ -34,7 +34,7 @@ VARIANTS = {
     "quick": dict(dataset="digits", model="mlp", subset=None, batch_size=16, lr=0.01, epochs=10, warmup=0.0,
                   device="cpu"),
     # eta 0.002: at 0.01 every momentum method (effective step eta/(1-beta) = 0.1) stayed at chance on this
-    # model while ASGD trained (bench/results/convergence-cpu/README.md, "eta").
+    # model while ASGD trained (bench/results/convergence-cpu-eta0.01/README.md).
     "cpu": dict(dataset="cifar10", model="small-cnn", subset=5000, batch_size=32, lr=0.002, epochs=6, warmup=0.5,
                 device="cpu"),
     "paper": dict(dataset="cifar10", model="resnet20", subset=None, batch_size=128, lr=0.1, epochs=160, warmup=5.0,

@@ -32,7 +32,8 @@ from common.pb import parameter_server_pb2 as pb  # noqa: E402
 from common.pb import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
 
 from common.codec import GRPC_MESSAGE_OPTIONS  # noqa: E402
-from common.wire import parse_worker_message, serialize_parameters, serialize_server_message  # noqa: E402
+from common.wire import serialize_parameters  # noqa: E402
+from server.service import add_to_server  # noqa: E402
 
 
 class EchoService(pb_grpc.ParameterServerServicer):
@@ -69,15 +70,7 @@ class EchoService(pb_grpc.ParameterServerServicer):
 
 async def serve(bind: str, numel: int) -> None:
     server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS)
-    service = EchoService(numel)
-    handlers = {
-        "Train": grpc.stream_stream_rpc_method_handler(
-            service.Train, request_deserializer=parse_worker_message, response_serializer=serialize_server_message),
-        "GetStatus": grpc.unary_unary_rpc_method_handler(
-            service.GetStatus, request_deserializer=pb.GetStatusRequest.FromString,
-            response_serializer=pb.Status.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("ps.v1.ParameterServer", handlers),))
+    add_to_server(EchoService(numel), server)  # ps-server's registration: the same Train serializers
     port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"could not bind {bind}")

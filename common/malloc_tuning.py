@@ -11,8 +11,8 @@ below, the same work.
 
 `tune_malloc()` fixes the mmap threshold at 32 MiB (the most glibc's own dynamic threshold would reach on
 64-bit; larger buffers are still mapped, and unmapped when freed) and keeps up to `trim_threshold` bytes of
-freed heap for reuse instead of returning them at once. Cost: the process keeps up to that much freed memory mapped. No effect (and no
-error) with another C library. `PS_MALLOC_TUNING=0` turns it off.
+freed heap for reuse instead of returning them at once. Cost: the process keeps up to that much freed
+memory mapped. No effect (and no error) with another C library. `PS_MALLOC_TUNING=0` turns it off.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ largest single item). This module does the same messages with one copy of the te
   not the plain one (the field repeated, groups, anything unexpected) it falls back to a full protobuf
   parse: the result is always the message `WorkerMessage.FromString(buf)` gives.
 
-`TRAIN_RESPONSE_SERIALIZER` / `TRAIN_REQUEST_DESERIALIZER` plug these into the server's Train method.
+`server.service.add_to_server` registers them as the Train method's (de)serializers.
 """
 
 from __future__ import annotations
