@@ -141,3 +141,17 @@ def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable
     summary = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "summary"][-1]
     assert summary["iterations"] == total
     assert summary["gradients_applied"] == total
+
+
+def test_processes_start_workers_at_the_nice_level_asked(tmp_path: Path) -> None:
+    from launcher.cli import Processes
+
+    procs = Processes(tmp_path, "token")
+    try:
+        base = os.nice(0)
+        for name, nice in (("plain", 0), ("niced", 7)):
+            procs.start(name, [sys.executable, "-c", "import os; print(os.nice(0))"], nice=nice).wait(30)
+    finally:
+        procs.stop_all()
+    assert int((tmp_path / "plain.log").read_text()) == base
+    assert int((tmp_path / "niced.log").read_text()) == min(base + 7, 19)
