@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import math
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 PAD = 4
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,11 +51,17 @@ class Dataset:
     std: tuple[float, ...]
     augment: bool
     classes: tuple[str, ...] = ()
+    # A validation split held out from the training set (`split_validation`), for choosing hyperparameters
+    # without looking at the test set; None when there is none.
+    val_x: torch.Tensor | None = field(default=None, repr=False)
+    val_y: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        for split in ("train", "test"):
+        if (self.val_x is None) != (self.val_y is None):
+            raise ValueError("val_x and val_y must be given together")
+        for split in self.splits:
             x: torch.Tensor = getattr(self, f"{split}_x")
             y: torch.Tensor = getattr(self, f"{split}_y")
             if x.dtype not in (torch.uint8, torch.float32):
@@ -84,15 +92,19 @@ class Dataset:
     def num_test(self) -> int:
         return len(self.test_x)
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits present: train, test and, when held out, val."""
+        return ("train", "test") if self.val_x is None else ("train", "val", "test")
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        """The splits an evaluation reports: test, and val first when there is one."""
+        return tuple(s for s in self.splits if s != "train")
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same dataset with its tensors on `device`; share it between streams to copy the data only once."""
-        return replace(
-            self,
-            train_x=self.train_x.to(device),
-            train_y=self.train_y.to(device),
-            test_x=self.test_x.to(device),
-            test_y=self.test_y.to(device),
-        )
+        return replace(self, **{f"{s}_{xy}": getattr(self, f"{s}_{xy}").to(device) for s in self.splits for xy in "xy"})
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw samples (uint8 or float32, on any device) to normalised float32 model inputs."""
@@ -115,6 +127,20 @@ def _affine_normalisation(
     scale = 1.0 / (255.0 * std_t) if from_uint8 else 1.0 / std_t
     shift = -mean_t / std_t
     return scale.to(device, torch.float32), shift.to(device, torch.float32)
+
+
+def split_validation(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
+    """The data set with `size` random training samples (drawn by `seed`, the same for every run) moved to a
+    validation split: runs train on the rest, and evaluations report validation and test metrics."""
+    if dataset.val_x is not None:
+        raise ValueError(f"{dataset.name} already has a validation split")
+    if not 0 < size < dataset.num_train:
+        raise ValueError(f"validation size must be in 1..{dataset.num_train - 1}, got {size}")
+    order = torch.randperm(dataset.num_train, generator=torch.Generator().manual_seed(seed))
+    # Sorted, so the remaining training samples keep their relative order.
+    val, train = order[:size].sort().values, order[size:].sort().values
+    return replace(dataset, train_x=dataset.train_x[train], train_y=dataset.train_y[train],
+                   val_x=dataset.train_x[val], val_y=dataset.train_y[val])
 
 
 def iterations_per_epoch(dataset: Dataset, batch_size: int) -> int:
@@ -216,8 +242,8 @@ def eval_batches(
     dataset: Dataset, split: str = "test", batch_size: int = 1000, device: torch.device | str = "cpu"
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised, unaugmented (x, y) batches of a split in order; the last batch may be smaller."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in dataset.splits:
+        raise ValueError(f"split must be one of {', '.join(dataset.splits)}, got {split!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     xs: torch.Tensor = getattr(dataset, f"{split}_x")
@@ -248,22 +274,26 @@ def bn_calibration_batches(
 def evaluate(
     module: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 1000
 ) -> dict[str, float]:
-    """Test accuracy and mean cross-entropy of `module` in eval mode; its train/eval mode is restored after."""
+    """Accuracy and mean cross-entropy of `module` in eval mode on each of `dataset.eval_splits`
+    (`test_accuracy`, `test_loss`, and `val_accuracy`, `val_loss` when there is a validation split); the
+    module's train/eval mode is restored after."""
     was_training = module.training
     module.eval()
-    correct = 0
-    loss_sum = 0.0
+    result: dict[str, float] = {}
     try:
-        for x, y in eval_batches(dataset, "test", batch_size, device):
-            logits = module(x)
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == y).sum())
+        for split in dataset.eval_splits:
+            correct, loss_sum, n = 0, 0.0, 0
+            for x, y in eval_batches(dataset, split, batch_size, device):
+                logits = module(x)
+                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(dim=1) == y).sum())
+                n += len(y)
+            if n == 0:
+                raise ValueError(f"dataset {dataset.name!r} has an empty {split} set")
+            result[f"{split}_accuracy"], result[f"{split}_loss"] = correct / n, loss_sum / n
     finally:
         module.train(was_training)
-    n = dataset.num_test
-    if n == 0:
-        raise ValueError(f"dataset {dataset.name!r} has an empty test set")
-    return {"test_accuracy": correct / n, "test_loss": loss_sum / n}
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- loaders
@@ -373,21 +403,57 @@ def _cache_key(data_dir: Path, files: list[_ImageFile]) -> str:
     return digest.hexdigest()[:24]
 
 
+_SPLIT_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def _map_cache(path: Path) -> dict[str, np.ndarray]:
+    # Copy-on-write maps: every process (and every container on a shared cache volume) that loads the data
+    # set shares one copy of its pages in the page cache instead of holding a private one.
+    return {k: np.load(path / f"{k}.npy", mmap_mode="c", allow_pickle=False) for k in _SPLIT_ARRAYS}
+
+
 def _write_cache_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename, so a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".npz.tmp")
+    # Write a folder next to the target and rename it, so a reader never sees a half-written entry.
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp"))
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared by users of one machine.
-        os.replace(tmp, path)
+        for key, array in arrays.items():
+            np.save(tmp / f"{key}.npy", array, allow_pickle=False)
+            os.chmod(tmp / f"{key}.npy", 0o644)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared by users and containers.
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp)  # another process wrote the same entry first: use theirs
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _read_image_folder(name: str, data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def _cached(entry: str, what: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of cache entry `entry` (a folder of .npy files under `cache_dir()`), memory-mapped; on a miss
+    `make()` builds them and they are written for the next load."""
+    path = cache_dir() / entry
+    if path.is_dir():
+        try:
+            arrays = _map_cache(path)
+            logger.info("loaded %s from cache %s", what, path)
+            return arrays
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable cache %s (%s); reading %s again", path, exc, what)
+            shutil.rmtree(path, ignore_errors=True)
+    arrays = make()
+    try:
+        _write_cache_atomically(path, arrays)
+        return _map_cache(path)
+    except OSError as exc:
+        logger.warning("could not write cache %s (%s); the next load reads %s again", path, exc, what)
+        return arrays
+
+
+def _read_image_folder(name: str, data_dir: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     num_classes = _CIFAR_PYTHON[name][4]
     classes = sorted(p.name for p in (data_dir / "train").iterdir() if p.is_dir())
     test_classes = sorted(p.name for p in (data_dir / "test").iterdir() if p.is_dir())
@@ -400,33 +466,34 @@ def _read_image_folder(name: str, data_dir: Path) -> tuple[np.ndarray, np.ndarra
     if not train_files or not test_files:
         raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {data_dir}/train or {data_dir}/test")
 
+    def decode_all() -> dict[str, np.ndarray]:
+        logger.info("decoding %d %s images from %s (cached afterwards)", len(train_files) + len(test_files), name,
+                    data_dir)
+        arrays = {}
+        for split, files in (("train", train_files), ("test", test_files)):
+            x = np.empty((len(files), 3, 32, 32), dtype=np.uint8)
+            for i, f in enumerate(files):
+                x[i] = _decode_image(f.path)
+            arrays[f"{split}_x"], arrays[f"{split}_y"] = x, np.array([f.label for f in files], dtype=np.int64)
+        return arrays
+
     key = _cache_key(data_dir, train_files + test_files)
-    cache_path = cache_dir() / f"{name}-imagefolder-{key}.npz"
-    if cache_path.is_file():
-        try:
-            with np.load(cache_path, allow_pickle=False) as cached:
-                logger.info("loaded decoded %s images from cache %s", name, cache_path)
-                return cached["train_x"], cached["train_y"], cached["test_x"], cached["test_y"], classes
-        except (OSError, ValueError, KeyError) as exc:
-            logger.warning("ignoring unreadable cache %s (%s); decoding again", cache_path, exc)
+    return _cached(f"{name}-imagefolder-{key}", f"decoded {name} images", decode_all), classes
 
-    logger.info("decoding %d %s images from %s (cached afterwards)", len(train_files) + len(test_files), name, data_dir)
 
-    def decode(files: list[_ImageFile]) -> tuple[np.ndarray, np.ndarray]:
-        x = np.empty((len(files), 3, 32, 32), dtype=np.uint8)
-        for i, f in enumerate(files):
-            x[i] = _decode_image(f.path)
-        return x, np.array([f.label for f in files], dtype=np.int64)
+def _read_python_layout_cached(name: str, root: Path) -> dict[str, np.ndarray]:
+    """The python batches, through the cache: unpickling gives every process a private copy of the images;
+    the cache's mapped arrays are shared."""
+    _, train_files, test_file, _, _ = _CIFAR_PYTHON[name]
+    files = []
+    for file in (*train_files, test_file):
+        stat = (root / file).stat()
+        files.append(_ImageFile(str(root / file), 0, stat.st_size, stat.st_mtime_ns))
 
-    train_x, train_y = decode(train_files)
-    test_x, test_y = decode(test_files)
-    try:
-        _write_cache_atomically(
-            cache_path, {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
-        )
-    except OSError as exc:
-        logger.warning("could not write cache %s (%s); the next load decodes again", cache_path, exc)
-    return train_x, train_y, test_x, test_y, classes
+    def read() -> dict[str, np.ndarray]:
+        return dict(zip(_SPLIT_ARRAYS, _read_python_layout(name, root), strict=True))
+
+    return _cached(f"{name}-batches-{_cache_key(root, files)}", f"{name} batches", read)
 
 
 def _download_cifar(name: str, data_dir: Path) -> None:
@@ -446,20 +513,17 @@ def _load_cifar(name: str, data_dir: str | None, download: bool) -> Dataset:
         python_dir = _python_layout_dir(name, root)
     classes: list[str] = []
     if python_dir is not None:
-        train_x, train_y, test_x, test_y = _read_python_layout(name, python_dir)
+        arrays = _read_python_layout_cached(name, python_dir)
     elif is_image_folder:
-        train_x, train_y, test_x, test_y, classes = _read_image_folder(name, root)
+        arrays, classes = _read_image_folder(name, root)
     else:
         problem = "does not exist" if not root.exists() else "holds neither layout"
         raise FileNotFoundError(f"{name}: {root} {problem}; {_layout_help(name, root)}")
     mean, std = CIFAR_STATS[name]
-    logger.info("%s: %d train / %d test images", name, len(train_x), len(test_x))
+    logger.info("%s: %d train / %d test images", name, len(arrays["train_x"]), len(arrays["test_x"]))
     return Dataset(
         name=name,
-        train_x=torch.from_numpy(np.ascontiguousarray(train_x)),
-        train_y=torch.from_numpy(np.ascontiguousarray(train_y)),
-        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
-        test_y=torch.from_numpy(np.ascontiguousarray(test_y)),
+        **{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
         num_classes=_CIFAR_PYTHON[name][4],
         input_shape=(3, 32, 32),
         mean=mean,
@@ -473,13 +537,28 @@ DIGITS_TRAIN_SIZE = 1500
 DIGITS_SPLIT_SEED = 0
 
 
-def _load_digits(data_dir: str | None, download: bool, synthetic_size: int) -> Dataset:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 bundled 8x8 digits (pixel values 0..16) and their labels.
+
+    Read from the CSV file scikit-learn ships, without importing scikit-learn: its import (SciPy included)
+    costs about 80 MB of private memory in every worker process, which adds up over 64 worker containers.
+    `sklearn.datasets.load_digits` reads the same file; it is the fallback should the file move.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float32)
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    # The bundled pixel values are integers 0..16.
-    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32) / 16.0).unsqueeze(1)
-    labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    return np.asarray(bunch.images, dtype=np.float32), np.asarray(bunch.target, dtype=np.int64)
+
+
+def _load_digits(data_dir: str | None, download: bool, synthetic_size: int) -> Dataset:
+    pixels, target = _digits_arrays()
+    images = torch.from_numpy(pixels / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(target)
     generator = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
     order = torch.randperm(len(images), generator=generator)
     train, test = order[:DIGITS_TRAIN_SIZE], order[DIGITS_TRAIN_SIZE:]
@@ -495,7 +574,7 @@ def _load_digits(data_dir: str | None, download: bool, synthetic_size: int) -> D
         mean=(float(train_x.mean()),),
         std=(float(train_x.std()),),
         augment=False,
-        classes=tuple(str(c) for c in bunch.target_names),
+        classes=tuple(str(c) for c in range(10)),
     )
 
 

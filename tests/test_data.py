@@ -309,6 +309,21 @@ def test_cifar10_python_layout(tmp_path: Path) -> None:
         assert cifar.mean == (0.4914, 0.4822, 0.4465) and cifar.std == (0.2470, 0.2435, 0.2616)
 
 
+def test_cifar10_python_layout_is_cached_and_a_changed_file_is_read_again(tmp_path: Path, _private_cache: Path) -> None:
+    images, _ = _write_fake_cifar10_python(tmp_path)
+    first = load_dataset("cifar10", str(tmp_path))
+    entries = list(_private_cache.glob("cifar10-batches-*"))
+    assert len(entries) == 1 and str(entries[0] / "train_x.npy") in Path("/proc/self/maps").read_text()
+    changed = _fake_images(4, seed=99)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    _write_pickle(batch, {b"data": changed, b"labels": [1, 2, 3, 4]})
+    os.utime(batch, ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = load_dataset("cifar10", str(tmp_path))
+    assert np.array_equal(first.train_x.numpy().reshape(20, 3072)[:4], images[:4])
+    assert np.array_equal(second.train_x.numpy().reshape(20, 3072)[:4], changed)
+    assert second.train_y.tolist()[:4] == [1, 2, 3, 4]
+
+
 def test_cifar100_python_layout(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
@@ -368,9 +383,11 @@ def test_cifar10_image_folder_layout_is_decoded_and_cached(
     assert cifar.train_y.tolist() == [c for c in range(10) for _ in range(3)]
     assert cifar.test_y.tolist() == list(range(10))
     assert cifar.classes == tuple(CIFAR10_CLASSES)
-    cache_files = list(_private_cache.glob("cifar10-imagefolder-*.npz"))
-    assert len(cache_files) == 1
+    cache_entries = list(_private_cache.glob("cifar10-imagefolder-*"))
+    assert len(cache_entries) == 1 and cache_entries[0].is_dir()
     assert not list(_private_cache.glob("*.tmp"))
+    # The loaded images are the cache file itself, mapped (shared between processes), not a private copy.
+    assert str(cache_entries[0] / "train_x.npy") in Path("/proc/self/maps").read_text()
 
     def no_decoding(path: str) -> np.ndarray:
         raise AssertionError(f"decoded {path} although the cache is valid")
@@ -455,3 +472,29 @@ def test_real_cifar10_images(cifar10_jpeg_dir: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(data, "_decode_image", lambda path: pytest.fail("second load decoded again"))
     cached = load_dataset("cifar10", str(cifar10_jpeg_dir))
     assert torch.equal(cached.test_x, cifar.test_x)
+
+
+def test_split_validation_holds_out_the_same_samples_for_every_run_and_evaluation_reports_both() -> None:
+    digits = load_dataset("digits")
+    split = data.split_validation(digits, 300)
+    assert split.num_train == digits.num_train - 300 and len(split.val_x) == 300
+    assert split.splits == ("train", "val", "test") and split.eval_splits == ("val", "test")
+    # Every training sample lands in exactly one of the two parts; the same seed picks the same ones.
+    together = torch.cat([split.train_x, split.val_x]).flatten(1)
+    assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, digits.train_x.flatten(1).tolist()))
+    assert torch.equal(data.split_validation(digits, 300).val_x, split.val_x)
+    assert not torch.equal(data.split_validation(digits, 300, seed=1).val_x, split.val_x)
+    assert torch.equal(split.test_x, digits.test_x)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    result = data.evaluate(model, split)
+    assert set(result) == {"val_accuracy", "val_loss", "test_accuracy", "test_loss"}
+    assert result["test_accuracy"] == data.evaluate(model, digits)["test_accuracy"]
+    logits = model(split.normalize(split.val_x))
+    assert result["val_accuracy"] == pytest.approx(float((logits.argmax(1) == split.val_y).float().mean()))
+
+    with pytest.raises(ValueError, match="validation size"):
+        data.split_validation(digits, digits.num_train)
+    with pytest.raises(ValueError, match="already has"):
+        data.split_validation(split, 10)
