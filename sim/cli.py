@@ -10,6 +10,7 @@ import click
 import torch
 
 from common.cli_options import run_cli, run_config_from, run_options, setup_logging
+from common.data import load_dataset, split_validation
 from sim.simulator import ComputeTimeModel, Simulator
 
 
@@ -35,6 +36,9 @@ def _device(name: str) -> str:
               help="Evaluate every this many epochs (0: only at the end).")
 @click.option("--log-every", type=click.IntRange(min=1), default=None,
               help="Progress record every this many iterations (default: a tenth of an epoch).")
+@click.option("--validation-size", type=click.IntRange(min=0), default=0,
+              help="Hold this many training samples out as a validation split (the same ones in every run): "
+                   "evaluations report val_accuracy beside test_accuracy, for choosing hyperparameters.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/sim",
               help="Output directory: metrics.jsonl and final.pt.")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
@@ -55,9 +59,13 @@ def cli(**kwargs) -> None:
         raise click.UsageError(str(e)) from None
     quiet = kwargs.pop("quiet")
     eval_every = kwargs.pop("eval_every") or None
+    validation_size = kwargs.pop("validation_size")
     try:
-        sim = Simulator(run, timing, out_dir=kwargs.pop("out_dir"), device=_device(kwargs.pop("device")),
-                        eval_every=eval_every, log_every=kwargs.pop("log_every"),
+        dataset = load_dataset(run.dataset, run.data_dir, run.download)
+        if validation_size:
+            dataset = split_validation(dataset, validation_size)
+        sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out_dir"),
+                        device=_device(kwargs.pop("device")), eval_every=eval_every, log_every=kwargs.pop("log_every"),
                         progress=None if quiet else (lambda m: click.echo(m, err=True)))
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None

@@ -30,6 +30,10 @@ from server.core import Dispatch
 
 logger = logging.getLogger(__name__)
 
+# A run whose mean training loss over a progress window exceeds this multiple of the first window's has
+# diverged (a loss of 1e23 is not a result); non-finite losses or gradients count at once.
+DIVERGENCE_FACTOR = 10.0
+
 
 @dataclass(frozen=True)
 class ComputeTimeModel:
@@ -128,6 +132,7 @@ class Simulator:
         self.next_eval = self.eval_every
         self.evals: list[dict[str, Any]] = []
         self.diverged_at: int | None = None
+        self.first_window_loss: float | None = None  # the yardstick of divergence
         self.wall_seconds = 0.0
 
     def _deliver(self, dispatches: list[Dispatch]) -> None:
@@ -183,6 +188,13 @@ class Simulator:
                     metrics.write("progress", **record)
                 self._say(f"iter {t}/{total} epoch {core.epoch:.2f} loss {record['train_loss']:.4f} "
                           f"lr {record['lr']:.4g} staleness {record['staleness_mean']:.1f}")
+                if self.first_window_loss is None:
+                    self.first_window_loss = record["train_loss"]
+                elif record["train_loss"] > DIVERGENCE_FACTOR * self.first_window_loss:
+                    self.diverged_at = t
+                    self._say(f"diverged at iteration {t}: training loss {record['train_loss']:.4g} is more than "
+                              f"{DIVERGENCE_FACTOR:g}x that of the first iterations ({self.first_window_loss:.4g})")
+                    break
             if self.eval_every and (core.epoch >= self.next_eval or core.done):
                 while self.next_eval <= core.epoch:
                     self.next_eval += self.eval_every
@@ -220,7 +232,8 @@ class Simulator:
             "now": self.now, "rng": self.rng.bit_generator.state, "streams": [s.state_dict() for s in self.streams],
             "loss": [vars(self.train_loss_window).copy(), vars(self.train_loss_epoch).copy()],
             "window_delays": list(self.window_delays), "next_eval": self.next_eval, "evals": list(self.evals),
-            "diverged_at": self.diverged_at, "wall_seconds": self.wall_seconds,
+            "diverged_at": self.diverged_at, "first_window_loss": self.first_window_loss,
+            "wall_seconds": self.wall_seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -239,6 +252,7 @@ class Simulator:
         self.window_delays = list(state["window_delays"])
         self.next_eval, self.evals = state["next_eval"], list(state["evals"])
         self.diverged_at, self.wall_seconds = state["diverged_at"], state["wall_seconds"]
+        self.first_window_loss = state.get("first_window_loss")
 
     def _evaluate(self, metrics: MetricsWriter | None, now: float, train_loss: float | None) -> dict[str, Any]:
         core = self.core
@@ -248,7 +262,8 @@ class Simulator:
         if metrics:
             metrics.write("eval", **record)
         loss_text = f"{train_loss:.4f}" if train_loss is not None else "-"
-        self._say(f"eval epoch {core.epoch:.2f}: test accuracy {result['test_accuracy']:.4f} "
+        val_text = f"val accuracy {result['val_accuracy']:.4f} " if "val_accuracy" in result else ""
+        self._say(f"eval epoch {core.epoch:.2f}: {val_text}test accuracy {result['test_accuracy']:.4f} "
                   f"test loss {result['test_loss']:.4f} train loss {loss_text}")
         return record
 
@@ -263,6 +278,8 @@ class Simulator:
             final_test_accuracy=last.get("test_accuracy"), final_test_loss=last.get("test_loss"),
             final_train_loss=last.get("train_loss"),
             best_test_accuracy=max((e["test_accuracy"] for e in evals), default=None),
+            **({"final_val_accuracy": last.get("val_accuracy"), "final_val_loss": last.get("val_loss")}
+               if self.dataset.val_x is not None else {}),
             diverged=diverged_at is not None, diverged_at_iteration=diverged_at,
             staleness_mean=round(st.mean, 4), staleness_max=st.maximum,
             staleness_histogram={str(k): v for k, v in sorted(st.histogram.items())},
