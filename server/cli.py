@@ -128,8 +128,11 @@ async def serve(
             logger.info("run finished at iteration %d", core.iteration)
             if metrics:
                 metrics.write("summary", **service_summary(service))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=linger)  # evaluators fetch the final parameters
+            # Evaluators fetch the final parameters: serve until one has (or `linger` runs out, or a signal).
+            waits = [asyncio.create_task(e.wait()) for e in (stop, service.final_fetched)]
+            await asyncio.wait(waits, timeout=linger, return_when=asyncio.FIRST_COMPLETED)
+            for t in waits:
+                t.cancel()
         else:
             await service.shutdown()
         for t in (finished, stopped):
@@ -174,7 +177,8 @@ def service_summary(service: ParameterServerService) -> dict:
               help="Seconds between checkpoints (one is also written at the end and on SIGTERM).")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, help="Progress record every N iterations.")
 @click.option("--linger", type=click.FloatRange(min=0), default=10.0,
-              help="Seconds to keep serving GetParameters/GetStatus after the run finishes.")
+              help="Seconds to keep serving GetParameters/GetStatus after the run finishes; ends as soon as an "
+                   "evaluator has fetched the final parameters.")
 @click.option("--sync-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
               help="Synchronous runs: drop a worker silent this many seconds from the barrier.")
 @click.option("--start-when-all/--start-at-once", "wait_for_all", default=True,

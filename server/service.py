@@ -97,6 +97,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.ever_assigned: set[int] = set()
         self.started = core.started
         self.finished = asyncio.Event()
+        self.final_fetched = asyncio.Event()  # GetParameters has served the final parameters
         self.train_loss_window = RunningMean()
         self.train_loss_epoch = RunningMean()
         self.last_epoch_train_loss: float | None = None
@@ -401,8 +402,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     # ----- unary calls ---------------------------------------------------------------------
     async def GetParameters(self, request: pb.GetParametersRequest, context) -> pb.Parameters:
         core = self.core
-        return pb.Parameters(tensor=encode(core.current_params()), iteration_index=core.iteration,
-                             epoch=core.epoch)
+        reply = pb.Parameters(tensor=encode(core.current_params()), iteration_index=core.iteration, epoch=core.epoch)
+        if self.finished.is_set():
+            self.final_fetched.set()
+        return reply
 
     async def GetStatus(self, request: pb.GetStatusRequest, context) -> pb.Status:
         core = self.core

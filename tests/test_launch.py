@@ -155,3 +155,19 @@ def test_processes_start_workers_at_the_nice_level_asked(tmp_path: Path) -> None
         procs.stop_all()
     assert int((tmp_path / "plain.log").read_text()) == base
     assert int((tmp_path / "niced.log").read_text()) == min(base + 7, 19)
+
+
+def test_a_finished_server_lingers_until_the_final_parameters_are_fetched(tmp_path, procs):
+    """`--linger` is an upper bound: once an evaluator has the final parameters the server exits (a compose
+    run does not sit idle for the whole linger)."""
+    server, port = procs.server("--workers", "1", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
+                                "--iterations", "20", "--out", str(tmp_path), "--linger", "300")
+    worker = procs.start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
+    assert worker.wait(120) == 0
+    wait_until(lambda: status(port).done, 30, "the run to finish")
+    time.sleep(1.0)
+    assert server.poll() is None, "the server must keep serving the final parameters"
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS) as ch:
+        final = pb_grpc.ParameterServerStub(ch).GetParameters(pb.GetParametersRequest(), timeout=10)
+    assert final.iteration_index == 20
+    assert server.wait(30) == 0
