@@ -7,8 +7,15 @@ parallel processes (one torch thread each). Variants:
     python bench/convergence.py --variant quick   # digits + MLP: a few minutes on 2 cores
     python bench/convergence.py --variant cpu     # CIFAR-10 subset + small CNN: the scaled-down recipe
     python bench/convergence.py --variant paper --data-dir D   # ResNet20, full CIFAR-10, 160 epochs (GPU)
+    python bench/convergence.py --variant k64 --data-dir D     # tuned eta per method, 20,000 iterations (CPU)
 
 Heterogeneous ("het."): a quarter of the workers are `--slow-factor` times slower (simulated time).
+
+Variants with an eta grid (`k64`) tune eta per method and setting as papers do: every grid value is run
+with seed 0 on the training set minus a held-out validation split, the value with the best final
+validation accuracy is kept (diverged runs never are), and seeds 1.. run at it. Test accuracy is reported
+for the chosen value only; the choice never looks at the test set. Finished runs are skipped when the
+study is started again, so an interrupted study continues where it stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da"]
+# OrMo's ablation (the paper's Table 4): a method name of the study, the algorithm `ormo` with the flag.
+ABLATION = "ormo-vanilla"
 
 VARIANTS = {
     # name: dataset, model, train subset (None = all), batch, lr, epochs, warm-up epochs, description
@@ -39,7 +49,24 @@ VARIANTS = {
                 device="cpu"),
     "paper": dict(dataset="cifar10", model="resnet20", subset=None, batch_size=128, lr=0.1, epochs=160, warmup=5.0,
                   device="auto"),
+    # All 50,000 images (5,000 of them held out for choosing eta), 20,000 server iterations per run (14 epochs
+    # of batch 32), strided-cnn: 2.9 ms per gradient on one core, so 168 runs fit in about 3 hours on 2 cores.
+    # The grids span the stable range (found in pilot runs): gradients about K iterations stale keep
+    # eta * curvature * K below a constant, so the K=64 grid sits a factor 3 below K=16's; a momentum
+    # method's step is about eta / (1 - beta), ten times ASGD's, so its grid sits a decade lower.
+    "k64": dict(dataset="cifar10", model="strided-cnn", subset=None, validation=5000, batch_size=32, lr=None,
+                iterations=20000, epochs=None, warmup=0.5, eval_every=1.5, device="cpu",
+                methods=[*METHODS, ABLATION],
+                grid={("asgd", 16): [0.003, 0.01, 0.03, 0.1], ("asgd", 64): [0.001, 0.003, 0.01, 0.03],
+                      ("momentum", 16): [0.0003, 0.001, 0.003, 0.01], ("momentum", 64): [0.0001, 0.0003, 0.001, 0.003]}),
 }
+
+
+def eta_grid(variant: dict, method: str, workers: int) -> list[float]:
+    """The eta values tried for `method` with K=`workers` (the nearest K the grid names)."""
+    family = "asgd" if method == "asgd" else "momentum"
+    ks = sorted(k for f, k in variant["grid"] if f == family)
+    return variant["grid"][(family, min(ks, key=lambda k: abs(k - workers)))]
 
 
 def one_run(spec: dict) -> dict:
@@ -47,7 +74,7 @@ def one_run(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     from common.config import RunConfig
-    from common.data import load_dataset
+    from common.data import load_dataset, split_validation
     from sim.simulator import ComputeTimeModel, Simulator
 
     dataset = load_dataset(spec["dataset"], spec["data_dir"])
@@ -55,20 +82,132 @@ def one_run(spec: dict) -> dict:
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(dataset.num_train, generator=g)[: spec["subset"]]
         dataset = dataclasses.replace(dataset, train_x=dataset.train_x[idx], train_y=dataset.train_y[idx])
-    run = RunConfig(algo=spec["algo"], workers=spec["workers"], dataset=spec["dataset"], model=spec["model"],
+    if spec.get("validation"):
+        dataset = split_validation(dataset, spec["validation"])
+    algo = "ormo" if spec["algo"] == ABLATION else spec["algo"]
+    run = RunConfig(algo=algo, workers=spec["workers"], dataset=spec["dataset"], model=spec["model"],
                     batch_size=spec["batch_size"], lr=spec["lr"], warmup_epochs=spec["warmup"],
-                    epochs=spec["epochs"], seed=spec["seed"], data_dir=spec["data_dir"])
+                    epochs=spec["epochs"] or 1.0, iterations=spec.get("iterations"), seed=spec["seed"],
+                    data_dir=spec["data_dir"], vanilla_sgd_step=spec["algo"] == ABLATION)
     timing = ComputeTimeModel(jitter=0.2, slow_fraction=0.25 if spec["het"] else 0.0,
                               slow_factor=spec["slow_factor"] if spec["het"] else 1.0)
     device = spec["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sim = Simulator(run, timing, dataset=dataset, out_dir=spec["out"], device=device,
-                    eval_every=max(spec["epochs"] / 10, 1.0))
+                    eval_every=spec.get("eval_every") or max(spec["epochs"] / 10, 1.0))
     summary = sim.simulate().summary
     (Path(spec["out"]) / "final.pt").unlink(missing_ok=True)  # keep the committed results small: metrics only
     return dict(name=Path(spec["out"]).name, accuracy=summary["final_test_accuracy"],
-                loss=summary["final_train_loss"], wall=summary["wall_seconds"], diverged=summary["diverged"])
+                val_accuracy=summary.get("final_val_accuracy"), loss=summary["final_train_loss"],
+                wall=summary["wall_seconds"], diverged=summary["diverged"])
+
+
+def finished(out: str | Path) -> dict | None:
+    """The summary of a run that already finished in `out` (a study started again skips it), else None."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        if '"event": "summary"' in line:
+            return json.loads(line)
+    return None
+
+
+def run_all(specs: list[dict], jobs: int, label: str) -> list[dict]:
+    """Run the specs (skipping finished ones) `jobs` at a time; returns one result per spec, in order."""
+    results: dict[str, dict] = {}
+    todo = []
+    for s in specs:
+        done = finished(s["out"])
+        if done is None:
+            todo.append(s)
+            continue
+        results[s["out"]] = dict(name=Path(s["out"]).name, accuracy=done.get("final_test_accuracy"),
+                                 val_accuracy=done.get("final_val_accuracy"), loss=done.get("final_train_loss"),
+                                 wall=done.get("wall_seconds") or 0.0, diverged=done.get("diverged"))
+    print(f"{label}: {len(specs)} runs, {len(specs) - len(todo)} already done, {jobs} at a time", file=sys.stderr)
+    t0 = time.monotonic()
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = {pool.submit(one_run, s): s for s in todo}
+        for i, f in enumerate(as_completed(futures), 1):
+            r = f.result()
+            results[futures[f]["out"]] = r
+            acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+            val = "" if r.get("val_accuracy") is None else f" val {r['val_accuracy']:.4f}"
+            left = (time.monotonic() - t0) / i * (len(todo) - i)
+            print(f"[{i}/{len(todo)}] {r['name']}: test accuracy {acc}{val} train loss {r['loss']} "
+                  f"({r['wall']:.0f}s){' DIVERGED' if r['diverged'] else ''}; about {left / 60:.0f} min left",
+                  file=sys.stderr)
+    return [results[s["out"]] for s in specs]
+
+
+def tune(v: dict, args, out: Path) -> tuple[list[dict], dict]:
+    """Stage 1 (the eta grid, seed 0) and the choice per (method, K, setting); returns the specs of every
+    run of the table (seed 0 is the grid run at the chosen eta) and the grid's results."""
+    grid_specs = []
+    for algo in args.methods.split(","):
+        for k in (int(x) for x in args.workers.split(",")):
+            for setting in args.settings.split(","):
+                for lr in eta_grid(v, algo, k):
+                    grid_specs.append(dict(v, algo=algo, workers=k, het=setting == "het", seed=0, lr=lr,
+                                           slow_factor=args.slow_factor, data_dir=args.data_dir,
+                                           cell=(algo, k, setting),
+                                           out=str(out / "grid" / f"{algo}-K{k}-{setting}-eta{lr:g}-s0")))
+    grid_results = run_all(grid_specs, args.jobs, "eta grid (seed 0, validation split)")
+    grid: dict = {}
+    for spec, r in zip(grid_specs, grid_results, strict=True):
+        grid.setdefault(spec["cell"], []).append((spec["lr"], r, spec["out"]))
+    chosen = {}
+    table_specs = []
+    for cell, tried in grid.items():
+        ok = [(lr, r, o) for lr, r, o in tried if not r["diverged"] and r.get("val_accuracy") is not None]
+        lr, _, grid_out = max(ok, key=lambda t: t[1]["val_accuracy"]) if ok else tried[0]
+        chosen[cell] = lr
+        algo, k, setting = cell
+        for seed in range(args.seeds):
+            name = f"{algo}-K{k}-{setting}-s{seed}"
+            spec = dict(v, algo=algo, workers=k, het=setting == "het", seed=seed, lr=lr,
+                        slow_factor=args.slow_factor, data_dir=args.data_dir, out=str(out / "runs" / name))
+            if seed == 0 and not (out / "runs" / name).exists():
+                shutil.copytree(grid_out, out / "runs" / name)  # the grid run at the chosen eta is seed 0
+            table_specs.append(spec)
+    return table_specs, {"grid": grid, "chosen": chosen}
+
+
+def grid_table(tuning: dict) -> str:
+    """Validation accuracy (%) of every eta tried (seed 0); the chosen one in bold, divergence named."""
+    cells = sorted(tuning["grid"], key=lambda c: (c[1], c[2] != "hom", METHOD_ORDER_ALL.index(c[0])))
+    columns = sorted({(k, s) for _, k, s in cells}, key=lambda g: (g[0], g[1] != "hom"))
+    methods = sorted({c[0] for c in cells}, key=METHOD_ORDER_ALL.index)
+    lines = ["| method | " + " | ".join(f"{k} {s}." for k, s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for m in methods:
+        row = [LABELS.get(m, m)]
+        for k, s in columns:
+            parts = []
+            for lr, r, _ in tuning["grid"].get((m, k, s), []):
+                text = "diverged" if r["diverged"] else ("-" if r.get("val_accuracy") is None
+                                                         else f"{100 * r['val_accuracy']:.1f}")
+                text = f"{lr:g}: {text}"
+                parts.append(f"**{text}**" if lr == tuning["chosen"][(m, k, s)] else text)
+            row.append("<br>".join(parts))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def eta_table(tuning: dict) -> str:
+    cells = tuning["chosen"]
+    columns = sorted({(k, s) for _, k, s in cells}, key=lambda g: (g[0], g[1] != "hom"))
+    methods = sorted({c[0] for c in cells}, key=METHOD_ORDER_ALL.index)
+    lines = ["| method | " + " | ".join(f"{k} {s}." for k, s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for m in methods:
+        lines.append("| " + " | ".join([LABELS.get(m, m)] + [f"{cells[(m, k, s)]:g}" for k, s in columns]) + " |")
+    return "\n".join(lines)
+
+
+METHOD_ORDER_ALL = [*METHODS, ABLATION]
+LABELS = {"asgd": "ASGD", "asgdm": "naive ASGDm", "shifted-momentum": "shifted momentum", "smega2": "SMEGA2",
+          "ormo": "OrMo", "ormo-da": "OrMo-DA", ABLATION: "OrMo, vanilla SGD step"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,29 +221,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slow-factor", type=float, default=4.0)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--iterations", type=int, default=None, help="override the variant's run length (smoke tests)")
     args = p.parse_args(argv)
     v = VARIANTS[args.variant]
+    if args.iterations:
+        v = dict(v, iterations=args.iterations)
     if v["dataset"] == "cifar10" and not args.data_dir:
         p.error(f"--variant {args.variant} needs --data-dir (CIFAR-10)")
     out = args.out or RESULTS / f"convergence-{args.variant}"
-    specs = []
-    for algo in args.methods.split(","):
-        for k in (int(x) for x in args.workers.split(",")):
-            for setting in args.settings.split(","):
-                for seed in range(args.seeds):
-                    name = f"{algo}-K{k}-{setting}-s{seed}"
-                    specs.append(dict(v, algo=algo, workers=k, het=setting == "het", seed=seed,
-                                      slow_factor=args.slow_factor, data_dir=args.data_dir,
-                                      out=str(out / "runs" / name)))
     t0 = time.monotonic()
-    print(f"{len(specs)} runs, {args.jobs} at a time, into {out}", file=sys.stderr)
-    with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(one_run, s) for s in specs]
-        for i, f in enumerate(as_completed(futures), 1):
-            r = f.result()
-            acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-            print(f"[{i}/{len(specs)}] {r['name']}: test accuracy {acc} train loss {r['loss']} "
-                  f"({r['wall']:.0f}s){' DIVERGED' if r['diverged'] else ''}", file=sys.stderr)
+    tuning = None
+    if "grid" in v:
+        if args.methods == ",".join(METHODS):
+            args.methods = ",".join(v["methods"])
+        specs, tuning = tune(v, args, out)
+    else:
+        specs = []
+        for algo in args.methods.split(","):
+            for k in (int(x) for x in args.workers.split(",")):
+                for setting in args.settings.split(","):
+                    for seed in range(args.seeds):
+                        name = f"{algo}-K{k}-{setting}-s{seed}"
+                        specs.append(dict(v, algo=algo, workers=k, het=setting == "het", seed=seed,
+                                          slow_factor=args.slow_factor, data_dir=args.data_dir,
+                                          out=str(out / "runs" / name)))
+    run_all(specs, args.jobs, f"{len(specs)} runs into {out}")
     from report.plots import write_figures
     from report.runs import find_runs
     from report.tables import paper_table
@@ -113,20 +254,32 @@ def main(argv: list[str] | None = None) -> None:
     figures = write_figures(runs, out)
     meta = dict(command="python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=platform.platform(),
-                seconds=round(time.monotonic() - t0, 1), variant=args.variant, recipe=v, seeds=args.seeds,
+                seconds=round(time.monotonic() - t0, 1), variant=args.variant, seeds=args.seeds,
+                recipe=v | ({"grid": {f"{f}, K={k}": g for (f, k), g in v["grid"].items()}} if "grid" in v else {}),
                 slow_factor=args.slow_factor)
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    recipe = (f"{v['model']} on {v['dataset']}" + (f" (random {v['subset']}-image training subset)" if v['subset']
-              else "") + f", batch {v['batch_size']} per worker, eta {v['lr']} (warm-up {v['warmup']} epochs, "
-              f"x0.1 at 50% and 75%), beta 0.9, weight decay 1e-4, {v['epochs']} epochs; het.: a quarter of the "
-              f"workers {args.slow_factor:g}x slower; compute-time jitter ±20%")
+    data = f"{v['model']} on {v['dataset']}" + (f" (random {v['subset']}-image training subset)" if v["subset"]
+                                                 else "")
+    if v.get("validation"):
+        data += f" (all {v['validation']} held-out images excepted: the validation split)"
+    grids = "; ".join(f"{f}, K={k}: {', '.join(map(str, g))}" for (f, k), g in v.get("grid", {}).items())
+    eta = f"eta tuned per method and setting (grids: {grids})" if tuning else f"eta {v['lr']}"
+    length = f"{v['iterations']} server iterations" if v.get("iterations") else f"{v['epochs']} epochs"
+    recipe = (f"{data}, batch {v['batch_size']} per worker, {eta} (warm-up {v['warmup']} epochs, x0.1 at 50% and "
+              f"75% of the run), beta 0.9, weight decay 1e-4, {length}; het.: a quarter of the workers "
+              f"{args.slow_factor:g}x slower; compute-time jitter ±20%")
+    tuned = [] if tuning is None else [
+        "## eta chosen per method and setting (best final validation accuracy of the grid, seed 0)", "",
+        eta_table(tuning), "", "## The eta grid: final validation accuracy (%), seed 0", "",
+        "The chosen value is in bold. `diverged`: the training loss went non-finite or above ten times its "
+        "first value; such a value is never chosen.", "", grid_table(tuning), ""]
     (out / "README.md").write_text("\n".join([
         f"# The paper's comparison, variant `{args.variant}`", "",
         f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; machine: {meta['machine']}; took "
         f"{meta['seconds']} s.  ", f"Recipe: {recipe}.", "",
         "## Test accuracy (%)", "", paper_table(runs, "test_accuracy"), "",
         "## Final training loss (mean mini-batch loss of the last epoch)", "", paper_table(runs, "train_loss"), "",
-        "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures], ""]))
+        *tuned, "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures], ""]))
     print((out / "README.md").read_text())
 
 

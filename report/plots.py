@@ -46,7 +46,7 @@ def write_figures(runs: list[Run], out_dir: Path) -> list[Path]:
     groups = sorted({r.group for r in runs}, key=lambda g: (g[0], g[1] != "hom."))
     by_group_algo: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
-        by_group_algo[(r.group, r.algo)].append(r)
+        by_group_algo[(r.group, r.method)].append(r)
     written = []
     for name, (x, y, xlabel, ylabel) in FIGURES.items():
         fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)

@@ -11,9 +11,10 @@ from typing import Any
 from common.metrics import read_metrics
 
 # The paper's order of methods.
-METHOD_ORDER = ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ssgd", "ssgdm"]
+METHOD_ORDER = ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ormo-vanilla", "ssgd", "ssgdm"]
 METHOD_LABELS = {"asgd": "ASGD", "asgdm": "naive ASGDm", "shifted-momentum": "shifted momentum",
-                 "smega2": "SMEGA2", "ormo": "OrMo", "ormo-da": "OrMo-DA", "ssgd": "SSGD", "ssgdm": "SSGDm"}
+                 "smega2": "SMEGA2", "ormo": "OrMo", "ormo-da": "OrMo-DA", "ormo-vanilla": "OrMo, vanilla SGD step",
+                 "ssgd": "SSGD", "ssgdm": "SSGDm"}
 
 
 @dataclass
@@ -29,6 +30,11 @@ class Run:
     @property
     def algo(self) -> str:
         return self.config["algo"]
+
+    @property
+    def method(self) -> str:
+        """The algorithm, or `ormo-vanilla` for OrMo's vanilla-SGD-step ablation (the paper's Table 4)."""
+        return f"{self.algo}-vanilla" if self.config.get("vanilla_sgd_step") else self.algo
 
     @property
     def workers(self) -> int:

@@ -20,8 +20,8 @@ def paper_table(runs: list[Run], metric: str) -> str:
     groups = sorted({r.group for r in runs}, key=lambda g: (g[0], g[1] != "hom."))
     cells: dict[tuple[str, tuple[int, str]], list[Run]] = defaultdict(list)
     for r in runs:
-        cells[(r.algo, r.group)].append(r)
-    methods = sorted({r.algo for r in runs}, key=method_key)
+        cells[(r.method, r.group)].append(r)
+    methods = sorted({r.method for r in runs}, key=method_key)
     head = "| method | " + " | ".join(f"{k} {s}" for k, s in groups) + " |"
     lines = [head, "|---" * (len(groups) + 1) + "|"]
     for m in methods:
