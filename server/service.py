@@ -175,18 +175,25 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a Train stream must be Register")
         reg = first.register
         k = self.core.num_workers
+        free = [w for w in range(k) if w not in self.connections]
+        never = [w for w in free if w not in self.ever_assigned]
         if reg.HasField("requested_worker_id"):
             worker = reg.requested_worker_id
             if not 0 <= worker < k:
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                                f"requested worker id {worker} is out of range 0..{k - 1}")
             if worker in self.connections:
-                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"worker {worker} already has an open Train stream")
+                # Its slot was taken meanwhile (a restarted worker with no id took it first, or this worker's
+                # own old stream is not closed yet): another free slot serves as well.
+                if not free:
+                    raise Rejected(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"worker {worker} already has an open Train stream")
+                logger.info("worker id %d is taken; giving the worker that asked for it id %d", worker,
+                            (never or free)[0])
+                worker = (never or free)[0]
         else:
-            free = [w for w in range(k) if w not in self.connections]
             if not free:
                 raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {k} worker slots are taken")
-            never = [w for w in free if w not in self.ever_assigned]
             worker = (never or free)[0]
         if not reg.slowdown >= 0:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"slowdown must be >= 0, got {reg.slowdown}")

@@ -458,3 +458,16 @@ def test_real_processes_survive_a_killed_worker(tmp_path: Path):
                 pass
             if p.stdout:
                 p.stdout.close()
+
+
+def test_a_worker_whose_id_was_taken_gets_a_free_slot(server: LiveServer, raw_workers: MakeWorker):
+    """After a resume, a restarted worker (no id) may take the slot of one still on its way back: the
+    returning worker must get in (another free slot), not be refused forever."""
+    newcomer = raw_workers()
+    assert newcomer.register().worker_id == 0
+    returning = raw_workers()
+    assert returning.register(worker_id=0).worker_id == 1
+    newcomer.ready()
+    returning.ready()
+    assert newcomer.parameters().iteration_index == 0 and returning.parameters().iteration_index == 0
+    assert status(server).workers_connected == 2

@@ -130,23 +130,22 @@ class Worker:
         register = pb.Register(name=opts.name or socket.gethostname(), slowdown=opts.slowdown)
         if self.worker_id is not None:
             register.requested_worker_id = self.worker_id
-        await call.write(pb.WorkerMessage(register=register))
         finished = False
         try:
+            await _write(call, pb.WorkerMessage(register=register))
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
                     code = await call.code()
                     if code == grpc.StatusCode.OK:
                         return "stream closed"
-                    raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(),
-                                               await call.details())
+                    raise await _ended(call)
                 kind = msg.WhichOneof("payload")
                 if kind == "welcome":
                     await asyncio.to_thread(self._on_welcome, msg.welcome)
-                    await call.write(pb.WorkerMessage(ready=pb.Ready()))
+                    await _write(call, pb.WorkerMessage(ready=pb.Ready()))
                 elif kind == "parameters":
-                    await call.write(await self._gradient(msg.parameters))
+                    await _write(call, await self._gradient(msg.parameters))
                 elif kind == "stop":
                     finished = True
                     await call.done_writing()
@@ -157,7 +156,11 @@ class Worker:
 
     def _on_welcome(self, welcome: pb.Welcome) -> None:
         cfg = welcome.config
-        first = self.worker_id is None
+        # A worker that asked for its old id may be given another (its old slot was taken meanwhile): the
+        # mini-batch stream belongs to the id, so it starts afresh then.
+        new_id = welcome.worker_id != self.worker_id
+        if self.worker_id is not None and new_id:
+            logger.info("worker %d: the server gave this worker id %d", self.worker_id, welcome.worker_id)
         self.worker_id = welcome.worker_id
         if self._model is None:
             self._dataset = load_dataset(cfg.dataset, self.options.data_dir, self.options.download)
@@ -167,7 +170,7 @@ class Worker:
                 raise RuntimeError(f"model {cfg.model} has {self._model.numel} parameters here, "
                                    f"the server's has {cfg.num_parameters}")
             self._computer = GradientComputer(self._model, cfg.weight_decay)
-        if self._stream is None or first:
+        if self._stream is None or new_id:
             self._stream = BatchStream(self._dataset, cfg.batch_size, welcome.data_seed, self.options.device)
         logger.info("worker %d: %s on %s, %s, K=%d", self.worker_id, cfg.model, cfg.dataset, cfg.algorithm,
                     cfg.num_workers)
@@ -192,3 +195,18 @@ class Worker:
         msg = pb.WorkerMessage(gradient=pb.Gradient(iteration_index=iteration_index, loss=loss, sample_count=len(y)))
         encode(grad, out=msg.gradient.tensor)
         return msg
+
+
+async def _ended(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
+    """The error a stream that ended with a status stands for (to be raised)."""
+    return grpc.aio.AioRpcError(await call.code(), await call.initial_metadata(), await call.trailing_metadata(),
+                                await call.details())
+
+
+async def _write(call: grpc.aio.StreamStreamCall, message: pb.WorkerMessage) -> None:
+    """Write to the stream; a stream that ended meanwhile (the server went away while this worker computed)
+    raises its status as `AioRpcError`, like a read would, so the retry loop reconnects."""
+    try:
+        await call.write(message)
+    except asyncio.InvalidStateError:
+        raise await _ended(call) from None
