@@ -3,7 +3,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install install-test proto test test-fast launch sim bench-quick bench bench-stability
+.PHONY: help install install-test proto test test-fast test-containers image launch sim bench-quick bench bench-stability
 
 help:
 	@echo "make install      install the package (pinned torch, grpc) in editable mode"
@@ -11,6 +11,8 @@ help:
 	@echo "make sim          run ps-sim on the embedded default"
 	@echo "make test         install with test extras and run the whole test suite"
 	@echo "make test-fast    the tests without the slow (multi-process, training) ones"
+	@echo "make image        build the Docker image ormo-ps:0.1.0 (deploy/build-image.sh; no registry needed)"
+	@echo "make test-containers  a Docker engine and Compose (deploy/docker-host.sh), the image, tests/test_containers.py"
 	@echo "make proto        regenerate the gRPC stubs in common/pb/ from proto/ps/v1/"
 	@echo "make bench-quick  the benchmarks in minutes (results in bench/results/)"
 	@echo "make bench        the longer benchmarks (CIFAR-10 from DATA_DIR, default ../shared/data extracted)"
@@ -29,6 +31,15 @@ test: install-test
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
+
+image:
+	deploy/build-image.sh
+
+# Starts a Docker engine when none answers (and stops it again afterwards), builds the image, runs the tests.
+test-containers: install-test
+	@started=0; docker info >/dev/null 2>&1 || started=1; \
+	deploy/docker-host.sh && $(MAKE) image && $(PYTHON) -m pytest -q -m containers tests/test_containers.py; \
+	rc=$$?; [ $$started = 1 ] && deploy/docker-host.sh --stop; exit $$rc
 
 launch: install
 	ps-launch

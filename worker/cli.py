@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where this worker's data set is.")
 @click.option("--download/--no-download", default=False, help="Download CIFAR into --data-dir if missing.")
 @click.option("--slowdown", type=click.FloatRange(min=1), default=1.0,
-              help="Make this a slow worker: each gradient takes this many times as long.")
+              help="Make this a slow worker: computing each gradient takes this many times as long (the "
+                   "round trip to the server is not slowed, as with a slower device).")
 @click.option("--name", default=None, help="Name shown in the server's logs (default: the host name).")
 @client_process_options
 def cli(**kw) -> None:

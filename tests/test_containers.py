@@ -1,0 +1,85 @@
+"""The image and the compose file for real: build the image, `docker compose up` a small run, read its results.
+
+Needs a running Docker engine with Compose v2 (`make test-containers` provides both and runs this file);
+skipped with the reason otherwise. The build uses Docker's layer cache (deploy/build-image.sh, as
+`make image`). The run is K=4 on digits through the repository's docker-compose.yml, in a compose project of
+its own that is removed afterwards, volumes included; its traffic stays on that project's network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.containers]
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "ormo-ps-test"
+
+
+def _engine_problem() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker command (make test-containers installs and starts an engine)"
+    if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode != 0:
+        return "no Docker engine answers (make test-containers starts one: deploy/docker-host.sh)"
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode != 0:
+        return "no Docker Compose v2 (`docker compose`; deploy/docker-host.sh installs it)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def compose_bench():
+    problem = _engine_problem()
+    if problem:
+        pytest.skip(problem)
+    spec = importlib.util.spec_from_file_location("bench_containers", ROOT / "bench" / "containers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_containers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image(compose_bench) -> str:
+    build = subprocess.run([str(ROOT / "deploy" / "build-image.sh")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=3600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    return "ormo-ps:0.1.0"
+
+
+def test_image_runs_every_role_as_a_non_root_user(image):
+    out = subprocess.run(["docker", "run", "--rm", image, "sh", "-c",
+                          "id -u && ps-server --help >/dev/null && ps-worker --help >/dev/null && "
+                          "ps-eval --help >/dev/null && python /app/deploy/healthcheck.py --help >/dev/null && "
+                          "test -w /runs && test -w $ORMO_PS_CACHE && echo ok"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    uid, ok = out.stdout.split()
+    assert uid == "10001" and ok == "ok"
+
+
+def test_compose_up_trains_four_workers_and_leaves_the_results_on_the_volume(image, compose_bench, tmp_path):
+    args = compose_bench.parse_args(["hom", "--workers", "4", "--project", PROJECT, "--out", str(tmp_path),
+                                     "--stats-every", "2", "--run-timeout", "900", "--keep",
+                                     "--env", "PS_ITERATIONS=200", "PS_BATCH_SIZE=32", "PS_LR=0.05"])
+    compose = compose_bench.Compose(PROJECT, {}, print)
+    try:
+        result = compose_bench.run_scenario(args)
+        runs = compose.copy_runs(tmp_path / "runs")
+        final = torch.load(runs / "final.pt", weights_only=True)
+    finally:
+        compose("down", "-v", "--remove-orphans", quiet=True, check=False)
+    assert result["containers_exited_0"] == 6 and not result["containers_exited_non_zero"]  # server, 4, evaluator
+    assert result["iterations"] == result["gradients_applied"] == 200 and result["gradients_rejected"] == 0
+    assert sum(result["gradients_per_worker"]) == 200 and all(g > 0 for g in result["gradients_per_worker"])
+    assert result["final_test_accuracy"] > 0.6  # chance is 0.1
+    assert {"metrics.jsonl", "checkpoint.pt", "final.pt"} <= set(result["files"])
+    assert final["iteration"] == 200 and torch.isfinite(final["params"]).all()
+    assert result["memory"]["per_service"]["worker"]["containers"] == 4
+    assert json.loads((tmp_path / "hom.json").read_text())["iterations"] == 200
