@@ -3,7 +3,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install install-test proto test test-fast test-containers image launch sim bench-quick bench bench-stability
+.PHONY: help install install-test proto deploy-env test test-fast test-containers image launch sim bench-quick bench bench-stability
 
 help:
 	@echo "make install      install the package (pinned torch, grpc) in editable mode"
@@ -14,6 +14,7 @@ help:
 	@echo "make image        build the Docker image ormo-ps:0.1.0 (deploy/build-image.sh; no registry needed)"
 	@echo "make test-containers  a Docker engine and Compose (deploy/docker-host.sh), the image, tests/test_containers.py"
 	@echo "make proto        regenerate the gRPC stubs in common/pb/ from proto/ps/v1/"
+	@echo "make deploy-env   write the run's settings (server/config.py) into docker-compose.yml and deploy/k8s/run.env"
 	@echo "make bench-quick  the benchmarks in minutes (results in bench/results/)"
 	@echo "make bench        the longer benchmarks (CIFAR-10 from DATA_DIR, default ../shared/data extracted)"
 
@@ -25,6 +26,9 @@ install-test:
 
 proto:
 	$(PYTHON) -m common.pb.generate common/pb
+
+deploy-env:
+	$(PYTHON) deploy/environment.py
 
 test: install-test
 	$(PYTHON) -m pytest -q

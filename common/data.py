@@ -1,4 +1,4 @@
-"""In-memory datasets (CIFAR-10/100, digits, synthetic), seeded mini-batch streams with batch augmentation, evaluation.
+"""In-memory datasets (CIFAR-10/100, digits, synthetic) and seeded mini-batch streams with batch augmentation.
 
 Images are decoded once and kept as uint8 NCHW tensors; a stream normalises and augments a whole mini-batch
 with tensor ops, because per-sample PIL transforms are too slow for simulating many workers on two cores.
@@ -236,64 +236,6 @@ class BatchStream:
             flips = torch.randint(0, 2, (self.batch_size,), generator=self.generator).bool()
             x = augment_batch(x, offsets, flips)
         return self.dataset.normalize(x), self._y.index_select(0, index)
-
-
-def eval_batches(
-    dataset: Dataset, split: str = "test", batch_size: int = 1000, device: torch.device | str = "cpu"
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised, unaugmented (x, y) batches of a split in order; the last batch may be smaller."""
-    if split not in dataset.splits:
-        raise ValueError(f"split must be one of {', '.join(dataset.splits)}, got {split!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    xs: torch.Tensor = getattr(dataset, f"{split}_x")
-    ys: torch.Tensor = getattr(dataset, f"{split}_y")
-    for start in range(0, len(xs), batch_size):
-        x = xs[start : start + batch_size].to(device)
-        yield dataset.normalize(x), ys[start : start + batch_size].to(device)
-
-
-def bn_calibration_batches(
-    dataset: Dataset, n_batches: int, batch_size: int, seed: int, device: torch.device | str = "cpu"
-) -> list[torch.Tensor]:
-    """`n_batches` normalised, unaugmented train-set input batches drawn without replacement (per pass) by `seed`."""
-    if n_batches < 1 or batch_size < 1:
-        raise ValueError(f"n_batches and batch_size must be >= 1, got {n_batches} and {batch_size}")
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    needed = n_batches * batch_size
-    passes = math.ceil(needed / dataset.num_train)
-    order = torch.cat([torch.randperm(dataset.num_train, generator=generator) for _ in range(passes)])[:needed]
-    return [
-        dataset.normalize(dataset.train_x[order[i * batch_size : (i + 1) * batch_size]].to(device))
-        for i in range(n_batches)
-    ]
-
-
-@torch.no_grad()
-def evaluate(
-    module: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 1000
-) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of `module` in eval mode on each of `dataset.eval_splits`
-    (`test_accuracy`, `test_loss`, and `val_accuracy`, `val_loss` when there is a validation split); the
-    module's train/eval mode is restored after."""
-    was_training = module.training
-    module.eval()
-    result: dict[str, float] = {}
-    try:
-        for split in dataset.eval_splits:
-            correct, loss_sum, n = 0, 0.0, 0
-            for x, y in eval_batches(dataset, split, batch_size, device):
-                logits = module(x)
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(dim=1) == y).sum())
-                n += len(y)
-            if n == 0:
-                raise ValueError(f"dataset {dataset.name!r} has an empty {split} set")
-            result[f"{split}_accuracy"], result[f"{split}_loss"] = correct / n, loss_sum / n
-    finally:
-        module.train(was_training)
-    return result
 
 
 # ------------------------------------------------------------------------------------------------- loaders

@@ -1,14 +1,35 @@
-"""gRPC keepalive options: both ends notice a dead peer (a cut link, a vanished host) within about 20 s.
+"""gRPC options of every server and channel of the project: `GRPC_OPTIONS` = message size + keepalive.
 
-Without them a worker whose link is cut waits on its Train stream until TCP gives up (up to ~15 min, or
-forever when it had nothing left to send), and the server keeps the dead stream open, so the worker's
-reconnect is refused with ALREADY_EXISTS meanwhile. Append to the message-size options on every
-`grpc.aio.server(options=...)` and every worker channel.
+Message size: tensors travel whole, so both ends raise gRPC's 4 MiB default.
+Keepalive: both ends notice a dead peer (a cut link, a vanished host) within about 20 s. Without it a
+worker whose link is cut waits on its Train stream until TCP gives up (up to ~15 min, or forever when it
+had nothing left to send), and the server keeps the dead stream open, so the worker's reconnect is refused
+with ALREADY_EXISTS meanwhile. The server's options and the clients' are the same list: each side reads
+the keys meant for it.
 """
 
 from __future__ import annotations
 
-__all__ = ["GRPC_KEEPALIVE_OPTIONS", "KEEPALIVE_TIMEOUT_MS", "KEEPALIVE_TIME_MS"]
+__all__ = ["GRPC_KEEPALIVE_OPTIONS", "GRPC_MESSAGE_OPTIONS", "GRPC_OPTIONS", "KEEPALIVE_TIMEOUT_MS",
+           "KEEPALIVE_TIME_MS", "MAX_MESSAGE_BYTES", "grpc_message_options"]
+
+# Tensors travel as one whole message (no chunking, see the .proto header): a 100M-parameter float32
+# vector is 400 MB, so both ends raise gRPC's 4 MiB default. 2**31 - 1 is the largest value gRPC's
+# int channel argument takes and protobuf's own ceiling for one message.
+MAX_MESSAGE_BYTES: int = 2**31 - 1
+
+
+def grpc_message_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel/server options raising gRPC's send and receive limits to max_bytes (-1 = unlimited)."""
+    if max_bytes != -1 and not 0 < max_bytes <= MAX_MESSAGE_BYTES:
+        raise ValueError(f"max_bytes must be -1 or in 1..{MAX_MESSAGE_BYTES}, got {max_bytes}")
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+    ]
+
+
+GRPC_MESSAGE_OPTIONS: list[tuple[str, int]] = grpc_message_options()
 
 KEEPALIVE_TIME_MS: int = 10_000  # ping the peer after this long without hearing from it
 KEEPALIVE_TIMEOUT_MS: int = 10_000  # and close the connection when the ping is not answered this fast
@@ -23,3 +44,6 @@ GRPC_KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     # without data with GOAWAY "too_many_pings", which would drop every waiting worker.
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
 ]
+
+# Pass to every grpc.aio.server(options=...) and every channel (insecure_channel(target, options=...)).
+GRPC_OPTIONS: list[tuple[str, int]] = GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS

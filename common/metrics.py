@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -12,7 +13,10 @@ EVENTS = ("start", "progress", "eval", "summary")
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `path`, flushed at once so a crash loses nothing written."""
+    """Appends one JSON object per line to `path`, flushed at once so a crash loses nothing written.
+
+    Every record carries `wall_time` (seconds since this writer opened) and `timestamp` (Unix time), so
+    records of several processes in one file (server and evaluator) sort on one clock."""
 
     def __init__(self, path: str | Path, mode: str = "w") -> None:
         self.path = Path(path)
@@ -23,7 +27,8 @@ class MetricsWriter:
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         if event not in EVENTS:
             raise ValueError(f"unknown metrics event {event!r}; valid: {', '.join(EVENTS)}")
-        record = _finite({"event": event, "wall_time": round(time.monotonic() - self._t0, 4), **fields})
+        record = _finite({"event": event, "wall_time": round(time.monotonic() - self._t0, 4),
+                          "timestamp": round(time.time(), 3), **fields})
         self._file.write(json.dumps(record, default=_jsonable, allow_nan=False) + "\n")
         self._file.flush()
         return record
@@ -80,3 +85,134 @@ class RunningMean:
         mean = self.total / self.count if self.count else None
         self.total, self.count = 0.0, 0
         return mean
+
+
+# A run whose mean training loss over a progress window exceeds this multiple of the first window's has
+# diverged (a loss of 1e23 is not a result); non-finite losses or gradients count at once.
+DIVERGENCE_FACTOR = 10.0
+
+
+def write_eval(metrics: MetricsWriter | None, iteration: int, epoch: float, time: float, train_loss: float | None,
+               result: dict[str, float]) -> dict[str, Any]:
+    """An `eval` record (the recorder's, or ps-eval's from another process): the evaluation `result` (test and
+    validation accuracy and loss) of the parameters at `iteration`, with the training loss of that time."""
+    fields = dict(iteration=iteration, epoch=round(epoch, 4), time=round(time, 4), train_loss=train_loss, **result)
+    return metrics.write("eval", **fields) if metrics else dict(event="eval", **fields)
+
+
+def describe_eval(record: dict[str, Any]) -> str:
+    """One line for a person: "eval epoch 3.00: test accuracy 0.9512 test loss 0.1640 train loss 0.1234"."""
+    val = f"val accuracy {record['val_accuracy']:.4f} " if record.get("val_accuracy") is not None else ""
+    loss = record.get("train_loss")
+    return (f"eval epoch {record['epoch']:.2f}: {val}test accuracy {record['test_accuracy']:.4f} test loss "
+            f"{record['test_loss']:.4f} train loss {'-' if loss is None else f'{loss:.4f}'}")
+
+
+class RunRecorder:
+    """The books of one run, kept the same way by every driver (the gRPC service, the simulator): windows of
+    training loss and staleness, the last epoch's training loss, divergence, and the `start`, `progress`,
+    `eval` and `summary` records. A driver feeds it (iteration, loss, delay) per applied gradient.
+
+    `clock()` is the run's time (wall-clock seconds for the service, virtual seconds for the simulator);
+    `say(line)` receives a progress line per record (a logger, a progress callback, or nothing).
+    """
+
+    def __init__(self, metrics: MetricsWriter | None, *, log_every: int, total_iterations: int,
+                 clock: Callable[[], float], say: Callable[[str], None] | None = None, epoch: float = 0.0) -> None:
+        self.metrics = metrics
+        self.log_every = log_every
+        self.total_iterations = total_iterations
+        self.clock = clock
+        self.say = say or (lambda line: None)
+        self.loss_window = RunningMean()  # since the last progress record
+        self.loss_epoch = RunningMean()  # since the last epoch boundary
+        self.loss_since_eval = RunningMean()  # since the last eval record this recorder wrote
+        self.last_eval: dict[str, Any] | None = None
+        self.delays: list[int] = []
+        self.last_epoch_train_loss: float | None = None
+        self.first_window_loss: float | None = None  # the yardstick of divergence
+        self.diverged_at: int | None = None
+        self._epoch_of_loss = int(epoch)
+
+    def _write(self, event: str, **fields: Any) -> dict[str, Any]:
+        return self.metrics.write(event, **fields) if self.metrics else dict(event=event, **fields)
+
+    def start(self, source: str, config: dict[str, Any], **fields: Any) -> None:
+        self._write("start", source=source, config=config, total_iterations=self.total_iterations, **fields)
+
+    def gradient(self, iteration: int, epoch: float, lr: float, loss: float, delay: int,
+                 **extra: Any) -> dict[str, Any] | None:
+        """Book one applied gradient (the run is now at `iteration`): its worker's mini-batch loss (a non-finite
+        one is not averaged in) and its delay. Returns the progress record when this iteration writes one;
+        after it `diverged_at` says whether the training loss has run away (see DIVERGENCE_FACTOR)."""
+        if math.isfinite(loss):
+            for mean in (self.loss_window, self.loss_epoch, self.loss_since_eval):
+                mean.add(loss)
+        self.delays.append(delay)
+        if int(epoch) > self._epoch_of_loss:
+            self._epoch_of_loss = int(epoch)
+            self.last_epoch_train_loss = self.loss_epoch.pop()
+        if iteration % self.log_every and iteration < self.total_iterations:
+            return None
+        record = dict(iteration=iteration, epoch=round(epoch, 4), time=round(self.clock(), 4), lr=lr,
+                      train_loss=self.loss_window.pop(), staleness_mean=sum(self.delays) / len(self.delays),
+                      staleness_max=max(self.delays), **extra)
+        self.delays.clear()
+        record = self._write("progress", **record)
+        loss_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+        self.say(f"iter {iteration}/{self.total_iterations} epoch {epoch:.2f} loss {loss_text} lr {lr:.4g} "
+                 f"staleness {record['staleness_mean']:.1f}" + "".join(f" {k.replace('_', ' ')} {v}"
+                                                                   for k, v in extra.items()))
+        loss = record["train_loss"]
+        if loss is not None and self.diverged_at is None:
+            if self.first_window_loss is None:
+                self.first_window_loss = loss
+            elif loss > DIVERGENCE_FACTOR * self.first_window_loss:
+                self.diverged_at = iteration
+                self.say(f"diverged at iteration {iteration}: training loss {loss:.4g} is more than "
+                         f"{DIVERGENCE_FACTOR:g}x that of the first iterations ({self.first_window_loss:.4g})")
+        return record
+
+    def diverged(self, iteration: int, why: str) -> None:
+        """The driver saw the run diverge (a non-finite loss or gradient it did not apply)."""
+        self.diverged_at = iteration
+        self.say(f"diverged at iteration {iteration}: {why}")
+
+    def finish_epoch(self) -> float | None:
+        """At the run's end: the last (partial) epoch's mean training loss becomes the last epoch's."""
+        if self.loss_epoch.count:
+            self.last_epoch_train_loss = self.loss_epoch.pop()
+        return self.last_epoch_train_loss
+
+    def evaluation(self, iteration: int, epoch: float, result: dict[str, float]) -> dict[str, Any]:
+        """An `eval` record: `result` of an evaluation (test and validation accuracy and loss) at `iteration`,
+        with the mean training loss since the previous evaluation."""
+        self.last_eval = write_eval(self.metrics, iteration, epoch, self.clock(), self.loss_since_eval.pop(), result)
+        self.say(describe_eval(self.last_eval))
+        return self.last_eval
+
+    def summary(self, run_summary: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """The `summary` record: the core's own summary, the driver's fields, the run's time, its final training
+        loss (of the last evaluation when this recorder made any, else of the last epoch; none when the run
+        diverged: that loss is no result) and divergence."""
+        final_train_loss = self.last_eval["train_loss"] if self.last_eval else self.last_epoch_train_loss
+        if self.diverged_at is not None:
+            final_train_loss = None
+        return self._write("summary", **run_summary, time=round(self.clock(), 4), final_train_loss=final_train_loss,
+                           diverged=self.diverged_at is not None, diverged_at_iteration=self.diverged_at, **fields)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": [vars(m).copy() for m in (self.loss_window, self.loss_epoch, self.loss_since_eval)],
+                "delays": list(self.delays), "last_epoch_train_loss": self.last_epoch_train_loss,
+                "first_window_loss": self.first_window_loss, "diverged_at": self.diverged_at,
+                "epoch_of_loss": self._epoch_of_loss, "last_eval": self.last_eval}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for mean, st in zip((self.loss_window, self.loss_epoch, self.loss_since_eval), state["loss"], strict=True):
+            mean.total, mean.count = st["total"], st["count"]
+        self.last_eval = state["last_eval"]
+        self.delays = list(state["delays"])
+        self.last_epoch_train_loss = state["last_epoch_train_loss"]
+        self.first_window_loss = state["first_window_loss"]
+        self.diverged_at = state["diverged_at"]
+        self._epoch_of_loss = state["epoch_of_loss"]

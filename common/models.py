@@ -1,24 +1,20 @@
-"""Model registry (CIFAR ResNets, small MLP/CNN), the flat-parameter wrapper, and BatchNorm recalibration.
+"""Model registry (CIFAR ResNets, small MLP/CNNs) and the flat-parameter wrapper.
 
 BatchNorm decision: the parameter server keeps and updates only the *trainable* parameters, as one flat
 float32 vector (`FlatModel.params`). BatchNorm running statistics are buffers, not parameters: they are never
-sent, averaged or stored by the server. Whoever evaluates a parameter vector (simulator or evaluator) first
-loads it and then recomputes the running statistics at exactly that vector with `recompute_bn_stats` over a
-few training batches, so the reported accuracy belongs to the evaluated parameters and not to statistics
-accumulated by some worker along a different trajectory.
+sent, averaged or stored by the server; whoever evaluates a parameter vector recomputes them at it
+(common/evaluation.py: `recompute_bn_stats`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger(__name__)
 
 ModelFactory = Callable[[int, tuple[int, ...]], nn.Module]
 
@@ -117,16 +113,22 @@ class MLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+def image_shape(input_shape: tuple[int, ...], model: str, min_size: int = 1) -> tuple[int, int, int]:
+    """(C, H, W) of an image input shape, checked for `model`: ValueError naming the model otherwise."""
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W) for {model}, got {input_shape}")
+    channels, height, width = input_shape
+    if height < min_size or width < min_size:
+        raise ValueError(f"input_shape must be at least {min_size}x{min_size} for {model}, got {input_shape}")
+    return channels, height, width
+
+
 class SmallCNN(nn.Module):
     """Two conv(3x3)-ReLU-maxpool(2) layers and a linear classifier, for 3x32x32 or 1x8x8 inputs."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(f"input_shape must be (C, H, W) for small-cnn, got {input_shape}")
-        channels, height, width = input_shape
-        if height < 4 or width < 4:
-            raise ValueError(f"input_shape must be at least 4x4 for small-cnn, got {input_shape}")
+        channels, height, width = image_shape(input_shape, "small-cnn", min_size=4)
         self.conv1 = nn.Conv2d(channels, 32, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
         self.linear = nn.Linear(64 * (height // 4) * (width // 4), num_classes)
@@ -139,16 +141,12 @@ class SmallCNN(nn.Module):
 
 class StridedCNN(nn.Module):
     """Two strided conv-ReLU layers (5x5/2 with 16 channels, 3x3/2 with 32) and a linear classifier: a CNN
-    that computes a batch-32 CIFAR gradient in about 2.4 ms on one CPU core (small-cnn: 26 ms), for
+    that computes a batch-32 CIFAR gradient in about 2.9 ms on one CPU core (small-cnn: 26 ms), for
     studies of many long runs on a CPU (bench/convergence.py --variant k64)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(f"input_shape must be (C, H, W) for strided-cnn, got {input_shape}")
-        channels, height, width = input_shape
-        if height < 4 or width < 4:
-            raise ValueError(f"input_shape must be at least 4x4 for strided-cnn, got {input_shape}")
+        channels, height, width = image_shape(input_shape, "strided-cnn", min_size=4)
         self.conv1 = nn.Conv2d(channels, 16, kernel_size=5, stride=2, padding=2, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.conv2 = nn.Conv2d(16, 32, kernel_size=3, stride=2, padding=1, bias=False)
@@ -164,15 +162,9 @@ class StridedCNN(nn.Module):
 # ------------------------------------------------------------------------------------------------- registry
 
 
-def _image_channels(input_shape: tuple[int, ...], model: str) -> int:
-    if len(input_shape) != 3:
-        raise ValueError(f"input_shape must be (C, H, W) for {model}, got {input_shape}")
-    return input_shape[0]
-
-
 def _resnet_factory(depth: int) -> ModelFactory:
     def build(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-        return cifar_resnet(depth, num_classes, _image_channels(input_shape, f"resnet{depth}"))
+        return cifar_resnet(depth, num_classes, image_shape(input_shape, f"resnet{depth}")[0])
 
     return build
 
@@ -301,47 +293,3 @@ class FlatModel:
 
 
 # ------------------------------------------------------------------------------------------ BN recalibration
-
-
-def _batch_norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [
-        m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-
-
-@torch.no_grad()
-def recompute_bn_stats(module: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Replace every BatchNorm layer's running statistics by their exact average over `batches`.
-
-    Momentum is set to None (cumulative moving average) while the batches run, so each batch weighs the
-    same and nothing of the old statistics survives; momentum and train/eval modes are restored after.
-    """
-    layers = _batch_norm_layers(module)
-    if not layers:
-        return
-    saved_modes = [(m, m.training) for m in module.modules()]
-    saved_momenta = [m.momentum for m in layers]
-    saved_stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
-    n_batches = 0
-    try:
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None
-        module.train()
-        for x in batches:
-            module(x)
-            n_batches += 1
-    finally:
-        for m, momentum in zip(layers, saved_momenta):
-            m.momentum = momentum
-        for m, training in saved_modes:
-            m.training = training
-        if n_batches == 0:
-            # Reset-but-never-updated statistics would be mean 0 / var 1: restore the old ones instead.
-            for m, (mean, var, tracked) in zip(layers, saved_stats):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(tracked)
-    if n_batches == 0:
-        raise ValueError("batches is empty: at least one batch is needed to recompute BatchNorm statistics")
-    logger.debug("recomputed BatchNorm statistics of %d layers over %d batches", len(layers), n_batches)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -21,14 +20,15 @@ from pathlib import Path
 import click
 import grpc
 
-from common.cli_options import run_cli, run_config_flags, run_config_from, run_options
-from common.codec import GRPC_MESSAGE_OPTIONS
+from common import settings
+from common.cli_options import run_cli
+from common.grpc_options import GRPC_OPTIONS
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.security import ClientSecurity
-
-LISTENING = re.compile(r"ps-server listening on (\S+):(\d+)")
+from server.cli import listening_port
+from server.config import RunConfig
 
 
 class Processes:
@@ -73,9 +73,9 @@ def _read_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
     def pump() -> None:
         with open(log_path, "a") as log:
             for line in proc.stdout:
-                m = LISTENING.search(line)
-                if m and not found:
-                    found.append(int(m.group(2)))
+                port = listening_port(line)
+                if port is not None and not found:
+                    found.append(port)
                     ready.set()
                 log.write(line)
                 log.flush()
@@ -88,10 +88,10 @@ def _read_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@run_options
+@settings.click_options(RunConfig)
 @click.option("--slow-workers", type=click.IntRange(min=0), default=0, help="How many of the K workers are slow.")
 @click.option("--slowdown", type=click.FloatRange(min=1), default=4.0, help="How many times slower a slow worker is.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/launch",
+@click.option("--out", type=click.Path(file_okay=False), default="runs/launch",
               help="Output directory: metrics.jsonl, checkpoint.pt, final.pt and one log per process.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=5.0, help="Epochs between evaluations (0: end only).")
 @click.option("--threads", type=click.IntRange(min=1), default=1,
@@ -104,10 +104,10 @@ def _read_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
 def cli(**kw) -> None:
     """Run a whole training run locally: ps-server, K x ps-worker and ps-eval as processes."""
-    run = run_config_from(kw)
+    run = settings.pop_settings(RunConfig, kw)
     if kw["slow_workers"] > run.workers:
         raise click.UsageError(f"--slow-workers {kw['slow_workers']} is more than --workers {run.workers}")
-    out = Path(kw["out_dir"])
+    out = Path(kw["out"])
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
@@ -117,7 +117,7 @@ def cli(**kw) -> None:
     procs = Processes(out, os.environ.get("PS_TOKEN") or secrets.token_urlsafe(24))
     started = time.monotonic()
     try:
-        server = procs.start("server", py + ["server.cli", *run_config_flags(run), "--bind",
+        server = procs.start("server", py + ["server.cli", *run.to_flags(), "--bind",
                                               f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60"],
                              capture_stdout=True)
         port = _read_port(server, out / "server.log", timeout=120)
@@ -142,7 +142,7 @@ def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, tim
            security: ClientSecurity) -> None:
     """Progress lines until the evaluator has evaluated the final parameters (it exits then)."""
     server = procs.procs["server"]
-    with security.channel(address, GRPC_MESSAGE_OPTIONS) as channel:
+    with security.channel(address, GRPC_OPTIONS) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         last = None
         while evaluator.poll() is None:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from report.runs import METHOD_LABELS, Run, method_key  # noqa: E402
+from report.runs import Run, method_key, method_label  # noqa: E402
 
 FIGURES = {
     "test_accuracy_vs_epoch": ("epoch", "test_accuracy", "epoch", "test accuracy"),
@@ -54,7 +54,7 @@ def write_figures(runs: list[Run], out_dir: Path) -> list[Path]:
             for algo in sorted({a for (gg, a) in by_group_algo if gg == g}, key=method_key):
                 xs, mean, std = _mean_curve(by_group_algo[(g, algo)], x, y)
                 if len(xs):
-                    line, = ax.plot(xs, mean, label=METHOD_LABELS.get(algo, algo))
+                    line, = ax.plot(xs, mean, label=method_label(algo))
                     ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
             ax.set_title(f"K={g[0]} {g[1]}")
             ax.set_xlabel(xlabel)

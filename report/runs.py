@@ -9,12 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from common.metrics import read_metrics
+from server.algorithms import ALGORITHMS
 
-# The paper's order of methods.
-METHOD_ORDER = ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ormo-vanilla", "ssgd", "ssgdm"]
-METHOD_LABELS = {"asgd": "ASGD", "asgdm": "naive ASGDm", "shifted-momentum": "shifted momentum",
-                 "smega2": "SMEGA2", "ormo": "OrMo", "ormo-da": "OrMo-DA", "ormo-vanilla": "OrMo, vanilla SGD step",
-                 "ssgd": "SSGD", "ssgdm": "SSGDm"}
+VANILLA = "-vanilla"  # a method name's suffix for OrMo's vanilla-SGD-step ablation (the paper's Table 4)
+
+
+def method_label(method: str) -> str:
+    """The method's name as the paper writes it (the algorithm registry's label)."""
+    algo = method.removesuffix(VANILLA)
+    label = ALGORITHMS[algo].label if algo in ALGORITHMS else algo
+    return label + (", vanilla SGD step" if method.endswith(VANILLA) else "")
+
+
+def method_key(method: str) -> tuple[int, str]:
+    """Sort key: the paper's order of methods (an ablation right after its method's variants)."""
+    algo = method.removesuffix(VANILLA)
+    rank = ALGORITHMS[algo].paper_rank if algo in ALGORITHMS else len(ALGORITHMS) + 1
+    return (2 * rank + (3 if method.endswith(VANILLA) else 0), method)
 
 
 @dataclass
@@ -34,7 +45,7 @@ class Run:
     @property
     def method(self) -> str:
         """The algorithm, or `ormo-vanilla` for OrMo's vanilla-SGD-step ablation (the paper's Table 4)."""
-        return f"{self.algo}-vanilla" if self.config.get("vanilla_sgd_step") else self.algo
+        return self.algo + VANILLA if self.config.get("vanilla_sgd_step") else self.algo
 
     @property
     def workers(self) -> int:
@@ -104,7 +115,3 @@ def mean_std(values: list[float]) -> tuple[float, float] | None:
     if not values:
         return None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def method_key(algo: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(algo) if algo in METHOD_ORDER else len(METHOD_ORDER), algo)

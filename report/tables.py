@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from report.runs import METHOD_LABELS, Run, mean_std, method_key
+from report.runs import Run, mean_std, method_key, method_label
 
 
 def _cell(values: list[float | None], scale: float, digits: int, diverged: int) -> str:
@@ -25,7 +25,7 @@ def paper_table(runs: list[Run], metric: str) -> str:
     head = "| method | " + " | ".join(f"{k} {s}" for k, s in groups) + " |"
     lines = [head, "|---" * (len(groups) + 1) + "|"]
     for m in methods:
-        row = [METHOD_LABELS.get(m, m)]
+        row = [method_label(m)]
         for g in groups:
             rs = cells.get((m, g), [])
             if metric == "test_accuracy":

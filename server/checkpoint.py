@@ -17,6 +17,7 @@ import torch
 
 MAGIC = b"ORMO-PS-CKPT 1\n"
 CHECKPOINT_NAME = "checkpoint.pt"
+FINAL_NAME = "final.pt"
 
 
 class CheckpointError(ValueError):
@@ -61,3 +62,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if hashlib.sha256(payload).hexdigest() != digest:
         raise CheckpointError(f"{path} is corrupt or truncated: its checksum does not match its contents")
     return torch.load(io.BytesIO(payload), weights_only=True)
+
+
+def save_final(out_dir: str | Path, params: torch.Tensor, iteration: int, config: dict[str, Any],
+               model_state: dict[str, Any] | None = None) -> Path:
+    """`final.pt`, a plain `torch.save` of the run's result: the flat parameters, the iteration, the run's
+    configuration and, when given, the model's state dict (BatchNorm statistics included). Written to a
+    temporary file and renamed, so a reader never sees a torn one."""
+    path = Path(out_dir) / FINAL_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    result = {"params": params.detach().cpu().clone(), "iteration": iteration, "config": config}
+    if model_state is not None:
+        result["model_state"] = model_state
+    torch.save(result, tmp)
+    tmp.replace(path)
+    return path

@@ -13,49 +13,11 @@ from typing import Any
 
 import torch
 
-from server.algorithms import SCHEDULERS, get_algorithm
-from server.schedule import LRSchedule
+from common.codec import CodecError, check_finite
+from server.algorithms import get_algorithm
+from server.config import RunConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CoreConfig:
-    """What the server computes. `scheduler=None` takes the algorithm's own (e.g. `ssgdm` is sync)."""
-
-    algo: str
-    num_workers: int
-    lr_schedule: LRSchedule
-    momentum: float = 0.9
-    scheduler: str | None = None
-    total_iterations: int | None = None
-    vanilla_sgd_step: bool = False
-    reject_nonfinite: bool = True
-
-    def __post_init__(self) -> None:
-        spec = get_algorithm(self.algo)  # raises ValueError naming the valid algorithms
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.total_iterations is not None and self.total_iterations < 1:
-            raise ValueError(f"total_iterations must be >= 1, got {self.total_iterations}")
-        if self.vanilla_sgd_step and "vanilla_sgd_step" not in spec.options:
-            raise ValueError(f"vanilla_sgd_step is OrMo's ablation; it does not apply to algo {self.algo!r}")
-
-    @property
-    def effective_scheduler(self) -> str:
-        return self.scheduler or get_algorithm(self.algo).default_scheduler
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or infinity in `t`. A finite sum proves it in one read (NaN and infinities propagate), about
-    15x faster than `isfinite(t).all()`; only a non-finite sum (or a finite-value overflow) needs the full check."""
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 class PushRejected(ValueError):
@@ -112,41 +74,45 @@ class StalenessStats:
 
 
 class ServerCore:
-    """Algorithm 1 (SSGD/ASGD scheduling) around a registered update rule (Algorithm 2 for OrMo)."""
+    """Algorithm 1 (SSGD/ASGD scheduling) around a registered update rule (Algorithm 2 for OrMo).
 
-    def __init__(self, params0: torch.Tensor, config: CoreConfig) -> None:
+    `run` says what to compute (its rule, K, beta, eta's schedule, the run's length); an epoch is
+    `iterations_per_epoch` server iterations (N_train / B), which the schedule and the length are counted in.
+    """
+
+    def __init__(self, params0: torch.Tensor, run: RunConfig, iterations_per_epoch: int = 1) -> None:
         if params0.dim() != 1 or not params0.is_floating_point():
             raise ValueError(f"params0 must be a flat floating-point vector, got shape {tuple(params0.shape)} "
                              f"dtype {params0.dtype}")
-        self.config = config
+        self.run = run
+        self.lr_schedule = run.lr_schedule(iterations_per_epoch)
+        self.total_iterations = run.total_iterations(iterations_per_epoch)
         self.w = params0.detach().clone()
-        spec = get_algorithm(config.algo)
-        options: dict[str, Any] = {"vanilla_sgd_step": True} if config.vanilla_sgd_step else {}
-        self.rule = spec.factory(self.w, config.num_workers, config.momentum, **options)
-        self.scheduler = config.effective_scheduler
+        options: dict[str, Any] = {"vanilla_sgd_step": True} if run.vanilla_sgd_step else {}
+        self.rule = get_algorithm(run.algo).factory(self.w, run.workers, run.momentum, **options)
+        self.scheduler = run.effective_scheduler
         self.iteration = 0  # t: gradients consumed so far
         self.waiting_set: set[int] = set()
-        self.workers = [WorkerRecord() for _ in range(config.num_workers)]
+        self.workers = [WorkerRecord() for _ in range(run.workers)]
         self.staleness = StalenessStats()
         self.started = False
 
     # ----- queries -------------------------------------------------------------------------
     @property
     def num_workers(self) -> int:
-        return self.config.num_workers
+        return self.run.workers
 
     @property
     def done(self) -> bool:
-        total = self.config.total_iterations
-        return total is not None and self.iteration >= total
+        return self.iteration >= self.total_iterations
 
     @property
     def epoch(self) -> float:
-        return self.config.lr_schedule.epoch(self.iteration)
+        return self.lr_schedule.epoch(self.iteration)
 
     def lr(self) -> float:
         """The schedule's `eta` at the current iteration (before any per-gradient adaptation)."""
-        return self.config.lr_schedule(self.iteration)
+        return self.lr_schedule(self.iteration)
 
     def active_workers(self) -> list[int]:
         return [k for k, rec in enumerate(self.workers) if rec.active]
@@ -186,8 +152,11 @@ class ServerCore:
                                f"vector of {self.w.numel()} elements")
         if grad.dtype != self.w.dtype:
             raise PushRejected("INVALID_ARGUMENT", f"gradient dtype {grad.dtype}; expected {self.w.dtype}")
-        if self.config.reject_nonfinite and not all_finite(grad):
-            raise PushRejected("INVALID_ARGUMENT", "gradient contains NaN or infinite values", reason="nonfinite")
+        if not self.run.allow_nonfinite:
+            try:
+                check_finite(grad, "gradient")
+            except CodecError as e:
+                raise PushRejected("INVALID_ARGUMENT", str(e), reason="nonfinite") from None
 
     def push(self, worker: int, grad: torch.Tensor, iteration_index: int) -> list[Dispatch]:
         """One server iteration: apply `grad` from `worker` and return what to send to whom.
@@ -199,7 +168,7 @@ class ServerCore:
             grad = grad.to(self.w.device)
         t = self.iteration
         self.rule.open_group(t, waiting_set_empty=not self.waiting_set)
-        lr = self.rule.effective_lr(self.config.lr_schedule(t), iteration_index, t)
+        lr = self.rule.effective_lr(self.lr_schedule(t), iteration_index, t)
         self.rule.apply(grad, iteration_index, t, worker, lr)
 
         delay = t - iteration_index
@@ -237,6 +206,14 @@ class ServerCore:
             return self._schedule(self.lr())
         return []
 
+    def deactivate_all(self) -> None:
+        """Every worker is gone at once (a resumed run): what was in flight is lost, nobody is waited for;
+        each worker rejoins when it reconnects."""
+        for rec in self.workers:
+            rec.active = False
+            rec.outstanding_index = None
+        self.waiting_set.clear()
+
     def rejoin(self, worker: int) -> Dispatch | None:
         """A worker comes back: it gets the current parameters with their current index.
 
@@ -257,10 +234,18 @@ class ServerCore:
         """The server's parameter `w_t` (what is evaluated; SMEGA2's estimate is only sent to workers)."""
         return self.w
 
+    def summary(self) -> dict[str, Any]:
+        """The run so far as the core counts it: length, staleness and gradients per worker."""
+        st = self.staleness
+        return dict(algo=self.run.algo, workers=self.num_workers, iterations=self.iteration,
+                    epochs=round(self.epoch, 4), staleness_mean=round(st.mean, 4), staleness_max=st.maximum,
+                    staleness_histogram={str(k): v for k, v in sorted(st.histogram.items())},
+                    gradients_per_worker=[rec.gradients_applied for rec in self.workers])
+
     # ----- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "algo": self.config.algo,
+            "algo": self.run.algo,
             "num_workers": self.num_workers,
             "w": self.w.clone(),
             "rule": {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.rule.state_dict().items()},
@@ -272,9 +257,9 @@ class ServerCore:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["algo"] != self.config.algo or state["num_workers"] != self.num_workers:
+        if state["algo"] != self.run.algo or state["num_workers"] != self.num_workers:
             raise ValueError(f"checkpoint is for algo={state['algo']!r} K={state['num_workers']}; this server runs "
-                             f"algo={self.config.algo!r} K={self.num_workers}")
+                             f"algo={self.run.algo!r} K={self.num_workers}")
         if state["w"].shape != self.w.shape:
             raise ValueError(f"checkpoint parameter has {state['w'].numel()} elements; the model has {self.w.numel()}")
         self.w.copy_(state["w"])

@@ -22,16 +22,10 @@ class LRSchedule:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        if not self.base_lr > 0:
-            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        # The rate, warm-up, milestones and gamma are RunConfig's settings, checked there; the epoch's length
+        # comes from the data set.
         if self.iterations_per_epoch < 1:
             raise ValueError(f"iterations_per_epoch must be >= 1, got {self.iterations_per_epoch}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
-            raise ValueError(f"milestones must be increasing positive epochs, got {self.milestones}")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
 
     def epoch(self, iteration: int) -> float:
         return iteration / self.iterations_per_epoch

@@ -22,12 +22,11 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common.codec import CodecError, decode, encode
-from common.wire import Received, parse_worker_message, serialize_parameters, serialize_server_message
-from common.config import RunConfig
-from common.metrics import MetricsWriter, RunningMean
+from common.metrics import MetricsWriter, RunRecorder
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
-from server.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from common.wire import Received, parse_worker_message, serialize_parameters, serialize_server_message
+from server.checkpoint import CHECKPOINT_NAME, save_checkpoint, save_final
 from server.core import Dispatch, PushRejected, ServerCore
 
 logger = logging.getLogger(__name__)
@@ -68,10 +67,11 @@ class Counters:
 
 
 class ParameterServerService(pb_grpc.ParameterServerServicer):
+    """The service of one run: its core, its workers' streams, its books (`recorder`) and its files."""
+
     def __init__(
         self,
         core: ServerCore,
-        run: RunConfig,
         *,
         num_classes: int,
         out_dir: Path | None = None,
@@ -79,39 +79,29 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         log_every: int = 50,
         checkpoint_every: float = 60.0,
         wait_for_all_workers: bool = True,
-        counters: Counters | None = None,
         sync_timeout: float | None = None,
     ) -> None:
         self.core = core
-        self.run = run
+        self.run = core.run
         self.num_classes = num_classes
         self.out_dir = out_dir
-        self.metrics = metrics
-        self.log_every = log_every
         self.checkpoint_every = checkpoint_every
         self.wait_for_all_workers = wait_for_all_workers
         self.sync_timeout = sync_timeout
         self._sent_at: dict[int, float] = {}  # when each worker was last sent parameters
-        self.counters = counters or Counters()
+        self.counters = Counters()
         self.connections: dict[int, Connection] = {}
         self.ever_assigned: set[int] = set()
         self.started = core.started
         self.finished = asyncio.Event()
         self.final_fetched = asyncio.Event()  # GetParameters has served the final parameters
-        self.train_loss_window = RunningMean()
-        self.train_loss_epoch = RunningMean()
-        self.last_epoch_train_loss: float | None = None
-        self._epoch_of_loss = int(core.epoch)
-        self._window_delays: list[int] = []
         self._start_time = time.monotonic()
+        self.recorder = RunRecorder(metrics, log_every=log_every, total_iterations=core.total_iterations,
+                                    clock=self.uptime, say=logger.info, epoch=core.epoch)
         self._last_checkpoint = time.monotonic()
         self._checkpoint_task: asyncio.Task | None = None
+        self._checkpoint_lock = asyncio.Lock()
         self._finish_task: asyncio.Task | None = None
-        if core.started:
-            # A resumed run: every worker must reconnect; what was in flight is lost.
-            for k in range(core.num_workers):
-                core.deactivate(k)
-            core.waiting_set.clear()
 
     # ----- the run's configuration as workers see it --------------------------------------
     def pb_run_config(self) -> pb.RunConfig:
@@ -119,7 +109,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.RunConfig(
             algorithm=run.algo, model=run.model_name, dataset=run.dataset, num_classes=self.num_classes,
             batch_size=run.batch_size, weight_decay=run.weight_decay, seed=run.seed,
-            total_iterations=self.core.config.total_iterations or 0, num_workers=run.workers,
+            total_iterations=self.core.total_iterations, num_workers=run.workers,
             num_parameters=self.core.w.numel(),
         )
 
@@ -333,28 +323,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     # ----- progress, metrics, checkpoints ---------------------------------------------------
     def _record(self, loss: float, delay: int) -> None:
         core = self.core
-        if loss == loss and abs(loss) != float("inf"):
-            self.train_loss_window.add(loss)
-            self.train_loss_epoch.add(loss)
-        self._window_delays.append(delay)
-        if int(core.epoch) > self._epoch_of_loss:
-            self._epoch_of_loss = int(core.epoch)
-            self.last_epoch_train_loss = self.train_loss_epoch.pop()
-        t = core.iteration
-        if t % self.log_every == 0 or core.done:
-            delays = self._window_delays
-            record = dict(iteration=t, epoch=round(core.epoch, 4), time=round(time.monotonic() - self._start_time, 4),
-                          lr=core.lr(), train_loss=self.train_loss_window.pop(),
-                          staleness_mean=sum(delays) / len(delays), staleness_max=max(delays),
-                          workers_connected=len(self.connections),
-                          gradients_rejected=self.counters.gradients_rejected)
-            delays.clear()
-            if self.metrics:
-                self.metrics.write("progress", **record)
-            logger.info("iter %d/%s epoch %.2f loss %s staleness %.1f workers %d", t,
-                        core.config.total_iterations, core.epoch,
-                        "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
-                        record["staleness_mean"], len(self.connections))
+        self.recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay,
+                               workers_connected=len(self.connections),
+                               gradients_rejected=self.counters.gradients_rejected)
         if (self.out_dir and time.monotonic() - self._last_checkpoint >= self.checkpoint_every
                 and (self._checkpoint_task is None or self._checkpoint_task.done())):
             self._last_checkpoint = time.monotonic()
@@ -364,36 +335,54 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         """Snapshot of everything a resumed server needs (taken on the loop: consistent)."""
         return {
             "core": self.core.state_dict(),
-            "run": self.run.to_dict() | {"model": self.run.model},
+            "run": self.run.to_dict(),
             "counters": vars(self.counters).copy(),
             "ever_assigned": sorted(self.ever_assigned),
+            "recorder": self.recorder.state_dict(),
         }
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a checkpointed run: every worker must reconnect, and what was in flight is lost."""
+        self.core.load_state_dict(state["core"])
+        self.counters = Counters(**state["counters"])
+        self.ever_assigned = set(state["ever_assigned"])
+        if "recorder" in state:  # checkpoints of earlier versions have none
+            self.recorder.load_state_dict(state["recorder"])
+        self.started = self.core.started
+        if self.core.started:
+            self.core.deactivate_all()
+
     async def checkpoint(self) -> Path | None:
+        """Write checkpoint.pt. One at a time: a checkpoint asked for while another is being written (the
+        final one during a periodic one) waits for it, then snapshots the state as it is then."""
         if self.out_dir is None:
             return None
-        state = self.state_dict()  # on the loop; the write happens in a thread
-        path = await asyncio.to_thread(save_checkpoint, self.out_dir / CHECKPOINT_NAME, state)
+        async with self._checkpoint_lock:
+            state = self.state_dict()  # on the loop; the write happens in a thread
+            path = await asyncio.to_thread(save_checkpoint, self.out_dir / CHECKPOINT_NAME, state)
         logger.info("checkpoint at iteration %d written to %s", state["core"]["iteration"], path)
         return path
 
     async def _finish(self) -> None:
-        """The run reached its last iteration: stop every worker and write the final state."""
+        """The run reached its last iteration: stop every worker, write the final state and the summary."""
         stop = self._stop_done()
         for conn in self.connections.values():
             conn.outbox.put_nowait(stop)
-        if self.train_loss_epoch.count:
-            self.last_epoch_train_loss = self.train_loss_epoch.pop()
+        self.recorder.finish_epoch()
         await self.checkpoint()
         if self.out_dir:
-            await asyncio.to_thread(self._save_final)
+            await asyncio.to_thread(save_final, self.out_dir, self.core.current_params(), self.core.iteration,
+                                    self.run.to_dict())
+        self.recorder.summary(self.core.summary(), gradients_applied=self.counters.gradients_applied,
+                              gradients_rejected=self.counters.gradients_rejected,
+                              rejected_by_reason=self.counters.rejected_by_reason)
+        logger.info("run finished at iteration %d", self.core.iteration)
         self.finished.set()  # set last: whoever waits for it finds the final files written
 
-    def _save_final(self) -> None:
-        tmp = self.out_dir / ".final.pt.tmp"
-        torch.save({"params": self.core.current_params().cpu().clone(), "iteration": self.core.iteration,
-                    "config": self.run.to_dict()}, tmp)
-        tmp.replace(self.out_dir / "final.pt")
+    async def aclose(self) -> None:
+        """Wait for a checkpoint still being written (the server's last act before it exits)."""
+        if self._checkpoint_task is not None:
+            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
 
     async def shutdown(self, detail: str = "server shutting down") -> None:
         """Graceful stop before the end of the run: checkpoint, then tell the workers."""
@@ -421,8 +410,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             gradients_applied=self.counters.gradients_applied, gradients_rejected=self.counters.gradients_rejected,
             done=self.core.done, config=self.pb_run_config(),
             uptime_seconds=time.monotonic() - self._start_time,
-            train_loss=self.last_epoch_train_loss if self.last_epoch_train_loss is not None else float("nan"),
+            train_loss=nan_if_none(self.recorder.last_epoch_train_loss),
         )
+
+
+def nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def add_to_server(service: ParameterServerService, server: grpc.aio.Server) -> None:

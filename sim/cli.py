@@ -9,8 +9,10 @@ from collections.abc import Sequence
 import click
 import torch
 
-from common.cli_options import run_cli, run_config_from, run_options, setup_logging
+from common import settings
+from common.cli_options import run_cli, setup_logging
 from common.data import load_dataset, split_validation
+from server.config import RunConfig
 from sim.simulator import ComputeTimeModel, Simulator
 
 
@@ -23,15 +25,8 @@ def _device(name: str) -> str:
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@run_options
-@click.option("--compute-time", type=click.FloatRange(min=0, min_open=True), default=1.0,
-              help="Mean virtual seconds one gradient takes on a normal worker.")
-@click.option("--jitter", type=click.FloatRange(min=0, max=1, max_open=True), default=0.1,
-              help="Relative spread of compute times: each is mean * U(1-jitter, 1+jitter).")
-@click.option("--slow-fraction", type=click.FloatRange(min=0, max=1), default=0.0,
-              help="Heterogeneous runs: fraction of the workers that are slow.")
-@click.option("--slow-factor", type=click.FloatRange(min=1), default=1.0,
-              help="Heterogeneous runs: how many times longer a slow worker takes.")
+@settings.click_options(RunConfig)
+@settings.click_options(ComputeTimeModel)
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0,
               help="Evaluate every this many epochs (0: only at the end).")
 @click.option("--log-every", type=click.IntRange(min=1), default=None,
@@ -39,7 +34,7 @@ def _device(name: str) -> str:
 @click.option("--validation-size", type=click.IntRange(min=0), default=0,
               help="Hold this many training samples out as a validation split (the same ones in every run): "
                    "evaluations report val_accuracy beside test_accuracy, for choosing hyperparameters.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/sim",
+@click.option("--out", type=click.Path(file_okay=False), default="runs/sim",
               help="Output directory: metrics.jsonl and final.pt.")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
@@ -50,13 +45,9 @@ def cli(**kwargs) -> None:
     Every gradient is computed for real at the parameters its worker holds; a priority queue of virtual
     finish times decides the arrival order. The same --seed gives bit-identical final parameters on the CPU.
     """
-    run = run_config_from(kwargs)
+    run = settings.pop_settings(RunConfig, kwargs)
+    timing = settings.pop_settings(ComputeTimeModel, kwargs)
     setup_logging(kwargs.pop("verbose"))
-    try:
-        timing = ComputeTimeModel(kwargs.pop("compute_time"), kwargs.pop("jitter"), kwargs.pop("slow_fraction"),
-                                  kwargs.pop("slow_factor"))
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
     quiet = kwargs.pop("quiet")
     eval_every = kwargs.pop("eval_every") or None
     validation_size = kwargs.pop("validation_size")
@@ -64,7 +55,7 @@ def cli(**kwargs) -> None:
         dataset = load_dataset(run.dataset, run.data_dir, run.download)
         if validation_size:
             dataset = split_validation(dataset, validation_size)
-        sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out_dir"),
+        sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out"),
                         device=_device(kwargs.pop("device")), eval_every=eval_every, log_every=kwargs.pop("log_every"),
                         progress=None if quiet else (lambda m: click.echo(m, err=True)))
     except (ValueError, FileNotFoundError) as e:

@@ -19,43 +19,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import RunConfig
+from common import settings
+from common.codec import all_finite
 from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.gradients import GradientComputer
-from common.metrics import MetricsWriter, RunningMean
-from common.models import recompute_bn_stats
-from server.run import initial_model, make_core
-from server.core import Dispatch
+from common.metrics import MetricsWriter, RunRecorder
+from common.settings import setting
+from server.checkpoint import save_final
+from server.config import RunConfig
+from server.core import Dispatch, ServerCore
 
 logger = logging.getLogger(__name__)
 
-# A run whose mean training loss over a progress window exceeds this multiple of the first window's has
-# diverged (a loss of 1e23 is not a result); non-finite losses or gradients count at once.
-DIVERGENCE_FACTOR = 10.0
-
-
 @dataclass(frozen=True)
 class ComputeTimeModel:
-    """Virtual seconds one gradient takes: `mean * U(1 - jitter, 1 + jitter)`, times `slow_factor` for slow workers.
+    """Virtual seconds one gradient takes: `compute_time * U(1 - jitter, 1 + jitter)`, times `slow_factor`
+    for slow workers. Homogeneous: `slow_fraction = 0`. Heterogeneous: the last `round(slow_fraction * K)`
+    workers are slow."""
 
-    Homogeneous: `slow_fraction = 0`. Heterogeneous: the last `round(slow_fraction * K)` workers are slow.
-    """
-
-    mean: float = 1.0
-    jitter: float = 0.1
-    slow_fraction: float = 0.0
-    slow_factor: float = 1.0
+    compute_time: float = setting(1.0, "Mean virtual seconds one gradient takes on a normal worker.",
+                                  min=0, min_open=True)
+    jitter: float = setting(0.1, "Relative spread of compute times: each is mean * U(1-jitter, 1+jitter).",
+                            min=0, max=1, max_open=True)
+    slow_fraction: float = setting(0.0, "Heterogeneous runs: fraction of the workers that are slow.", min=0, max=1)
+    slow_factor: float = setting(1.0, "Heterogeneous runs: how many times longer a slow worker takes.", min=1)
 
     def __post_init__(self) -> None:
-        if not self.mean > 0:
-            raise ValueError(f"compute_time must be > 0, got {self.mean}")
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
-        if not 0 <= self.slow_fraction <= 1:
-            raise ValueError(f"slow_fraction must be in [0, 1], got {self.slow_fraction}")
-        if not self.slow_factor >= 1:
-            raise ValueError(f"slow_factor must be >= 1, got {self.slow_factor}")
+        settings.validate(self)
 
     def slow_workers(self, num_workers: int) -> frozenset[int]:
         n_slow = round(self.slow_fraction * num_workers)
@@ -63,7 +54,7 @@ class ComputeTimeModel:
 
     def duration(self, worker: int, num_workers: int, rng: np.random.Generator) -> float:
         factor = self.slow_factor if worker in self.slow_workers(num_workers) else 1.0
-        return self.mean * factor * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
+        return self.compute_time * factor * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
 
 
 @dataclass
@@ -93,8 +84,8 @@ class Simulator:
         self.iters_per_epoch = iterations_per_epoch(self.dataset, run.batch_size)
         if self.iters_per_epoch < 1:
             raise ValueError(f"batch_size {run.batch_size} is larger than the train set ({self.dataset.num_train})")
-        self.model = initial_model(run, self.dataset, self.device)
-        self.core = make_core(run, self.model.params, self.iters_per_epoch)
+        self.model = run.initial_model(self.dataset, self.device)
+        self.core = ServerCore(self.model.params, run, self.iters_per_epoch)
         self.gradients = GradientComputer(self.model, run.weight_decay)
         # One copy of the training set on the device, shared by every worker's stream.
         train_data = self.dataset.to(self.device) if self.device.type != "cpu" else self.dataset
@@ -111,13 +102,9 @@ class Simulator:
     @property
     def evaluator(self) -> Evaluator:
         if self._evaluator is None:
-            eval_model = initial_model(self.run, self.dataset, self.device)
-            self._evaluator = Evaluator(eval_model, self.dataset, seed=self.run.seed)
+            self._evaluator = Evaluator(self.run.initial_model(self.dataset, self.device), self.dataset,
+                                        seed=self.run.seed)
         return self._evaluator
-
-    def _say(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress(message)
 
     # ----- the event loop ------------------------------------------------------------------
     def _reset(self) -> None:
@@ -127,13 +114,15 @@ class Simulator:
         self.queue: list[tuple[float, int, int]] = []  # (finish time, tie-breaking sequence number, worker)
         self.sequence = 0
         self.now = 0.0
-        self.train_loss_window, self.train_loss_epoch = RunningMean(), RunningMean()
-        self.window_delays: list[int] = []
+        self.recorder = RunRecorder(None, log_every=self.log_every, total_iterations=self.core.total_iterations,
+                                    clock=lambda: self.now, say=self.progress)
         self.next_eval = self.eval_every
         self.evals: list[dict[str, Any]] = []
-        self.diverged_at: int | None = None
-        self.first_window_loss: float | None = None  # the yardstick of divergence
         self.wall_seconds = 0.0
+
+    @property
+    def diverged_at(self) -> int | None:
+        return self.recorder.diverged_at
 
     def _deliver(self, dispatches: list[Dispatch]) -> None:
         for d in dispatches:
@@ -149,70 +138,52 @@ class Simulator:
             return None
         if self.core.started:  # resumed: keep what the first part wrote
             return MetricsWriter(self.out_dir / "metrics.jsonl", mode="a")
-        metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
-        metrics.write("start", source="sim", config=self.run.to_dict(), num_parameters=self.model.numel,
-                      iterations_per_epoch=self.iters_per_epoch, total_iterations=self.core.config.total_iterations,
-                      timing=vars(self.timing), slow_workers=sorted(self.timing.slow_workers(self.run.workers)))
-        return metrics
+        self.recorder.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
+        self.recorder.start("sim", self.run.to_dict(), num_parameters=self.model.numel,
+                            iterations_per_epoch=self.iters_per_epoch, timing=vars(self.timing),
+                            slow_workers=sorted(self.timing.slow_workers(self.run.workers)))
+        return self.recorder.metrics
 
     def simulate(self, stop_at: int | None = None) -> SimResult | None:
         """Run to the end (or pause once `stop_at` iterations are done, returning None: see `state_dict`)."""
         core = self.core
-        total = core.config.total_iterations
-        metrics = self._open_metrics()
         wall0 = time.monotonic()
         if not core.started:
             self._reset()
+        recorder = self.recorder
+        recorder.metrics = self._open_metrics()
+        if not core.started:
             self._deliver([core.start()])
         while not core.done and self.queue and (stop_at is None or core.iteration < stop_at):
             self.now, _, k = heapq.heappop(self.queue)
             params, ite = self.held.pop(k)
             x, y = next(self.streams[k])
             grad, loss = self.gradients.compute(params, x, y)
-            if not math.isfinite(loss) or not bool(torch.isfinite(grad).all()):
-                self.diverged_at = core.iteration
-                self._say(f"diverged at iteration {core.iteration}: non-finite loss or gradient")
+            if not math.isfinite(loss) or not all_finite(grad):
+                recorder.diverged(core.iteration, "non-finite loss or gradient")
                 break
-            self.window_delays.append(core.iteration - ite)
+            delay = core.iteration - ite
             self._deliver(core.push(k, grad, ite))
-            self.train_loss_window.add(loss)
-            self.train_loss_epoch.add(loss)
-            t = core.iteration
-            if t % self.log_every == 0 or core.done:
-                record = dict(iteration=t, epoch=round(core.epoch, 4), time=round(self.now, 4), lr=core.lr(),
-                              train_loss=self.train_loss_window.pop(),
-                              staleness_mean=float(np.mean(self.window_delays)),
-                              staleness_max=int(max(self.window_delays)))
-                self.window_delays.clear()
-                if metrics:
-                    metrics.write("progress", **record)
-                self._say(f"iter {t}/{total} epoch {core.epoch:.2f} loss {record['train_loss']:.4f} "
-                          f"lr {record['lr']:.4g} staleness {record['staleness_mean']:.1f}")
-                if self.first_window_loss is None:
-                    self.first_window_loss = record["train_loss"]
-                elif record["train_loss"] > DIVERGENCE_FACTOR * self.first_window_loss:
-                    self.diverged_at = t
-                    self._say(f"diverged at iteration {t}: training loss {record['train_loss']:.4g} is more than "
-                              f"{DIVERGENCE_FACTOR:g}x that of the first iterations ({self.first_window_loss:.4g})")
-                    break
+            recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay)
+            if recorder.diverged_at is not None:
+                break
             if self.eval_every and (core.epoch >= self.next_eval or core.done):
                 while self.next_eval <= core.epoch:
                     self.next_eval += self.eval_every
-                self.evals.append(self._evaluate(metrics, self.now, self.train_loss_epoch.pop()))
+                self.evals.append(self._evaluate())
         self.wall_seconds += time.monotonic() - wall0
         if not core.done and self.diverged_at is None and self.queue:
-            if metrics:
-                metrics.close()
+            if recorder.metrics:
+                recorder.metrics.close()
             return None  # paused at stop_at
         if self.final_eval and self.diverged_at is None and (not self.evals
                                                              or self.evals[-1]["iteration"] != core.iteration):
-            self.evals.append(self._evaluate(metrics, self.now, self.train_loss_epoch.pop()))
-        summary = self._summary(self.now, self.wall_seconds, self.evals, self.diverged_at)
-        if metrics:
-            metrics.write("summary", **summary)
-            metrics.close()
+            self.evals.append(self._evaluate())
+        summary = recorder.summary(core.summary(), **self._results())
+        if recorder.metrics:
+            recorder.metrics.close()
         if self.out_dir:
-            self.save(self.out_dir / "final.pt")
+            self.save(self.out_dir)
         return SimResult(core.current_params().clone(), summary)
 
     # ----- checkpoints -----------------------------------------------------------------------
@@ -227,12 +198,10 @@ class Simulator:
                 held_params.append(params.cpu().clone())
             held[k] = (slot, ite)
         return {
-            "core": self.core.state_dict(), "run": self.run.to_dict() | {"model": self.run.model},
+            "core": self.core.state_dict(), "run": self.run.to_dict(),
             "held_params": held_params, "held": held, "queue": list(self.queue), "sequence": self.sequence,
             "now": self.now, "rng": self.rng.bit_generator.state, "streams": [s.state_dict() for s in self.streams],
-            "loss": [vars(self.train_loss_window).copy(), vars(self.train_loss_epoch).copy()],
-            "window_delays": list(self.window_delays), "next_eval": self.next_eval, "evals": list(self.evals),
-            "diverged_at": self.diverged_at, "first_window_loss": self.first_window_loss,
+            "recorder": self.recorder.state_dict(), "next_eval": self.next_eval, "evals": list(self.evals),
             "wall_seconds": self.wall_seconds,
         }
 
@@ -247,51 +216,28 @@ class Simulator:
         self.rng.bit_generator.state = state["rng"]
         for stream, st in zip(self.streams, state["streams"], strict=True):
             stream.load_state_dict(st)
-        for mean, st in zip((self.train_loss_window, self.train_loss_epoch), state["loss"]):
-            mean.total, mean.count = st["total"], st["count"]
-        self.window_delays = list(state["window_delays"])
+        self.recorder.load_state_dict(state["recorder"])
         self.next_eval, self.evals = state["next_eval"], list(state["evals"])
-        self.diverged_at, self.wall_seconds = state["diverged_at"], state["wall_seconds"]
-        self.first_window_loss = state.get("first_window_loss")
+        self.wall_seconds = state["wall_seconds"]
 
-    def _evaluate(self, metrics: MetricsWriter | None, now: float, train_loss: float | None) -> dict[str, Any]:
+    def _evaluate(self) -> dict[str, Any]:
         core = self.core
-        result = self.evaluator(core.current_params())
-        record = dict(iteration=core.iteration, epoch=round(core.epoch, 4), time=round(now, 4),
-                      train_loss=train_loss, **result)
-        if metrics:
-            metrics.write("eval", **record)
-        loss_text = f"{train_loss:.4f}" if train_loss is not None else "-"
-        val_text = f"val accuracy {result['val_accuracy']:.4f} " if "val_accuracy" in result else ""
-        self._say(f"eval epoch {core.epoch:.2f}: {val_text}test accuracy {result['test_accuracy']:.4f} "
-                  f"test loss {result['test_loss']:.4f} train loss {loss_text}")
-        return record
+        return self.recorder.evaluation(core.iteration, core.epoch, self.evaluator(core.current_params()))
 
-    def _summary(self, now: float, wall: float, evals: list[dict[str, Any]], diverged_at: int | None) -> dict[str, Any]:
-        core = self.core
-        st = core.staleness
+    def _results(self) -> dict[str, Any]:
+        """What the simulator adds to the summary: wall-clock speed and the evaluations' outcome."""
+        evals, wall = self.evals, self.wall_seconds
         last = evals[-1] if evals else {}
         return dict(
-            algo=self.run.algo, workers=self.run.workers, iterations=core.iteration, epochs=round(core.epoch, 4),
-            time=round(now, 4), wall_seconds=round(wall, 3),
-            gradients_per_second=round(core.iteration / wall, 3) if wall > 0 else None,
+            wall_seconds=round(wall, 3), gradients_per_second=round(self.core.iteration / wall, 3) if wall > 0 else None,
             final_test_accuracy=last.get("test_accuracy"), final_test_loss=last.get("test_loss"),
-            final_train_loss=last.get("train_loss"),
             best_test_accuracy=max((e["test_accuracy"] for e in evals), default=None),
             **({"final_val_accuracy": last.get("val_accuracy"), "final_val_loss": last.get("val_loss")}
                if self.dataset.val_x is not None else {}),
-            diverged=diverged_at is not None, diverged_at_iteration=diverged_at,
-            staleness_mean=round(st.mean, 4), staleness_max=st.maximum,
-            staleness_histogram={str(k): v for k, v in sorted(st.histogram.items())},
-            gradients_per_worker=[rec.gradients_applied for rec in core.workers],
         )
 
-    def save(self, path: Path) -> None:
-        """The final parameters: the flat vector and a model state dict with BatchNorm statistics recomputed."""
-        evaluator = self.evaluator
-        evaluator.model.load_(self.core.current_params())
-        recompute_bn_stats(evaluator.model.module, evaluator.calibration)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"params": self.core.current_params().cpu().clone(), "iteration": self.core.iteration,
-                    "config": self.run.to_dict(), "model_state": evaluator.model.module.state_dict()}, tmp)
-        tmp.replace(path)
+    def save(self, out_dir: Path) -> None:
+        """final.pt: the flat parameters and a model state dict with BatchNorm statistics recomputed."""
+        module = self.evaluator.load(self.core.current_params())
+        save_final(out_dir, self.core.current_params(), self.core.iteration, self.run.to_dict(),
+                   model_state=module.state_dict())

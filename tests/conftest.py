@@ -12,11 +12,12 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from common.codec import GRPC_MESSAGE_OPTIONS
-from common.config import RunConfig
+from common.grpc_options import GRPC_MESSAGE_OPTIONS
+from common.security import ServerSecurity
+from server.config import RunConfig
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
-from server.cli import serve
+from server.cli import ServeOptions, serve_run
 from server.service import ParameterServerService
 
 T = TypeVar("T")
@@ -125,17 +126,22 @@ class RawWorker:
         self.call.cancel()
 
 
-def start_server(run: RunConfig, **serve_kwargs: Any) -> tuple[LiveServer, Callable[[], None]]:
-    """Start `serve(run)` on a fresh loop in a thread; return the live server and its stopper."""
+def start_server(run: RunConfig, *, grace: float = 1.0, security: ServerSecurity = ServerSecurity(),
+                 **options: Any) -> tuple[LiveServer, Callable[[], None]]:
+    """Start `serve_run(run, ServeOptions(**options))` on a fresh loop in a thread (no output directory
+    unless `out` is given); return the live server and its stopper."""
     started: queue.Queue = queue.Queue()
     state: dict[str, Any] = {}
+    serve_options = ServeOptions(**({"out": None} | options))
 
     async def main() -> None:
         state["task"] = asyncio.current_task()
-        await serve(run, on_started=lambda service, port: started.put((service, port)), **serve_kwargs)
+        await serve_run(run, serve_options, security=security, grace=grace,
+                        on_started=lambda service, port: started.put((service, port)))
 
     def target() -> None:
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         state["loop"] = loop
         try:
             loop.run_until_complete(main())

@@ -10,7 +10,8 @@ import torch
 
 from server.algorithms import ALGORITHMS
 from server.algorithms.ormo import delay_adaptive_lr, gradient_group
-from server.core import CoreConfig, ServerCore
+from server.config import RunConfig
+from server.core import ServerCore
 from server.schedule import LRSchedule
 
 # ---------------------------------------------------------------------------------------------
@@ -38,8 +39,12 @@ ORMO_TRACE = [
 
 
 def make_core(algo: str, k: int, lr=1.0, beta=0.5, numel=1, dtype=torch.float64, **kw) -> ServerCore:
+    """A core with a constant eta (or the given schedule) and no end."""
     schedule = lr if isinstance(lr, LRSchedule) else LRSchedule(lr)
-    return ServerCore(torch.zeros(numel, dtype=dtype), CoreConfig(algo, k, schedule, momentum=beta, **kw))
+    run = RunConfig(algo=algo, workers=k, momentum=beta, iterations=10**9, lr=schedule.base_lr,
+                    warmup_epochs=schedule.warmup_epochs, lr_milestones=schedule.milestones, lr_gamma=schedule.gamma,
+                    **kw)
+    return ServerCore(torch.zeros(numel, dtype=dtype), run, schedule.iterations_per_epoch)
 
 
 class Driver:
@@ -124,7 +129,7 @@ def test_ormo_with_one_worker_is_torch_heavy_ball_sgd():
     torch.manual_seed(0)
     eta, beta, n = 0.05, 0.9, 1000
     w0 = torch.randn(n, dtype=torch.float64)
-    core = ServerCore(w0, CoreConfig("ormo", 1, LRSchedule(eta), momentum=beta))
+    core = ServerCore(w0, RunConfig(algo="ormo", workers=1, lr=eta, momentum=beta, lr_milestones=(), iterations=10**9))
     p = torch.nn.Parameter(w0.clone())
     opt = torch.optim.SGD([p], lr=eta, momentum=beta, dampening=0)
     drv = Driver(core)
@@ -213,7 +218,7 @@ def random_run(algo: str, k: int, steps: int, seed: int, n: int = 8, schedule: L
         ite = drv.held[w][1]
         group_before = core.rule.latest_group
         drv.push(w, g)
-        eta = core.rule.effective_lr(core.config.lr_schedule(t), ite, t)
+        eta = core.rule.effective_lr(core.lr_schedule(t), ite, t)
         yield core, eta * g, ite, group_before
 
 
@@ -290,7 +295,7 @@ def test_float32_model_size_tensors_agree_with_float64_scalar_reference(algo):
 
 def test_registry_has_every_method_and_unknown_names_list_them():
     assert set(ALGORITHMS) == {"asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ssgd", "ssgdm"}
-    with pytest.raises(ValueError, match="valid names: asgd, asgdm, ormo, ormo-da"):
+    with pytest.raises(ValueError, match="algo must be one of asgd, asgdm, ormo, ormo-da"):
         make_core("adam", 2)
     with pytest.raises(ValueError, match="ablation"):
         make_core("asgd", 2, vanilla_sgd_step=True)
@@ -309,9 +314,13 @@ def test_lr_schedule_warmup_and_step_decay():
     assert s(49) == pytest.approx(0.4)
     assert s(50) == pytest.approx(0.04)
     assert s(80) == pytest.approx(0.004)
-    for bad in [dict(base_lr=0), dict(base_lr=0.1, milestones=(5, 3)), dict(base_lr=0.1, gamma=0)]:
-        with pytest.raises(ValueError):
-            LRSchedule(**bad)
+    with pytest.raises(ValueError, match="iterations_per_epoch"):
+        LRSchedule(0.1, iterations_per_epoch=0)
+    # The rate's own rules are the run's settings, checked once, by RunConfig.
+    for bad, field in [(dict(lr=0), "lr must be > 0"), (dict(lr_milestones=(5, 3)), "lr_milestones"),
+                       (dict(lr_gamma=0), "lr_gamma must be in"), (dict(warmup_epochs=-1), "warmup_epochs")]:
+        with pytest.raises(ValueError, match=field):
+            RunConfig(**bad)
 
 
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))

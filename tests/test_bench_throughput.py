@@ -31,7 +31,7 @@ def throughput():
 
 
 def test_pusher_message_options_match_the_codec() -> None:
-    from common.codec import GRPC_MESSAGE_OPTIONS
+    from common.grpc_options import GRPC_MESSAGE_OPTIONS
 
     assert _load("grad_pusher").GRPC_MESSAGE_OPTIONS == GRPC_MESSAGE_OPTIONS
 

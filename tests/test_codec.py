@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import codec
+from common import codec, grpc_options
 from common.codec import CodecError, check_finite, decode, encode
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
@@ -199,12 +199,12 @@ def test_decode_to_cuda() -> None:
     assert torch.equal(decode(encode(out)), t)  # and back from the GPU
 
 
-def test_dtype_helpers() -> None:
-    assert codec.to_pb_dtype(torch.bfloat16) == pb.DTYPE_BFLOAT16
-    assert codec.to_torch_dtype(pb.DTYPE_FLOAT16) == torch.float16
-    assert [codec.itemsize(d) for d in DTYPES] == [4, 2, 2, 8]
+def test_wire_dtypes_and_their_sizes() -> None:
+    assert encode(torch.zeros(3, dtype=torch.bfloat16)).dtype == pb.DTYPE_BFLOAT16
+    assert decode(encode(torch.zeros(3, dtype=torch.float16))).dtype == torch.float16
+    assert [len(encode(torch.zeros(1, dtype=d)).data) for d in DTYPES] == [4, 2, 2, 8]
     with pytest.raises(CodecError):
-        codec.to_pb_dtype(torch.int8)
+        encode(torch.zeros(1, dtype=torch.int8))
 
 
 # --- check_finite -----------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_arbitrary_messages_decode_or_raise_codec_error(dtype, numel, data, expe
         return
     assert out.ndim == 1 and out.numel() == numel
     assert out.numel() * out.element_size() == len(data)
-    assert codec.to_pb_dtype(out.dtype) == dtype
+    assert encode(out).dtype == dtype
 
 
 # --- through real gRPC ------------------------------------------------------------------------------
@@ -357,19 +357,19 @@ def _echo(port: int, t: torch.Tensor, options: list | None) -> pb.Parameters:
 
 
 def test_message_options_raise_both_limits() -> None:
-    assert dict(codec.GRPC_MESSAGE_OPTIONS) == {
-        "grpc.max_send_message_length": codec.MAX_MESSAGE_BYTES,
-        "grpc.max_receive_message_length": codec.MAX_MESSAGE_BYTES,
+    assert dict(grpc_options.GRPC_MESSAGE_OPTIONS) == {
+        "grpc.max_send_message_length": grpc_options.MAX_MESSAGE_BYTES,
+        "grpc.max_receive_message_length": grpc_options.MAX_MESSAGE_BYTES,
     }
-    assert codec.MAX_MESSAGE_BYTES >= 100_000_000 * 8 + 1024  # 100M float64 parameters fit
-    assert codec.grpc_message_options(-1)[0] == ("grpc.max_send_message_length", -1)
+    assert grpc_options.MAX_MESSAGE_BYTES >= 100_000_000 * 8 + 1024  # 100M float64 parameters fit
+    assert grpc_options.grpc_message_options(-1)[0] == ("grpc.max_send_message_length", -1)
     with pytest.raises(ValueError, match="max_bytes"):
-        codec.grpc_message_options(2**31)
+        grpc_options.grpc_message_options(2**31)
 
 
 def test_small_tensor_round_trips_through_grpc(echo_server) -> None:
     t = torch.randn(1000)
-    params = _echo(echo_server(codec.GRPC_MESSAGE_OPTIONS), t, codec.GRPC_MESSAGE_OPTIONS)
+    params = _echo(echo_server(grpc_options.GRPC_MESSAGE_OPTIONS), t, grpc_options.GRPC_MESSAGE_OPTIONS)
     assert params.iteration_index == 42
     assert torch.equal(decode(params.tensor, expected_numel=1000), t)
 
@@ -377,7 +377,7 @@ def test_small_tensor_round_trips_through_grpc(echo_server) -> None:
 # 8 MB is over gRPC's 4 MiB default receive limit: without the options one end or the other refuses it.
 @pytest.mark.parametrize(
     ("server_options", "client_options"),
-    [(None, None), (None, codec.GRPC_MESSAGE_OPTIONS), (codec.GRPC_MESSAGE_OPTIONS, None)],
+    [(None, None), (None, grpc_options.GRPC_MESSAGE_OPTIONS), (grpc_options.GRPC_MESSAGE_OPTIONS, None)],
     ids=["neither", "client-only", "server-only"],
 )
 def test_grpc_refuses_large_tensors_without_the_options_on_both_ends(
@@ -413,10 +413,10 @@ def test_100m_parameters_round_trip_through_grpc(echo_server) -> None:
     numel = 100_000_000  # 400 MB of float32, both directions on one Train stream
     gc.collect()
     rss_before = _reset_peak_rss()
-    port = echo_server(codec.GRPC_MESSAGE_OPTIONS)
+    port = echo_server(grpc_options.GRPC_MESSAGE_OPTIONS)
     t = torch.arange(numel, dtype=torch.float32)  # not all zeros: a lost or misplaced chunk shows
     start = time.perf_counter()
-    params = _echo(port, t, codec.GRPC_MESSAGE_OPTIONS)
+    params = _echo(port, t, grpc_options.GRPC_MESSAGE_OPTIONS)
     out = decode(params.tensor, expected_numel=numel, expected_dtype=torch.float32, copy=False)
     elapsed = time.perf_counter() - start
     del params

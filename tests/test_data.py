@@ -22,13 +22,11 @@ from common.data import (
     BatchStream,
     Dataset,
     augment_batch,
-    bn_calibration_batches,
-    eval_batches,
-    evaluate,
     iterations_per_epoch,
     load_dataset,
     make_synthetic,
 )
+from common.evaluation import bn_calibration_batches, eval_batches, evaluate
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
@@ -488,9 +486,9 @@ def test_split_validation_holds_out_the_same_samples_for_every_run_and_evaluatio
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    result = data.evaluate(model, split)
+    result = evaluate(model, split)
     assert set(result) == {"val_accuracy", "val_loss", "test_accuracy", "test_loss"}
-    assert result["test_accuracy"] == data.evaluate(model, digits)["test_accuracy"]
+    assert result["test_accuracy"] == evaluate(model, digits)["test_accuracy"]
     logits = model(split.normalize(split.val_x))
     assert result["val_accuracy"] == pytest.approx(float((logits.argmax(1) == split.val_y).float().mean()))
 

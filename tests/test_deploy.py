@@ -136,14 +136,33 @@ class Container:
     spec: dict
 
 
+def config_maps() -> dict[str, dict[str, str]]:
+    """The ConfigMaps kustomization.yaml generates, by name: their keys and values (env files)."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    maps = {}
+    for generator in kustomization.get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for env_file in generator.get("envs", []):
+            for line in (K8S / env_file).read_text().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    name, _, value = line.partition("=")
+                    data[name.strip()] = value
+        maps[generator["name"]] = data
+    return maps
+
+
 def k8s_containers() -> list[Container]:
     found = []
+    maps = config_maps()
     for obj in k8s_objects():
         pod = obj.get("spec", {}).get("template", {}).get("spec")
         if pod is None:
             continue
         for c in pod.get("initContainers", []) + pod["containers"]:
-            env = {e["name"]: str(e.get("value", "")) for e in c.get("env", [])}
+            env = {}
+            for source in c.get("envFrom", []):  # the explicit env below wins, as in Kubernetes
+                env |= maps[source["configMapRef"]["name"]]
+            env |= {e["name"]: str(e.get("value", "")) for e in c.get("env", [])}
             found.append(Container(f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}",
                                    list(c.get("command", [])) + list(c.get("args", [])), env, c))
     return found
@@ -169,7 +188,10 @@ def job(name: str) -> dict:
 
 def k8s_env(obj: dict, container: int = 0) -> dict[str, str]:
     c = obj["spec"]["template"]["spec"]["containers"][container]
-    return {e["name"]: str(e.get("value", "")) for e in c.get("env", [])}
+    env = {}
+    for source in c.get("envFrom", []):
+        env |= config_maps()[source["configMapRef"]["name"]]
+    return env | {e["name"]: str(e.get("value", "")) for e in c.get("env", [])}
 
 
 # ----- validators --------------------------------------------------------------------------------
@@ -199,7 +221,9 @@ def test_kustomize_renders_valid_manifests(tmp_path):
     rendered = run_tool(tool("kubectl"), "kustomize", str(K8S))
     assert rendered.returncode == 0, rendered.stderr
     objects = [d for d in yaml.safe_load_all(rendered.stdout) if d]
-    assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == sorted(
+    generated = [(o["kind"], o["metadata"]["name"].rsplit("-", 1)[0]) for o in objects if o["kind"] == "ConfigMap"]
+    assert generated == [("ConfigMap", name) for name in config_maps()]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] != "ConfigMap") == sorted(
         (o["kind"], o["metadata"]["name"]) for o in k8s_objects())
     out = tmp_path / "rendered.yaml"
     out.write_text(rendered.stdout)
@@ -487,3 +511,17 @@ def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
     # the run is over and the server gone: the probe says so
     gone = subprocess.run(health, env=server_env, capture_output=True, timeout=30, check=False)
     assert gone.returncode == 1
+
+
+def test_the_run_settings_in_the_container_files_are_current():
+    """docker-compose.yml's x-run-env block and deploy/k8s/run.env are written from RunConfig (make deploy-env)."""
+    result = subprocess.run([sys.executable, str(ROOT / "deploy" / "environment.py"), "--check"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    run_env = compose()["x-run-env"]
+    from common.settings import env_names
+    from server.config import RunConfig
+
+    assert list(run_env) == env_names(RunConfig)
+    assert set(env_names(RunConfig)) <= set(service_env(compose()["services"]["server"]))
+    assert set(env_names(RunConfig)) <= set(k8s_env(job("ps-server")))

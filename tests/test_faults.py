@@ -14,8 +14,9 @@ import grpc
 import pytest
 import torch
 
-from common.codec import GRPC_MESSAGE_OPTIONS, encode
-from common.config import RunConfig
+from common.codec import encode
+from common.grpc_options import GRPC_MESSAGE_OPTIONS
+from server.config import RunConfig
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

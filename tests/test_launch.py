@@ -15,8 +15,8 @@ import grpc
 import pytest
 import torch
 
-from common.codec import GRPC_MESSAGE_OPTIONS
-from common.config import RunConfig
+from common.grpc_options import GRPC_MESSAGE_OPTIONS
+from server.config import RunConfig
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc

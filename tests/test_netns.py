@@ -167,7 +167,11 @@ def test_a_cut_worker_rejoins_across_namespaces_and_the_run_finishes(hosts, proc
     rejoin_seconds = time.monotonic() - restored_at
     assert rejoin_seconds <= REJOIN_SECONDS, f"w1 took {rejoin_seconds:.1f}s to rejoin"
 
-    assert server.proc.wait(timeout=120) == 0, server.output()[-3000:]
+    try:
+        server.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(server.output()[-4000:]) from None
+    assert server.proc.returncode == 0, server.output()[-3000:]
     assert server.find_all(rf"run finished at iteration {ITERATIONS}\b")
     for name, w in workers.items():
         assert w.proc.wait(timeout=30) == 0, w.output()[-3000:]

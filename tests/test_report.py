@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from common.config import RunConfig
+from server.config import RunConfig
 from common.data import load_dataset
 from report.cli import main as plot_main
 from report.runs import find_runs

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.codec import GRPC_MESSAGE_OPTIONS
-from common.config import RunConfig
+from common.grpc_options import GRPC_MESSAGE_OPTIONS
+from server.config import RunConfig
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.security import ClientSecurity, ServerSecurity, is_loopback, warn_if_exposed

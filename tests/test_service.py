@@ -7,6 +7,8 @@ worker's next gradient is applied and the refused worker may come back with its 
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import signal
@@ -24,8 +26,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.codec import GRPC_MESSAGE_OPTIONS, decode, encode
-from common.config import RunConfig
+from common.codec import decode, encode
+from common.grpc_options import GRPC_MESSAGE_OPTIONS
+from server.config import RunConfig
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from server.core import ServerCore
@@ -97,7 +100,8 @@ def start_run(make: MakeWorker) -> tuple[RawWorker, RawWorker]:
 
 def reference_core(server: LiveServer, w0: torch.Tensor) -> ServerCore:
     """A fresh core with the server's config and w_0: what the server must match after the good pushes."""
-    ref = ServerCore(w0.clone(), server.service.core.config)
+    core = server.service.core
+    ref = ServerCore(w0.clone(), core.run, core.lr_schedule.iterations_per_epoch)
     ref.start()
     return ref
 
@@ -189,9 +193,9 @@ BAD_GRADIENTS = [
      f"tensor data is {4 * N - 3} bytes, expected numel {N}", "tensor"),
     ("dtype unspecified", gradient_message(0, _tensor(pb.DTYPE_UNSPECIFIED, N, 4 * N)),
      "DTYPE_UNSPECIFIED", "tensor"),
-    ("NaN", gradient_message(0, _with(float("nan"))), "NaN or infinite", "nonfinite"),
-    ("Inf", gradient_message(0, _with(float("inf"))), "NaN or infinite", "nonfinite"),
-    ("-Inf", gradient_message(0, _with(float("-inf"))), "NaN or infinite", "nonfinite"),
+    ("NaN", gradient_message(0, _with(float("nan"))), "is not finite", "nonfinite"),
+    ("Inf", gradient_message(0, _with(float("inf"))), "is not finite", "nonfinite"),
+    ("-Inf", gradient_message(0, _with(float("-inf"))), "is not finite", "nonfinite"),
     ("index from the future", gradient_message(5), "iteration index 5 is from the future", "invalid_argument"),
     ("index not the one sent", gradient_message(1),
      "worker 0 was sent parameters with index 0, but its gradient claims index 1", "invalid_argument"),
@@ -471,3 +475,18 @@ def test_a_worker_whose_id_was_taken_gets_a_free_slot(server: LiveServer, raw_wo
     returning.ready()
     assert newcomer.parameters().iteration_index == 0 and returning.parameters().iteration_index == 0
     assert status(server).workers_connected == 2
+
+
+def test_checkpoints_asked_for_at_once_are_written_one_after_the_other(tmp_path):
+    """The final checkpoint can be asked for while a periodic one is being written: both write the same
+    temporary file, so they must not overlap (they did: the run then never finished)."""
+    from server.cli import ServeOptions, build_service
+
+    service = build_service(RunConfig(workers=1, dataset="digits", model="mlp", batch_size=32, iterations=10),
+                            ServeOptions(out=str(tmp_path)))
+
+    async def many() -> list:
+        return await asyncio.gather(*(service.checkpoint() for _ in range(8)))
+
+    assert asyncio.run(many()) == [tmp_path / "checkpoint.pt"] * 8
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.config import RunConfig
+from server.config import RunConfig
 from common.pb import parameter_server_pb2 as pb
 from tests.conftest import RawWorker
 

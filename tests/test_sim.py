@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import RunConfig
+from server.config import RunConfig
 from common.data import BatchStream, load_dataset
 from common.metrics import read_metrics
 from common.models import FlatModel, build_model

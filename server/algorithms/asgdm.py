@@ -29,4 +29,5 @@ class NaiveMomentum(UpdateRule):
         self.u.copy_(state["u"])
 
 
-register("asgdm", NaiveMomentum, "async", "naive asynchronous SGD with momentum (arrival order)")
+register("asgdm", NaiveMomentum, "async", "naive asynchronous SGD with momentum (arrival order)",
+         label="naive ASGDm", paper_rank=2)

@@ -59,6 +59,8 @@ class AlgorithmSpec:
     factory: Callable[..., UpdateRule]
     default_scheduler: str
     summary: str
+    label: str  # the method's name in tables and figures, as the paper writes it
+    paper_rank: int  # its place in the paper's tables (baselines first)
     options: tuple[str, ...] = ()  # keyword options the factory accepts (e.g. OrMo's `vanilla_sgd_step`)
 
 
@@ -70,13 +72,16 @@ def register(
     factory: Callable[..., UpdateRule],
     default_scheduler: str,
     summary: str,
+    *,
+    label: str,
+    paper_rank: int,
     options: tuple[str, ...] = (),
 ) -> None:
     if name in ALGORITHMS:
         raise ValueError(f"algorithm {name!r} registered twice")
     if default_scheduler not in SCHEDULERS:
         raise ValueError(f"default_scheduler must be one of {SCHEDULERS}, got {default_scheduler!r}")
-    ALGORITHMS[name] = AlgorithmSpec(name, factory, default_scheduler, summary, options)
+    ALGORITHMS[name] = AlgorithmSpec(name, factory, default_scheduler, summary, label, paper_rank, options)
 
 
 def get_algorithm(name: str) -> AlgorithmSpec:

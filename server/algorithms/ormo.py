@@ -88,6 +88,8 @@ def _ormo_da(w: torch.Tensor, num_workers: int, momentum: float, **options: Any)
 
 
 _OPTIONS = ("vanilla_sgd_step",)
-register("ormo", OrderedMomentum, "async", "Ordered Momentum", _OPTIONS)
-register("ormo-da", _ormo_da, "async", "Ordered Momentum with a delay-adaptive learning rate", _OPTIONS)
-register("ssgdm", OrderedMomentum, "sync", "synchronous SGD with momentum (OrMo's lines, synchronous scheduler)")
+register("ormo", OrderedMomentum, "async", "Ordered Momentum", label="OrMo", paper_rank=5, options=_OPTIONS)
+register("ormo-da", _ormo_da, "async", "Ordered Momentum with a delay-adaptive learning rate", label="OrMo-DA",
+         paper_rank=6, options=_OPTIONS)
+register("ssgdm", OrderedMomentum, "sync", "synchronous SGD with momentum (OrMo's lines, synchronous scheduler)",
+         label="SSGDm", paper_rank=8)

@@ -16,5 +16,5 @@ class PlainSGD(UpdateRule):
         self.w.add_(g, alpha=-lr)
 
 
-register("asgd", PlainSGD, "async", "asynchronous SGD (Algorithm 1, option II)")
-register("ssgd", PlainSGD, "sync", "synchronous SGD (Algorithm 1, option I)")
+register("asgd", PlainSGD, "async", "asynchronous SGD (Algorithm 1, option II)", label="ASGD", paper_rank=1)
+register("ssgd", PlainSGD, "sync", "synchronous SGD (Algorithm 1, option I)", label="SSGD", paper_rank=7)

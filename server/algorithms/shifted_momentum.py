@@ -33,4 +33,5 @@ class ShiftedMomentum(UpdateRule):
         self.worker_momentum = {int(key[2:]): t.clone().to(self.w) for key, t in state.items()}
 
 
-register("shifted-momentum", ShiftedMomentum, "async", "shifted momentum, one buffer per worker")
+register("shifted-momentum", ShiftedMomentum, "async", "shifted momentum, one buffer per worker",
+         label="shifted momentum", paper_rank=3)

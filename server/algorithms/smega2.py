@@ -53,4 +53,5 @@ class SMEGA2(UpdateRule):
         self.step = int(state["step"])
 
 
-register("smega2", SMEGA2, "async", "SMEGA2: momentum with an estimate of the future parameter")
+register("smega2", SMEGA2, "async", "SMEGA2: momentum with an estimate of the future parameter", label="SMEGA2",
+         paper_rank=4)
