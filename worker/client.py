@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from common.codec import GRPC_MESSAGE_OPTIONS, decode, encode
+from common.codec import decode, encode
 from common.data import BatchStream, Dataset, load_dataset
 from common.gradients import GradientComputer
-from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
+from common.grpc_options import GRPC_OPTIONS
 from common.models import FlatModel, build_model
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
@@ -77,8 +77,7 @@ class Worker:
         backoff = opts.backoff_initial
         unreachable_since: float | None = None
         shutdown_seen = False
-        channel_options = GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS
-        async with opts.security.aio_channel(opts.server, channel_options) as channel:
+        async with opts.security.aio_channel(opts.server, GRPC_OPTIONS) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
             while True:
                 sent_before = self.gradients_sent

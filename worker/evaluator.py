@@ -19,10 +19,11 @@ import click
 import grpc
 
 from common.cli_options import client_process_options, run_cli, setup_client_process
-from common.codec import GRPC_MESSAGE_OPTIONS, decode
+from common.codec import decode
 from common.data import load_dataset
+from common.grpc_options import GRPC_OPTIONS
 from common.evaluation import Evaluator
-from common.metrics import MetricsWriter
+from common.metrics import MetricsWriter, describe_eval, write_eval
 from common.models import FlatModel, build_model
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
@@ -43,7 +44,7 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
     last_seen = time.monotonic()
     try:
         metadata = security.call_metadata()
-        with security.channel(server, GRPC_MESSAGE_OPTIONS) as channel:
+        with security.channel(server, GRPC_OPTIONS) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
             while True:
                 try:
@@ -75,12 +76,9 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                     if last_record is None or last_record["iteration"] != params.iteration_index:
                         result = evaluator(decode(params.tensor, expected_numel=evaluator.model.numel))
                         train_loss = status.train_loss if math.isfinite(status.train_loss) else None
-                        last_record = dict(iteration=params.iteration_index, epoch=round(params.epoch, 4),
-                                           time=round(status.uptime_seconds, 4), train_loss=train_loss, **result)
-                        if metrics:
-                            metrics.write("eval", **last_record)
-                        logger.info("eval at epoch %.2f: test accuracy %.4f test loss %.4f", params.epoch,
-                                    result["test_accuracy"], result["test_loss"])
+                        last_record = write_eval(metrics, params.iteration_index, params.epoch,
+                                                 status.uptime_seconds, train_loss, result)
+                        logger.info("%s", describe_eval(last_record))
                     while next_eval <= status.epoch:
                         next_eval += eval_every
                 if status.done:
@@ -94,7 +92,7 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--server", default="127.0.0.1:50051", help="The parameter server's HOST:PORT.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where the test set is.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Append eval records to OUT/metrics.jsonl.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0, help="Epochs between evaluations (0: end only).")
 @click.option("--poll", type=click.FloatRange(min=0.05), default=1.0, help="Seconds between status polls.")
@@ -104,7 +102,7 @@ def cli(**kw) -> None:
     security = setup_client_process(kw)
     try:
         record = run_evaluator(kw["server"], data_dir=kw["data_dir"],
-                               out_dir=Path(kw["out_dir"]) if kw["out_dir"] else None, eval_every=kw["eval_every"],
+                               out_dir=Path(kw["out"]) if kw["out"] else None, eval_every=kw["eval_every"],
                                poll=kw["poll"], server_timeout=kw["server_timeout"], device=kw["device"],
                                security=security)
     except (ValueError, FileNotFoundError) as e:
