@@ -54,23 +54,23 @@ sim: install
 DATA_DIR ?= /tmp/ormo-ps-cifar10
 
 bench-stability:
-	$(PYTHON) bench/stability.py
+	$(PYTHON) -m bench.stability
 
 bench-quick:
-	$(PYTHON) bench/stability.py
-	$(PYTHON) bench/convergence.py --variant quick
-	$(PYTHON) bench/update_cost.py --repeats 10
-	$(PYTHON) bench/sim_overhead.py --iterations 20 --repeats 2 --out bench/results/sim_overhead_quick
-	$(PYTHON) bench/throughput.py --quick
+	$(PYTHON) -m bench.stability
+	$(PYTHON) -m bench.convergence --variant quick
+	$(PYTHON) -m bench.update_cost --repeats 10
+	$(PYTHON) -m bench.sim_overhead --iterations 20 --repeats 2 --out bench/results/sim_overhead_quick
+	$(PYTHON) -m bench.throughput --quick
 
 $(DATA_DIR)/train:
 	mkdir -p $(DATA_DIR) && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C $(DATA_DIR)
 
 bench: $(DATA_DIR)/train
-	$(PYTHON) bench/sim_overhead.py --data-dir $(DATA_DIR)
-	$(PYTHON) bench/update_cost.py
-	$(PYTHON) bench/throughput.py
-	$(PYTHON) bench/convergence.py --variant cpu --data-dir $(DATA_DIR) --seeds 3
-	$(PYTHON) bench/wallclock.py --dataset cifar10 --data-dir $(DATA_DIR) --model small-cnn --batch-size 32 --epochs 2 --lr 0.01 --momentum-lr 0.002 --warmup-epochs 0.2 --eval-every 0.25
-	$(PYTHON) bench/soak.py --seconds 120
-	$(PYTHON) bench/chaos.py
+	$(PYTHON) -m bench.sim_overhead --data-dir $(DATA_DIR)
+	$(PYTHON) -m bench.update_cost
+	$(PYTHON) -m bench.throughput
+	$(PYTHON) -m bench.convergence --variant cpu --data-dir $(DATA_DIR) --seeds 3
+	$(PYTHON) -m bench.wallclock --dataset cifar10 --data-dir $(DATA_DIR) --model small-cnn --batch-size 32 --epochs 2 --lr 0.01 --momentum-lr 0.002 --warmup-epochs 0.2 --eval-every 0.25
+	$(PYTHON) -m bench.soak --seconds 120
+	$(PYTHON) -m bench.chaos

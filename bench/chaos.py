@@ -2,7 +2,7 @@
 that the run finishes with test accuracy within noise of an undisturbed run, with every gradient
 accounted for. Writes bench/results/chaos.{json,md}.
 
-    python bench/chaos.py            # digits + MLP, K=4, 4000 iterations, 2 server kills, 6 worker kills
+    python -m bench.chaos            # digits + MLP, K=4, 4000 iterations, 2 server kills, 6 worker kills
 
 Accounting: every gradient a worker sent is either applied in the final run, rolled back (applied after
 the last checkpoint before a server kill), lost in flight (its worker or the server was killed before it
@@ -16,28 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common.codec import GRPC_MESSAGE_OPTIONS  # noqa: E402
-from common.metrics import read_metrics  # noqa: E402
-from common.pb import parameter_server_pb2 as pb  # noqa: E402
-from common.pb import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import harness, processes
+from common.codec import GRPC_MESSAGE_OPTIONS
+from common.metrics import read_metrics
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
 
 
 class Cluster:
@@ -49,8 +42,7 @@ class Cluster:
         self.worker_logs: list[Path] = []
 
     def _start(self, argv: list[str], log: Path) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=self.env, text=True,
-                             stdout=open(log, "a"), stderr=subprocess.STDOUT)
+        p = processes.start(argv[0], argv[1:], log=log, env=self.env)
         self.procs.append(p)
         return p
 
@@ -63,14 +55,8 @@ class Cluster:
         log = self.out / "server.log"
         start = log.stat().st_size if log.exists() else 0
         p = self._start(argv, log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = re.search(r"listening on \S+:(\d+)", log.read_text()[start:])
-            if m:
-                self.port = int(m.group(1))
-                return p
-            time.sleep(0.1)
-        raise RuntimeError("the server did not start")
+        self.port = int(processes.wait_for_line(log, r"listening on \S+:(\d+)", p, 60, offset=start).group(1))
+        return p
 
     def worker(self, k: int) -> subprocess.Popen:
         log = self.out / f"worker-{k}-{len(self.worker_logs)}.log"
@@ -167,16 +153,15 @@ def _checkpoint_iteration(out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser("chaos", __doc__, out="chaos")
     p.add_argument("--algo", default="ormo")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--iterations", type=int, default=4000)
-    p.add_argument("--server-kills", type=int, default=2)
-    p.add_argument("--worker-kills", type=int, default=6)
+    p.add_argument("--server-kills", type=int, default=2, help="SIGKILLs of the server per chaos run")
+    p.add_argument("--worker-kills", type=int, default=6, help="SIGKILLs of random workers per chaos run")
     p.add_argument("--seeds", type=int, default=2, help="undisturbed and chaos runs each, to measure the noise")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--out", type=Path, default=RESULTS / "chaos")
+    p.add_argument("--timeout", type=float, default=600, help="seconds a run may take")
     args = p.parse_args(argv)
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     rows = []
@@ -190,27 +175,22 @@ def main(argv: list[str] | None = None) -> dict:
                 say(json.dumps(rows[-1]))
     calm = [r["test_accuracy"] for r in rows if not r["chaos"]]
     wild = [r["test_accuracy"] for r in rows if r["chaos"]]
-    meta = dict(command="python bench/chaos.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=platform.platform(),
-                seconds=round(time.monotonic() - t0, 1))
+    meta = harness.run_meta("chaos", argv) | dict(seconds=round(time.monotonic() - t0, 1))
     result = dict(meta=meta, rows=rows, undisturbed_accuracy=calm, chaos_accuracy=wild)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["# Chaos run", "", f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; machine: "
-             f"{meta['machine']}; took {meta['seconds']} s.", "",
-             f"{args.algo}, K={args.workers}, digits + MLP, {args.iterations} iterations; the chaos runs SIGKILL the "
-             f"server {args.server_kills} times (restarted with --resume on the same port) and random workers "
-             f"{args.worker_kills} times (restarted; they reconnect with a new id).", "",
-             "| seed | run | kills (server/worker) | iterations | applied | rolled back | rejected | test accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {'chaos' if r['chaos'] else 'undisturbed'} | {r['kills']['server']}/"
-                     f"{r['kills']['worker']} | {r['iterations']} | {r['gradients_applied']} | {r['rolled_back']} | "
-                     f"{r['gradients_rejected']} | {r['test_accuracy']:.4f} |")
-    lines += ["", "`applied` counts the gradients applied in the final state (it equals the iterations: every applied "
-              "gradient is accounted for); `rolled back` were applied after the last checkpoint before a server kill "
-              "and applied again after resuming from it."]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    header = ("seed", "run", "kills (server/worker)", "iterations", "applied", "rolled back", "rejected",
+              "test accuracy")
+    cells = [(r["seed"], "chaos" if r["chaos"] else "undisturbed", f"{r['kills']['server']}/{r['kills']['worker']}",
+              r["iterations"], r["gradients_applied"], r["rolled_back"], r["gradients_rejected"],
+              f"{r['test_accuracy']:.4f}") for r in rows]
+    harness.save(args.out, result, [
+        "# Chaos run", "", *harness.meta_lines(meta), "",
+        f"{args.algo}, K={args.workers}, digits + MLP, {args.iterations} iterations; the chaos runs SIGKILL the "
+        f"server {args.server_kills} times (restarted with --resume on the same port) and random workers "
+        f"{args.worker_kills} times (restarted; they reconnect with a new id).", "",
+        harness.table(header, cells), "",
+        "`applied` counts the gradients applied in the final state (it equals the iterations: every applied "
+        "gradient is accounted for); `rolled back` were applied after the last checkpoint before a server kill "
+        "and applied again after resuming from it."])
     return result
 
 

@@ -4,10 +4,10 @@ Drives the repository's docker-compose.yml (the image must be built: `make image
 watches the server's log, samples every container's memory with `docker stats`, copies the results volume
 out at the end and checks it. Each scenario writes `OUT/<scenario>.json` and a transcript `OUT/<scenario>.log`:
 
-    python bench/containers.py hom --workers 64                 # PS_WORKERS=64 docker compose up --scale worker=64
-    python bench/containers.py het --workers 48 --slow 16       # ... --scale worker=48 --scale slow-worker=16
-    python bench/containers.py faults --workers 16              # kill the server, resume; kill 4 workers, restart one
-    python bench/containers.py cifar --workers 8 --data ORMO_DATA_DIR   # CIFAR-10 through the read-only mount
+    python -m bench.containers hom --workers 64                 # PS_WORKERS=64 docker compose up --scale worker=64
+    python -m bench.containers het --workers 48 --slow 16       # ... --scale worker=48 --scale slow-worker=16
+    python -m bench.containers faults --workers 16              # kill the server, resume; kill 4 workers, restart one
+    python -m bench.containers cifar --workers 8 --data ORMO_DATA_DIR   # CIFAR-10 through the read-only mount
 
 Extra `KEY=VALUE` arguments after `--env` reach compose's environment (PS_ITERATIONS=2000, PS_ALGO=...).
 Every container this starts belongs to the compose project `--project` and is removed at the end, volumes
@@ -33,8 +33,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "containers"
+from bench import harness
+
+ROOT = harness.REPO
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 STARTED = re.compile(r"^(\S+ \S+) INFO server\.service: run started with (\d+) workers", re.M)
 ITERATION = re.compile(r"^(\S+ \S+) INFO server\.service: iter (\d+)/(\d+) ", re.M)
@@ -283,7 +284,7 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             compose("down", "-v", "--remove-orphans", quiet=True, check=False)
         transcript.close()
-    (out / f"{args.scenario}.json").write_text(json.dumps(result, indent=1) + "\n")
+    harness.write_json(out / f"{args.scenario}.json", result)
     return result
 
 
@@ -335,7 +336,7 @@ def _round(x: float | None) -> float | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser("containers", __doc__, out="containers")
     p.add_argument("scenario", choices=["hom", "het", "faults", "cifar"])
     p.add_argument("--workers", type=int, default=64, help="replicas of `worker`")
     p.add_argument("--slow", type=int, default=0, help="replicas of `slow-worker`")
@@ -348,7 +349,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, default=3600.0)
     p.add_argument("--stats-every", type=float, default=5.0)
     p.add_argument("--keep", action="store_true", help="leave the containers and volumes")
-    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.dataset = args.dataset or ("cifar10" if args.scenario == "cifar" else "digits")
     return args
@@ -359,8 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         raise SystemExit("no Docker engine answers: start dockerd (see `make test-containers`)")
     result = run_scenario(args)
-    result["command"] = "python bench/containers.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / f"{args.scenario}.json").write_text(json.dumps(result, indent=1) + "\n")
+    result["command"] = harness.command_line("containers", argv)
+    harness.write_json(args.out / f"{args.scenario}.json", result)
     print(json.dumps({k: v for k, v in result.items() if k != "gradients_per_worker"}, indent=1))
 
 

@@ -4,10 +4,10 @@ Each (method, K, setting, seed) is one `ps-sim` run into OUT/runs/<method>-K<k>-
 table (mean ± std over seeds, the paper's format) and the figures come from `ps-plot`'s code. Runs go in
 parallel processes (one torch thread each). Variants:
 
-    python bench/convergence.py --variant quick   # digits + MLP: a few minutes on 2 cores
-    python bench/convergence.py --variant cpu     # CIFAR-10 subset + small CNN: the scaled-down recipe
-    python bench/convergence.py --variant paper --data-dir D   # ResNet20, full CIFAR-10, 160 epochs (GPU)
-    python bench/convergence.py --variant k64 --data-dir D     # tuned eta per method, 20,000 iterations (CPU)
+    python -m bench.convergence --variant quick   # digits + MLP: a few minutes on 2 cores
+    python -m bench.convergence --variant cpu     # CIFAR-10 subset + small CNN: the scaled-down recipe
+    python -m bench.convergence --variant paper --data-dir D   # ResNet20, full CIFAR-10, 160 epochs (GPU)
+    python -m bench.convergence --variant k64 --data-dir D     # tuned eta per method, 20,000 iterations (CPU)
 
 Heterogeneous ("het."): a quarter of the workers are `--slow-factor` times slower (simulated time).
 
@@ -20,21 +20,16 @@ study is started again, so an interrupted study continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import harness
 METHODS = ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da"]
 # OrMo's ablation (the paper's Table 4): a method name of the study, the algorithm `ormo` with the flag.
 ABLATION = "ormo-vanilla"
@@ -177,32 +172,28 @@ def tune(v: dict, args, out: Path) -> tuple[list[dict], dict]:
 
 def grid_table(tuning: dict) -> str:
     """Validation accuracy (%) of every eta tried (seed 0); the chosen one in bold, divergence named."""
-    cells = sorted(tuning["grid"], key=lambda c: (c[1], c[2] != "hom", METHOD_ORDER_ALL.index(c[0])))
-    columns = sorted({(k, s) for _, k, s in cells}, key=lambda g: (g[0], g[1] != "hom"))
-    methods = sorted({c[0] for c in cells}, key=METHOD_ORDER_ALL.index)
-    lines = ["| method | " + " | ".join(f"{k} {s}." for k, s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for m in methods:
-        row = [LABELS.get(m, m)]
-        for k, s in columns:
-            parts = []
-            for lr, r, _ in tuning["grid"].get((m, k, s), []):
-                text = "diverged" if r["diverged"] else ("-" if r.get("val_accuracy") is None
-                                                         else f"{100 * r['val_accuracy']:.1f}")
-                text = f"{lr:g}: {text}"
-                parts.append(f"**{text}**" if lr == tuning["chosen"][(m, k, s)] else text)
-            row.append("<br>".join(parts))
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    def cell(m: str, k: int, s: str) -> str:
+        parts = []
+        for lr, r, _ in tuning["grid"].get((m, k, s), []):
+            text = "diverged" if r["diverged"] else ("-" if r.get("val_accuracy") is None
+                                                     else f"{100 * r['val_accuracy']:.1f}")
+            text = f"{lr:g}: {text}"
+            parts.append(f"**{text}**" if lr == tuning["chosen"][(m, k, s)] else text)
+        return "<br>".join(parts)
+
+    return _method_table(tuning["grid"], cell)
 
 
 def eta_table(tuning: dict) -> str:
-    cells = tuning["chosen"]
+    return _method_table(tuning["chosen"], lambda m, k, s: f"{tuning['chosen'][(m, k, s)]:g}")
+
+
+def _method_table(cells, cell) -> str:  # noqa: ANN001
+    """A row per method, a column per (K, setting) of the (method, K, setting) `cells`; `cell(m, k, s)` fills it."""
     columns = sorted({(k, s) for _, k, s in cells}, key=lambda g: (g[0], g[1] != "hom"))
     methods = sorted({c[0] for c in cells}, key=METHOD_ORDER_ALL.index)
-    lines = ["| method | " + " | ".join(f"{k} {s}." for k, s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for m in methods:
-        lines.append("| " + " | ".join([LABELS.get(m, m)] + [f"{cells[(m, k, s)]:g}" for k, s in columns]) + " |")
-    return "\n".join(lines)
+    return harness.table(["method", *(f"{k} {s}." for k, s in columns)],
+                         ([LABELS.get(m, m), *(cell(m, k, s) for k, s in columns)] for m in methods))
 
 
 METHOD_ORDER_ALL = [*METHODS, ABLATION]
@@ -211,7 +202,7 @@ LABELS = {"asgd": "ASGD", "asgdm": "naive ASGDm", "shifted-momentum": "shifted m
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser("convergence", __doc__)
     p.add_argument("--variant", choices=sorted(VARIANTS), default="quick")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 (original batches or image folders)")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -220,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--slow-factor", type=float, default=4.0)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/convergence-VARIANT")
     p.add_argument("--iterations", type=int, default=None, help="override the variant's run length (smoke tests)")
     args = p.parse_args(argv)
     v = VARIANTS[args.variant]
@@ -228,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         v = dict(v, iterations=args.iterations)
     if v["dataset"] == "cifar10" and not args.data_dir:
         p.error(f"--variant {args.variant} needs --data-dir (CIFAR-10)")
-    out = args.out or RESULTS / f"convergence-{args.variant}"
+    out = args.out or harness.RESULTS / f"convergence-{args.variant}"
     t0 = time.monotonic()
     tuning = None
     if "grid" in v:
@@ -252,12 +243,11 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = find_runs([out / "runs"])
     figures = write_figures(runs, out)
-    meta = dict(command="python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=platform.platform(),
-                seconds=round(time.monotonic() - t0, 1), variant=args.variant, seeds=args.seeds,
-                recipe=v | ({"grid": {f"{f}, K={k}": g for (f, k), g in v["grid"].items()}} if "grid" in v else {}),
-                slow_factor=args.slow_factor)
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    meta = harness.run_meta("convergence", argv) | dict(
+        seconds=round(time.monotonic() - t0, 1), variant=args.variant, seeds=args.seeds,
+        recipe=v | ({"grid": {f"{f}, K={k}": g for (f, k), g in v["grid"].items()}} if "grid" in v else {}),
+        slow_factor=args.slow_factor)
+    harness.write_json(out / "meta.json", meta)
     data = f"{v['model']} on {v['dataset']}" + (f" (random {v['subset']}-image training subset)" if v["subset"]
                                                  else "")
     if v.get("validation"):
@@ -273,13 +263,12 @@ def main(argv: list[str] | None = None) -> None:
         eta_table(tuning), "", "## The eta grid: final validation accuracy (%), seed 0", "",
         "The chosen value is in bold. `diverged`: the training loss went non-finite or above ten times its "
         "first value; such a value is never chosen.", "", grid_table(tuning), ""]
-    (out / "README.md").write_text("\n".join([
+    harness.write_markdown(out / "README.md", [
         f"# The paper's comparison, variant `{args.variant}`", "",
-        f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; machine: {meta['machine']}; took "
-        f"{meta['seconds']} s.  ", f"Recipe: {recipe}.", "",
+        *harness.meta_lines(meta), f"Recipe: {recipe}.", "",
         "## Test accuracy (%)", "", paper_table(runs, "test_accuracy"), "",
         "## Final training loss (mean mini-batch loss of the last epoch)", "", paper_table(runs, "train_loss"), "",
-        *tuned, "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures], ""]))
+        *tuned, "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures]])
     print((out / "README.md").read_text())
 
 

@@ -1,4 +1,4 @@
-"""A synthetic gradient pusher for bench/throughput.py: one raw Train stream, no model, no compute.
+"""A synthetic gradient pusher for bench/throughput: one raw Train stream, no model, no compute.
 
 Registers, sends Ready, then loops: receive Parameters, at once send a Gradient of the announced size
 (float32, small values, the iteration index it received), until the orchestrator raises the stop flag,
@@ -13,12 +13,11 @@ which the keepalive options set to 10 s, and the connection is dropped.)
 Imports no torch: K of these start in seconds on two cores. Works against the real ps-server and against
 bench/grpc_echo.py, which speaks the same protocol.
 
-    python bench/grad_pusher.py --target 127.0.0.1:PORT --control FILE --slot I --slots K
+    python -m bench.grad_pusher --target 127.0.0.1:PORT --control FILE --slot I --slots K
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -28,18 +27,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.grpc_options import GRPC_KEEPALIVE_OPTIONS  # noqa: E402
-from common.malloc_tuning import tune_malloc  # noqa: E402
-from common.pb import parameter_server_pb2 as pb  # noqa: E402
-from common.pb import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
+from bench import harness
+from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
+from common.malloc_tuning import tune_malloc
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
 
 # common.codec.GRPC_MESSAGE_OPTIONS, spelled out because common.codec imports torch (seconds per process);
 # tests/test_bench_throughput.py checks that the two stay equal.
 GRPC_MESSAGE_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
-# Columns of a pusher's row in the control file (int64). Shared with bench/throughput.py.
+# Columns of a pusher's row in the control file (int64). Shared with bench/throughput.
 STATE, SENT, REPLIES, UP_BYTES, DOWN_BYTES, ERROR, PID, NUMEL, PAUSED, REPLY_NS_A, REPLY_NS_B = range(11)
 COLUMNS = 11
 # REPLY_NS_A/B: time.monotonic_ns() of the latest reply, written before and after REPLIES, so a reader
@@ -124,9 +122,9 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser("grad_pusher", __doc__)
     p.add_argument("--target", required=True, help="HOST:PORT of the server (127.0.0.1 only)")
-    p.add_argument("--control", required=True, help="control file made by bench/throughput.py")
+    p.add_argument("--control", required=True, help="control file made by bench/throughput")
     p.add_argument("--slot", type=int, required=True)
     p.add_argument("--slots", type=int, required=True, help="number of pusher rows in the control file")
     p.add_argument("--max-round-trips", type=int, default=10**9)

@@ -9,31 +9,26 @@ gradient's own tensor back (same size) and the next iteration index.
 No checks, no update, no queue or reader task: one handler coroutine per stream. GetStatus reports the
 number of gradients echoed as `gradients_applied`, so the benchmark reads both servers alike.
 
-    python bench/grpc_echo.py --bind 127.0.0.1:0 --numel 269722     # prints "echo listening on HOST:PORT"
+    python -m bench.grpc_echo --bind 127.0.0.1:0 --numel 269722     # prints "echo listening on HOST:PORT"
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.grpc_options import GRPC_KEEPALIVE_OPTIONS  # noqa: E402
-from common.malloc_tuning import tune_malloc  # noqa: E402
-from common.pb import parameter_server_pb2 as pb  # noqa: E402
-from common.pb import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
-
-from common.codec import GRPC_MESSAGE_OPTIONS  # noqa: E402
-from common.wire import serialize_parameters  # noqa: E402
-from server.service import add_to_server  # noqa: E402
+from bench import harness
+from common.codec import GRPC_MESSAGE_OPTIONS
+from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
+from common.malloc_tuning import tune_malloc
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
+from common.wire import serialize_parameters
+from server.service import add_to_server
 
 
 class EchoService(pb_grpc.ParameterServerServicer):
@@ -85,7 +80,7 @@ async def serve(bind: str, numel: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser("grpc_echo", __doc__)
     p.add_argument("--bind", default="127.0.0.1:0")
     p.add_argument("--numel", type=int, required=True, help="parameters announced in the Welcome")
     args = p.parse_args(argv)

@@ -6,20 +6,17 @@ resnet110, has 1.7M), and the server builds w_0 from a registered model. This ru
 before the CLI's `--model` choices are built, then runs the unchanged `server.cli.main` with the remaining
 arguments. Everything after w_0 (core, service, gRPC options, checkpoints) is the real server's code.
 
-    python bench/ps_server_sized.py --numel 11173962 -- --model flat-11173962 --dataset synthetic ...
+    python -m bench.ps_server_sized --numel 11173962 -- --model flat-11173962 --dataset synthetic ...
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from common import models  # noqa: E402
+from common import models
 
 
 class FlatVector(nn.Module):
@@ -41,7 +38,7 @@ def register(numel: int) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--numel" or "--" not in argv:
-        raise SystemExit("usage: ps_server_sized.py --numel N -- SERVER_CLI_ARGS...")
+        raise SystemExit("usage: python -m bench.ps_server_sized --numel N -- SERVER_CLI_ARGS...")
     register(int(argv[1]))
     from server.cli import main as server_main  # after register(): --model's choices include flat-N
 

@@ -5,31 +5,25 @@ simulator adds ServerCore (here OrMo with K virtual workers), the priority queue
 held parameter into the model. Runs alternate (plain, sim, plain, sim, ...) and the medians are compared.
 Writes bench/results/sim_overhead.{json,md}. Goal: overhead under 10%.
 
-    python bench/sim_overhead.py --data-dir /path/to/cifar10   # ResNet20, B=128, K=16
+    python -m bench.sim_overhead --data-dir /path/to/cifar10   # ResNet20, B=128, K=16
+    python -m bench.sim_overhead --iterations 2 --repeats 1 --out /tmp/sim_overhead   # a smoke run
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.config import RunConfig  # noqa: E402
-from common.data import BatchStream, load_dataset, make_synthetic  # noqa: E402
-from common.models import build_model  # noqa: E402
-from sim.simulator import Simulator  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import harness
+from common.config import RunConfig
+from common.data import BatchStream, load_dataset, make_synthetic
+from common.models import build_model
+from sim.simulator import Simulator
 
 
 def plain_sgd(dataset, model_name: str, batch: int, iterations: int, seed: int) -> float:
@@ -57,14 +51,13 @@ def simulated(dataset, dataset_name: str, model_name: str, batch: int, iteration
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser("sim_overhead", __doc__, out="sim_overhead")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 directory (default: synthetic 3x32x32 data)")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=16)
-    p.add_argument("--iterations", type=int, default=40)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "sim_overhead")
+    p.add_argument("--workers", type=int, default=16, help="the simulator's virtual workers")
+    p.add_argument("--iterations", type=int, default=40, help="gradients per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repeats of both loops")
     args = p.parse_args(argv)
     if args.data_dir:
         dataset, name = load_dataset("cifar10", args.data_dir), "cifar10"
@@ -77,27 +70,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"repeat {r}: plain {plain[-1]:.2f} grad/s, simulator {sim[-1]:.2f} grad/s", file=sys.stderr)
     plain_med, sim_med = statistics.median(plain), statistics.median(sim)
     overhead = plain_med / sim_med - 1
-    meta = dict(command="python bench/sim_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=platform.platform(),
-                processor=platform.processor() or platform.machine(), torch=torch.__version__,
-                torch_threads=torch.get_num_threads(), model=args.model, dataset=name, batch_size=args.batch_size,
-                workers=args.workers, iterations=args.iterations, repeats=args.repeats)
+    meta = harness.run_meta("sim_overhead", argv) | dict(
+        torch=torch.__version__, torch_threads=torch.get_num_threads(), model=args.model, dataset=name,
+        batch_size=args.batch_size, workers=args.workers, iterations=args.iterations, repeats=args.repeats)
     result = dict(meta=meta, plain_gradients_per_second=plain, simulator_gradients_per_second=sim,
                   plain_median=plain_med, simulator_median=sim_med, overhead=overhead, goal="overhead < 10%",
                   goal_met=overhead < 0.10)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text("\n".join([
-        "# Simulator overhead", "",
-        f"Command: `{meta['command']}`  ",
-        f"Date: {meta['date']}; machine: {meta['machine']} ({meta['processor']}), torch {meta['torch']}, "
-        f"{meta['torch_threads']} threads.  ",
+    harness.save(args.out, result, [
+        "# Simulator overhead", "", *harness.meta_lines(meta),
+        f"torch {meta['torch']}, {meta['torch_threads']} threads.  ",
         f"{args.model}, batch {args.batch_size}, {name} data; simulator: OrMo with K={args.workers} virtual "
         f"workers; {args.iterations} gradients per measurement, {args.repeats} alternating repeats.", "",
-        "| loop | gradients/s (median) | all repeats |", "|---|---|---|",
-        f"| plain single-process SGD | {plain_med:.3f} | {', '.join(f'{v:.3f}' for v in plain)} |",
-        f"| simulator | {sim_med:.3f} | {', '.join(f'{v:.3f}' for v in sim)} |", "",
-        f"Overhead: **{overhead * 100:.1f}%** (goal: under 10%; {'met' if overhead < 0.10 else 'missed'}).", ""]))
+        harness.table(("loop", "gradients/s (median)", "all repeats"),
+                      [(label, f"{statistics.median(v):.3f}", ", ".join(f"{x:.3f}" for x in v))
+                       for label, v in (("plain single-process SGD", plain), ("simulator", sim))]), "",
+        f"Overhead: **{overhead * 100:.1f}%** (goal: under 10%; {'met' if overhead < 0.10 else 'missed'})."])
     print(json.dumps(dict(overhead=overhead, plain=plain_med, sim=sim_med)))
     return result
 

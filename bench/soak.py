@@ -7,36 +7,27 @@ them mid-flight) and reconnects them with their worker id. Reported: updates app
 messages, the server's resident memory over time, and push latency percentiles (gradient sent to
 parameters received). Writes bench/results/soak.{json,md}.
 
-    python bench/soak.py                        # 64 and 256 streams, 3 minutes each
-    python bench/soak.py --streams 64 --seconds 20
+    python -m bench.soak                        # 64 and 256 streams, 3 minutes each
+    python -m bench.soak --streams 64 --seconds 20
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import platform
 import random
-import re
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common.codec import GRPC_MESSAGE_OPTIONS, encode  # noqa: E402
-from common.pb import parameter_server_pb2 as pb  # noqa: E402
-from common.pb import parameter_server_pb2_grpc as pb_grpc  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import harness, processes
+from common.codec import GRPC_MESSAGE_OPTIONS, encode
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
 
 
 def rss_mb(pid: int) -> float:
@@ -148,20 +139,13 @@ def status(port: int) -> pb.Status:
 
 def one(streams: int, seconds: float, churn: float, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--algo", "ormo", "--workers", str(streams), "--dataset", "digits",
-             "--model", "mlp", "--iterations", str(10**9), "--bind", "127.0.0.1:0", "--out", tmp,
-             "--checkpoint-every", "30", "--log-every", "100000", "--linger", "0"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        log = Path(tmp) / "server.log"
+        server = processes.start(
+            "server.cli", ["--algo", "ormo", "--workers", str(streams), "--dataset", "digits", "--model", "mlp",
+                           "--iterations", str(10**9), "--bind", "127.0.0.1:0", "--out", tmp,
+                           "--checkpoint-every", "30", "--log-every", "100000", "--linger", "0"], log=log)
         try:
-            port = None
-            for _ in range(200):
-                m = re.search(r"listening on \S+:(\d+)", server.stdout.readline())
-                if m:
-                    port = int(m.group(1))
-                    break
-            if port is None:
-                raise RuntimeError("server did not start")
+            port = int(processes.wait_for_line(log, r"listening on \S+:(\d+)", server, 120).group(1))
             stats = Stats()
             memory: list[tuple[float, float]] = []
             t0 = time.monotonic()
@@ -198,39 +182,31 @@ def one(streams: int, seconds: float, churn: float, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--streams", default="64,256")
-    p.add_argument("--seconds", type=float, default=180)
+    p = harness.parser("soak", __doc__, out="soak")
+    p.add_argument("--streams", default="64,256", help="comma-separated numbers of streams, one run each")
+    p.add_argument("--seconds", type=float, default=180, help="seconds per run")
     p.add_argument("--churn", type=float, default=2.0, help="stream kills per second")
-    p.add_argument("--out", type=Path, default=RESULTS / "soak")
     args = p.parse_args(argv)
     rows = []
     for n in (int(x) for x in args.streams.split(",")):
         print(f"{n} streams for {args.seconds:.0f}s ...", file=sys.stderr)
         rows.append(one(n, args.seconds, args.churn, seed=n))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "memory_mb"}), file=sys.stderr)
-    meta = dict(command="python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=platform.platform())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    lines = ["# Load and soak", "", f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; machine: "
-             f"{meta['machine']} (server and all streams on the same 2 cores).", "",
-             "OrMo server (digits MLP, 9,610 parameters); every stream answers each Parameters with a gradient at "
-             "once; churn kills random streams mid-flight and they reconnect with their worker id.", "",
-             "| streams | seconds | updates applied | updates/s | sent | lost | killed in flight | kills | "
-             "rejected | latency p50/p90/p99 (ms) | server RSS start → end (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lat = r["latency_ms"]
-        mem = r["memory_mb"]
-        lines.append(f"| {r['streams']} | {r['seconds']:.0f} | {r['updates_applied']} | {r['updates_per_second']} | "
-                     f"{r['gradients_sent']} | {r['gradients_lost']} | {r['killed_with_gradient_in_flight']} | "
-                     f"{r['kills']} | {r['rejected_messages']} | {lat.get(50)}/{lat.get(90)}/{lat.get(99)} | "
-                     f"{mem[0][1]} → {mem[-1][1]} |")
-    lines += ["", "`lost` = gradients sent minus gradients the server applied; it must not exceed `killed in flight` "
-              "(streams killed, or the run ended, while their gradient was on the wire). Memory over time is in "
-              "the JSON file (`memory_mb`: [seconds, MB] samples)."]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    meta = harness.run_meta("soak", argv)
+    header = ("streams", "seconds", "updates applied", "updates/s", "sent", "lost", "killed in flight", "kills",
+              "rejected", "latency p50/p90/p99 (ms)", "server RSS start → end (MB)")
+    cells = [(r["streams"], f"{r['seconds']:.0f}", r["updates_applied"], r["updates_per_second"], r["gradients_sent"],
+              r["gradients_lost"], r["killed_with_gradient_in_flight"], r["kills"], r["rejected_messages"],
+              "/".join(str(r["latency_ms"].get(q)) for q in (50, 90, 99)),
+              f"{r['memory_mb'][0][1]} → {r['memory_mb'][-1][1]}") for r in rows]
+    harness.save(args.out, dict(meta=meta, rows=rows), [
+        "# Load and soak", "", *harness.meta_lines(meta), "Server and all streams share the machine's CPUs.", "",
+        "OrMo server (digits MLP, 9,610 parameters); every stream answers each Parameters with a gradient at "
+        "once; churn kills random streams mid-flight and they reconnect with their worker id.", "",
+        harness.table(header, cells), "",
+        "`lost` = gradients sent minus gradients the server applied; it must not exceed `killed in flight` "
+        "(streams killed, or the run ended, while their gradient was on the wire). Memory over time is in "
+        "the JSON file (`memory_mb`: [seconds, MB] samples)."])
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ Backend: TensorPipe, rendezvous `tcp://127.0.0.1:PORT`, restricted to the `uv` (
 loopback TCP as gRPC (TensorPipe's shared-memory transport and CMA channel would bypass the network on
 one host). No model compute: each worker sends the same small float32 gradient every time.
 
-Counters go to the control file of bench/throughput.py (a pusher row per worker; the server's applied
+Counters go to the control file of bench/throughput (a pusher row per worker; the server's applied
 count in the control row); the pause flag there holds the workers, the stop flag ends their loop.
 
-    python bench/torch_rpc_ps.py --world K+1 --port P --numel N --control FILE      # all ranks
-    python bench/torch_rpc_ps.py --rank R --world K+1 --port P --numel N --control FILE   # one rank
+    python -m bench.torch_rpc_ps --world K+1 --port P --numel N --control FILE      # all ranks
+    python -m bench.torch_rpc_ps --rank R --world K+1 --port P --numel N --control FILE   # one rank
 
 Without --rank this process imports torch once and forks the K+1 ranks (each then calls init_rpc on its
 own, as a process started by torch.multiprocessing would): 65 ranks start in seconds instead of the
@@ -34,7 +34,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -42,12 +41,12 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 import torch  # noqa: E402
 import torch.distributed.rpc as rpc  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from grad_pusher import APPLIED, DONE, FAILED, PAUSE, PAUSE_POLL, PAUSED, PID, READY, SENT  # noqa: E402
-from grad_pusher import SERVER_PID, STATE, STOP  # noqa: E402
-from grad_pusher import DOWN_BYTES, ERROR, NUMEL, UP_BYTES, open_control, record_reply  # noqa: E402
-from common.malloc_tuning import tune_malloc  # noqa: E402  (grad_pusher put the repository on the path)
+from bench import harness  # noqa: E402
+from bench.grad_pusher import (  # noqa: E402
+    APPLIED, DONE, DOWN_BYTES, ERROR, FAILED, NUMEL, PAUSE, PAUSE_POLL, PAUSED, PID, READY, SENT, SERVER_PID, STATE, STOP,
+    UP_BYTES, open_control, record_reply,
+)
+from common.malloc_tuning import tune_malloc  # noqa: E402
 
 PS_NAME = "ps"
 
@@ -189,7 +188,7 @@ def launch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser("torch_rpc_ps", __doc__)
     p.add_argument("--rank", type=int, default=None, help="run this one rank (default: fork all of them)")
     p.add_argument("--world", type=int, required=True, help="K workers + 1 server")
     p.add_argument("--port", type=int, required=True, help="rendezvous port on 127.0.0.1")

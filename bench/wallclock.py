@@ -4,10 +4,10 @@ Each run is `ps-launch` (a server, K worker processes, an evaluator) into OUT/ru
 the figures of test accuracy and training loss against wall-clock time and the table come from
 `ps-plot`'s code. Heterogeneous: a quarter of the workers `--slowdown` times slower (real sleeps).
 
-    python bench/wallclock.py                    # digits + MLP, K=16 (a few minutes on 2 cores)
-    python bench/wallclock.py --dataset cifar10 --data-dir D --model small-cnn --batch-size 32 --epochs 2 \
+    python -m bench.wallclock                    # digits + MLP, K=16 (a few minutes on 2 cores)
+    python -m bench.wallclock --dataset cifar10 --data-dir D --model small-cnn --batch-size 32 --epochs 2 \
         --lr 0.01 --momentum-lr 0.002 --warmup-epochs 0.2 --eval-every 0.25   # `make bench` (~15 min, 2 cores)
-    python bench/wallclock.py --dataset cifar10 --data-dir D --model resnet20 --epochs 160   # a real cluster run
+    python -m bench.wallclock --dataset cifar10 --data-dir D --model resnet20 --epochs 160   # a real cluster run
 """
 
 from __future__ import annotations
@@ -15,24 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from launcher.cli import main as launch  # noqa: E402
-from report.plots import write_figures  # noqa: E402
-from report.runs import METHOD_LABELS, METHOD_ORDER, find_runs  # noqa: E402
-from report.tables import paper_table  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench import harness
+from launcher.cli import main as launch
+from report.plots import write_figures
+from report.runs import METHOD_LABELS, METHOD_ORDER, find_runs
+from report.tables import paper_table
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser("wallclock", __doc__, out="wallclock")
     p.add_argument("--algos", default="asgd,ssgdm,ormo")
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--settings", default="hom,het")
@@ -49,7 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker-nice", type=int, default=10,
                    help="nice level of the workers, so the server and the evaluator keep up on a small machine")
     p.add_argument("--eval-every", type=float, default=1.0)
-    p.add_argument("--out", type=Path, default=RESULTS / "wallclock")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     for setting in args.settings.split(","):
@@ -70,14 +64,11 @@ def main(argv: list[str] | None = None) -> None:
                 (out / big).unlink(missing_ok=True)
     runs = find_runs([args.out / "runs"])
     figures = write_figures(runs, args.out)
-    meta = dict(command="python bench/wallclock.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=platform.platform(),
-                seconds=round(time.monotonic() - t0, 1))
-    (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    (args.out / "README.md").write_text("\n".join([
-        "# Wall-clock comparison with real processes", "", f"Command: `{meta['command']}`  ",
-        f"Date: {meta['date']}; machine: {meta['machine']} (server, {args.workers} workers and the evaluator share "
-        f"its cores); took {meta['seconds']} s.  ",
+    meta = harness.run_meta("wallclock", argv) | dict(seconds=round(time.monotonic() - t0, 1))
+    harness.write_json(args.out / "meta.json", meta)
+    harness.write_markdown(args.out / "README.md", [
+        "# Wall-clock comparison with real processes", "", *harness.meta_lines(meta),
+        f"The server, {args.workers} workers and the evaluator share the machine's CPUs.  ",
         f"Recipe: {args.model} on {args.dataset}, batch {args.batch_size}, eta {args.lr}"
         + (f" for ASGD and {args.momentum_lr} for the momentum methods" if args.momentum_lr is not None else "")
         + f" (warm-up "
@@ -91,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         "## Final test accuracy (%)", "", paper_table(runs, "test_accuracy"), "",
         "## Final training loss", "", paper_table(runs, "train_loss"), "",
         "## Figures (time = wall-clock seconds since the server started)", "",
-        *[f"![{f.stem}]({f.name})" for f in figures], ""]))
+        *[f"![{f.stem}]({f.name})" for f in figures]])
     print((args.out / "README.md").read_text())
 
 
@@ -106,9 +97,10 @@ def time_table(runs: list) -> str:
     finals = [r.final_test_accuracy for r in runs if r.final_test_accuracy is not None]
     target = 0.9 * max(finals) if finals else None
     settings = sorted({r.setting for r in runs}, key=lambda s: s != "hom.")
-    lines = ["| method | " + " | ".join(f"{s} to finish | {s} to {100 * target:.1f} % test accuracy"
-                                         if target else f"{s} to finish" for s in settings) + " |",
-             "|---|" + "---|" * (len(settings) * (2 if target else 1))]
+    header = ["method"]
+    for s in settings:
+        header += [f"{s} to finish"] + ([f"{s} to {100 * target:.1f} % test accuracy"] if target else [])
+    rows = []
     for algo in sorted({r.algo for r in runs}, key=lambda a: METHOD_ORDER.index(a) if a in METHOD_ORDER else 99):
         cells = []
         for setting in settings:
@@ -118,8 +110,8 @@ def time_table(runs: list) -> str:
             if target:
                 hit = next((e["time"] for e in (run.evals if run else []) if e["test_accuracy"] >= target), None)
                 cells.append("not reached" if hit is None else f"{hit:.0f}")
-        lines.append(f"| {METHOD_LABELS.get(algo, algo)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([METHOD_LABELS.get(algo, algo), *cells])
+    return harness.table(header, rows)
 
 
 def _mark_setting(out: Path, setting: str, args: argparse.Namespace) -> None:

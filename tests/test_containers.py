@@ -8,11 +8,9 @@ its own that is removed afterwards, volumes included; its traffic stays on that 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,11 +36,9 @@ def compose_bench():
     problem = _engine_problem()
     if problem:
         pytest.skip(problem)
-    spec = importlib.util.spec_from_file_location("bench_containers", ROOT / "bench" / "containers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_containers"] = module
-    spec.loader.exec_module(module)
-    return module
+    from bench import containers
+
+    return containers
 
 
 @pytest.fixture(scope="module")
