@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from bench import harness, processes
-from common.codec import GRPC_MESSAGE_OPTIONS
+from common.grpc_options import GRPC_MESSAGE_OPTIONS
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc

@@ -68,7 +68,7 @@ def one_run(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from common.config import RunConfig
+    from server.config import RunConfig
     from common.data import load_dataset, split_validation
     from sim.simulator import ComputeTimeModel, Simulator
 

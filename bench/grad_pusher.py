@@ -28,14 +28,11 @@ import grpc
 import numpy as np
 
 from bench import harness
-from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
+from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 
-# common.codec.GRPC_MESSAGE_OPTIONS, spelled out because common.codec imports torch (seconds per process);
-# tests/test_bench_throughput.py checks that the two stay equal.
-GRPC_MESSAGE_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
 # Columns of a pusher's row in the control file (int64). Shared with bench/throughput.
 STATE, SENT, REPLIES, UP_BYTES, DOWN_BYTES, ERROR, PID, NUMEL, PAUSED, REPLY_NS_A, REPLY_NS_B = range(11)
@@ -70,7 +67,7 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
     row = control[slot]
     stop = control[-1]
     deadline = time.monotonic() + max_seconds
-    async with grpc.aio.insecure_channel(target, options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         # The call's deadline bounds every read, also if the other side hangs.
         call = stub.Train(timeout=max_seconds + 30.0)

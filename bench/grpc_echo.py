@@ -22,8 +22,7 @@ import grpc
 import numpy as np
 
 from bench import harness
-from common.codec import GRPC_MESSAGE_OPTIONS
-from common.grpc_options import GRPC_KEEPALIVE_OPTIONS
+from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
@@ -64,7 +63,7 @@ class EchoService(pb_grpc.ParameterServerServicer):
 
 
 async def serve(bind: str, numel: int) -> None:
-    server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS + GRPC_KEEPALIVE_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
     add_to_server(EchoService(numel), server)  # ps-server's registration: the same Train serializers
     port = server.add_insecure_port(bind)
     if port == 0:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness
-from common.config import RunConfig
+from server.config import RunConfig
 from common.data import BatchStream, load_dataset, make_synthetic
 from common.models import build_model
 from sim.simulator import Simulator

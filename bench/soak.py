@@ -25,7 +25,8 @@ import grpc
 import numpy as np
 
 from bench import harness, processes
-from common.codec import GRPC_MESSAGE_OPTIONS, encode
+from common.codec import encode
+from common.grpc_options import GRPC_MESSAGE_OPTIONS
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 

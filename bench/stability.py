@@ -17,7 +17,7 @@ import time
 import torch
 
 from bench import harness
-from common.config import RunConfig
+from server.config import RunConfig
 from common.data import load_dataset
 from sim.simulator import ComputeTimeModel, Simulator
 

@@ -22,8 +22,8 @@ import torch
 
 from bench import harness
 from server.algorithms import ALGORITHMS
-from server.core import CoreConfig, ServerCore
-from server.schedule import LRSchedule
+from server.config import RunConfig
+from server.core import ServerCore
 # Model-sized vectors each update must read or write at least once (g read; state read+write = 2).
 MIN_VECTORS = {"asgd": 3, "ssgd": 3, "asgdm": 5, "shifted-momentum": 5, "ormo": 5, "ormo-da": 5, "ssgdm": 5,
                "smega2": 8}
@@ -42,7 +42,8 @@ def copy_bandwidth(n: int, repeats: int) -> float:
 
 
 def push_time(algo: str, n: int, k: int, repeats: int) -> float:
-    core = ServerCore(torch.zeros(n), CoreConfig(algo, k, LRSchedule(0.01), momentum=0.9))
+    core = ServerCore(torch.zeros(n), RunConfig(algo=algo, workers=k, lr=0.01, momentum=0.9, lr_milestones=(),
+                                                iterations=10**9))
     held = {w: 0 for w in core.start().workers}
     g = torch.rand(n) * 1e-3
     times = []

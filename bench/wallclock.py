@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import harness
 from launcher.cli import main as launch
 from report.plots import write_figures
-from report.runs import METHOD_LABELS, METHOD_ORDER, find_runs
+from report.runs import find_runs, method_key, method_label
 from report.tables import paper_table
 
 
@@ -101,7 +101,7 @@ def time_table(runs: list) -> str:
     for s in settings:
         header += [f"{s} to finish"] + ([f"{s} to {100 * target:.1f} % test accuracy"] if target else [])
     rows = []
-    for algo in sorted({r.algo for r in runs}, key=lambda a: METHOD_ORDER.index(a) if a in METHOD_ORDER else 99):
+    for algo in sorted({r.algo for r in runs}, key=method_key):
         cells = []
         for setting in settings:
             run = next((r for r in runs if r.algo == algo and r.setting == setting), None)
@@ -110,7 +110,7 @@ def time_table(runs: list) -> str:
             if target:
                 hit = next((e["time"] for e in (run.evals if run else []) if e["test_accuracy"] >= target), None)
                 cells.append("not reached" if hit is None else f"{hit:.0f}")
-        rows.append([METHOD_LABELS.get(algo, algo), *cells])
+        rows.append([method_label(algo), *cells])
     return harness.table(header, rows)
 
 

@@ -114,7 +114,7 @@ def test_one_worker_service_gives_the_simulators_numbers(algo, tmp_path, procs):
 
 
 def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable_checkpoint(tmp_path, procs):
-    total = 400
+    total = 3000  # long enough that SIGTERM lands mid-run even with one fast worker left
     args = ["--algo", "ormo", "--workers", "2", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
             "--iterations", str(total), "--out", str(tmp_path), "--linger", "0"]
     server, port = procs.server(*args)
