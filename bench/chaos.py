@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from bench import harness, processes
+from server.cli import LISTENING_PATTERN
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb
@@ -55,7 +56,7 @@ class Cluster:
         log = self.out / "server.log"
         start = log.stat().st_size if log.exists() else 0
         p = self._start(argv, log)
-        self.port = int(processes.wait_for_line(log, r"listening on \S+:(\d+)", p, 60, offset=start).group(1))
+        self.port = int(processes.wait_for_line(log, LISTENING_PATTERN, p, 60, offset=start).group(2))
         return p
 
     def worker(self, k: int) -> subprocess.Popen:

@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from bench import harness, processes
+from server.cli import LISTENING_PATTERN
 from common.codec import encode
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
 from common.pb import parameter_server_pb2 as pb
@@ -146,7 +147,7 @@ def one(streams: int, seconds: float, churn: float, seed: int) -> dict:
                            "--iterations", str(10**9), "--bind", "127.0.0.1:0", "--out", tmp,
                            "--checkpoint-every", "30", "--log-every", "100000", "--linger", "0"], log=log)
         try:
-            port = int(processes.wait_for_line(log, r"listening on \S+:(\d+)", server, 120).group(1))
+            port = int(processes.wait_for_line(log, LISTENING_PATTERN, server, 120).group(2))
             stats = Stats()
             memory: list[tuple[float, float]] = []
             t0 = time.monotonic()

@@ -35,14 +35,15 @@ from server.service import SERVICE_NAME, ParameterServerService, add_to_server
 
 logger = logging.getLogger(__name__)
 
-# The line ps-server prints once it listens; `listening_port` reads it back (ps-launch, tests, benchmarks).
+# The line ps-server prints once it listens, and the one way to read it back (ps-launch, tests, benchmarks):
+# `listening_port(line)`, or LISTENING_PATTERN (groups: host, port) where a tool waits for a regex in a log.
 LISTENING = "ps-server listening on {host}:{port}"
-_LISTENING = re.compile(r"ps-server listening on (\S+):(\d+)")
+LISTENING_PATTERN = r"ps-server listening on (\S+):(\d+)"
 
 
 def listening_port(line: str) -> int | None:
     """The port of a `ps-server listening on HOST:PORT` line, None for any other line."""
-    m = _LISTENING.search(line)
+    m = re.search(LISTENING_PATTERN, line)
     return int(m.group(2)) if m else None
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 from google.protobuf.message import DecodeError
 
 from common.codec import CodecError, decode, encode

@@ -25,6 +25,7 @@ import click
 import pytest
 import yaml
 
+from server.cli import LISTENING_PATTERN
 from tests.logged_process import LoggedProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -481,7 +482,7 @@ def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
     # The server listens on 0.0.0.0:50051 in its container; here on loopback, on a port of its choosing.
     server_env = environment("server", PS_BIND="127.0.0.1:0")
     server = start("server", server_env)
-    port = int(server.wait_for(r"ps-server listening on 127\.0\.0\.1:(\d+)", timeout=60).group(1))
+    port = int(server.wait_for(LISTENING_PATTERN, timeout=60).group(2))
     server_env["PS_BIND"] = f"127.0.0.1:{port}"  # the probe reads the port of PS_BIND, as in the container
     health = as_process(services["server"]["healthcheck"]["test"][1:])
     probe = subprocess.run(health, env=server_env, capture_output=True, text=True, timeout=30, check=False)

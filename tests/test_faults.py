@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch
 
 from common.codec import encode
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
+from server.cli import listening_port
 from server.config import RunConfig
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
@@ -112,9 +112,9 @@ def test_after_sigkill_and_resume_workers_reconnect_by_themselves(tmp_path):
 
     def port_of(p: subprocess.Popen) -> int:
         for _ in range(200):
-            m = re.search(r"listening on \S+:(\d+)", p.stdout.readline())
-            if m:
-                return int(m.group(1))
+            port = listening_port(p.stdout.readline())
+            if port is not None:
+                return port
         raise AssertionError("no port")
 
     def iteration(port: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
+from server.cli import listening_port
 from server.config import RunConfig
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb
@@ -46,9 +46,9 @@ class Procs:
             line = p.stdout.readline()
             if not line:
                 break
-            m = re.search(r"ps-server listening on \S+:(\d+)", line)
-            if m:
-                return p, int(m.group(1))
+            port = listening_port(line)
+            if port is not None:
+                return p, port
         raise AssertionError(f"server did not start (exit {p.poll()})")
 
     def kill_all(self) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ import pytest
 
 from common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from server.checkpoint import CheckpointError, load_checkpoint
+from server.cli import LISTENING_PATTERN
 from tests.logged_process import LoggedProcess
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,9 @@ def test_a_cut_worker_rejoins_across_namespaces_and_the_run_finishes(hosts, proc
         "--model", "mlp", "--iterations", str(ITERATIONS), "--out", str(out), "--linger", "0",
         "--log-every", "10", "--checkpoint-every", "0.25"], tmp_path / "server.log")
     processes.append(server)
-    port = int(server.wait_for(rf"ps-server listening on {re.escape(SERVER_ADDRESS)}:(\d+)", 60).group(1))
+    m = server.wait_for(LISTENING_PATTERN, 60)
+    assert m.group(1) == SERVER_ADDRESS
+    port = int(m.group(2))
 
     # w1 is the one to cut; w2, slowed down, keeps the run going meanwhile without finishing it.
     workers = {}

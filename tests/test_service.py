@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.codec import decode, encode
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
+from server.cli import listening_port
 from server.config import RunConfig
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
@@ -407,9 +408,9 @@ def test_real_processes_survive_a_killed_worker(tmp_path: Path):
         while not bound.wait(0.1):  # ends early if the server dies before it binds
             assert server.poll() is None and time.monotonic() < deadline, "".join(server_lines)
         line = next(x for x in server_lines if x.startswith("ps-server listening on "))
+        port = listening_port(line)
         address = line.split()[-1]
-        host, port = address.rsplit(":", 1)
-        assert host == "127.0.0.1" and int(port) > 0
+        assert address == f"127.0.0.1:{port}" and port > 0
 
         workers = []
         for _ in range(2):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import processes
+from server.cli import LISTENING_PATTERN
 from bench.grad_pusher import (
     APPLIED, COLUMNS, DONE, DOWN_BYTES, ERROR, FAILED, NUMEL, PAUSE, PAUSED, PID, READY, REPLIES, REPLY_NS_A,
     REPLY_NS_B, SENT, SERVER_PID, STATE, STOP, UP_BYTES,
@@ -87,10 +88,11 @@ class Group:
     def log_tail(self, name: str, lines: int = 15) -> str:
         return processes.tail(self.workdir / f"{name}.err", self.workdir / f"{name}.out", lines=lines)
 
-    def wait_for_line(self, name: str, proc: subprocess.Popen, pattern: str, timeout: float) -> str:
-        """The first group of `pattern` in NAME's output, once it is there (e.g. the address a server listens on)."""
-        return processes.wait_for_line(self.workdir / f"{name}.out", pattern, proc, timeout,
-                                       show=(self.workdir / f"{name}.err", self.workdir / f"{name}.out")).group(1)
+    def wait_for_address(self, name: str, proc: subprocess.Popen, pattern: str, timeout: float) -> str:
+        """HOST:PORT from the first match of `pattern` (groups: host, port) in NAME's output, once it is there."""
+        m = processes.wait_for_line(self.workdir / f"{name}.out", pattern, proc, timeout,
+                                    show=(self.workdir / f"{name}.err", self.workdir / f"{name}.out"))
+        return f"{m.group(1)}:{m.group(2)}"
 
     # -- counters
     def applied(self) -> int:
@@ -253,12 +255,11 @@ def start_group(system: str, size: str, numel: int, k: int, workdir: Path, *, ma
         if system == "server":
             group.server = group.spawn(*server_command(size, numel, k, workdir / "run", model), "server",
                                        env=server_env)
-            group.target = group.wait_for_line("server", group.server, r"ps-server listening on ([\d.]+:\d+)",
-                                               START_TIMEOUT)
+            group.target = group.wait_for_address("server", group.server, LISTENING_PATTERN, START_TIMEOUT)
         else:
             group.server = group.spawn("bench.grpc_echo", ["--bind", "127.0.0.1:0", "--numel", str(numel)], "server")
-            group.target = group.wait_for_line("server", group.server, r"echo listening on ([\d.]+:\d+)",
-                                               START_TIMEOUT)
+            group.target = group.wait_for_address("server", group.server, r"echo listening on ([\d.]+):(\d+)",
+                                                  START_TIMEOUT)
         for i in range(k):
             group.spawn("bench.grad_pusher", ["--target", group.target, "--control", str(group.control.filename),
                                               "--slot", str(i), "--slots", str(k), *limits], f"pusher{i}")
