@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.registry import lookup
+
 logger = logging.getLogger(__name__)
 
 PAD = 4
@@ -585,10 +587,7 @@ def load_dataset(
     `data_dir` and `download` only matter for CIFAR (`data_dir=None` means `cache_dir() / "data"`);
     `synthetic_size` is the synthetic train-set size (its test set is a quarter of that).
     """
-    try:
-        loader = DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
+    loader = lookup(DATASETS, name, "dataset")
     if synthetic_size < 1:
         raise ValueError(f"synthetic_size must be >= 1, got {synthetic_size}")
     return loader(data_dir, download, synthetic_size)

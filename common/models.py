@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.registry import lookup
 
 ModelFactory = Callable[[int, tuple[int, ...]], nn.Module]
 
@@ -179,10 +180,7 @@ MODELS: dict[str, ModelFactory] = {
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...] = (3, 32, 32)) -> nn.Module:
     """Build a registered model; its initial parameters come from torch's global RNG (`torch.manual_seed`)."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}") from None
+    factory = lookup(MODELS, name, "model")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     input_shape = tuple(int(d) for d in input_shape)

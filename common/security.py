@@ -43,24 +43,33 @@ def _token(token: str | None, token_file: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class ServerSecurity:
-    """`--tls-cert/--tls-key` turn on TLS; `--tls-client-ca` requires client certificates (mutual TLS)."""
+class _Identity:
+    """What either end may hold: a certificate with its private key, and the shared token (or its file)."""
 
     tls_cert: str | None = None
     tls_key: str | None = None
-    tls_client_ca: str | None = None
     token: str | None = None
     token_file: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
-        if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 
     @property
     def resolved_token(self) -> str | None:
         return _token(self.token, self.token_file)
+
+
+@dataclass(frozen=True)
+class ServerSecurity(_Identity):
+    """`--tls-cert/--tls-key` turn on TLS; `--tls-client-ca` requires client certificates (mutual TLS)."""
+
+    tls_client_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 
     def credentials(self) -> grpc.ServerCredentials | None:
         if not self.tls_cert:
@@ -76,24 +85,19 @@ class ServerSecurity:
 
 
 @dataclass(frozen=True)
-class ClientSecurity:
+class ClientSecurity(_Identity):
     """`--tls-ca` trusts the server's certificate (TLS on); `--tls-cert/--tls-key` present a client one."""
 
     tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
     tls_server_name: str | None = None
-    token: str | None = None
-    token_file: str | None = None
 
     def __post_init__(self) -> None:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key must be given together")
+        super().__post_init__()
         if self.tls_cert and not self.tls_ca:
             raise ValueError("a client certificate (mutual TLS) needs tls_ca too")
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
-        token = _token(self.token, self.token_file)
+        token = self.resolved_token
         return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
 
     def _options(self, options: list[tuple[str, object]]) -> list[tuple[str, object]]:

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from common.registry import lookup
+
 SCHEDULERS = ("async", "sync")
 
 
@@ -85,7 +87,4 @@ def register(
 
 
 def get_algorithm(name: str) -> AlgorithmSpec:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; valid names: {', '.join(sorted(ALGORITHMS))}") from None
+    return lookup(ALGORITHMS, name, "algorithm")
