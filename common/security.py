@@ -33,12 +33,16 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 
 def _token(token: str | None, token_file: str | None) -> str | None:
-    if token and token_file:
+    if token is not None and token_file:
         raise ValueError("give the token either directly or as a file, not both")
     if token_file:
         token = (_read(token_file, "token file") or b"").decode().strip()
         if not token:
             raise ValueError(f"token file {token_file} is empty")
+    elif token is not None and not token.strip():
+        # An empty token given on purpose must not silently mean "no authentication" (an unset PS_TOKEN,
+        # or an empty one, which click ignores, is no token at all).
+        raise ValueError("the token is empty; leave --token out to run without one")
     return token or None
 
 
@@ -54,6 +58,7 @@ class _Identity:
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
+        _token(self.token, self.token_file)  # an empty or doubly given token is an error at once
 
     @property
     def resolved_token(self) -> str | None:

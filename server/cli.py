@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common import settings
 from common.cli_options import run_cli, server_security_from, server_security_options, setup_logging
 from common.data import iterations_per_epoch, load_dataset
+from common.evaluation import Evaluator
 from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
 from common.metrics import MetricsWriter
@@ -91,11 +94,16 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
         raise ValueError(f"the run in {options.resume} is already finished ({state['core']['iteration']} "
                          "iterations); nothing to resume")
     out = Path(options.out) if options.out is not None else None
+
+    def model_state(params: torch.Tensor) -> dict:
+        """final.pt's model state dict at `params`, BatchNorm statistics recomputed (as the simulator's)."""
+        return Evaluator(run.initial_model(dataset), dataset, seed=run.seed).load(params).state_dict()
+
     service = ParameterServerService(
         core, num_classes=dataset.num_classes, out_dir=out,
         metrics=MetricsWriter(out / "metrics.jsonl", mode="a") if out else None, log_every=options.log_every,
         checkpoint_every=options.checkpoint_every, wait_for_all_workers=options.start_when_all,
-        sync_timeout=options.sync_timeout)
+        sync_timeout=options.sync_timeout, model_state=model_state)
     if state is not None:
         service.load_state_dict(state)
     else:
@@ -142,20 +150,58 @@ async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
             t.cancel()
 
 
+class PortInUse(OSError):
+    """The address ps-server was asked to listen on is taken."""
+
+
+def _split(bind: str) -> tuple[str, int]:
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--bind must be HOST:PORT, got {bind!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_port_free(bind: str) -> None:
+    """PortInUse when another process listens on `bind` (a ps-server, or any socket). gRPC's own bind sets
+    SO_REUSEPORT, with which a second server would start silently and take part of the connections; the
+    server is also told not to (grpc.so_reuseport = 0), this check only words the error first."""
+    host, port = _split(bind)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve {host!r}: {e.strerror}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are no owners
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise PortInUse(f"port {port} on {host} is in use (another ps-server?); pick another "
+                                    "with --bind, or port 0 for any free one") from None
+                raise
+
+
 async def serve(service: ParameterServerService, *, bind: str = "127.0.0.1:0",
                 security: ServerSecurity = ServerSecurity(), linger: float = 10.0, grace: float = 5.0,
                 on_started: Callable[[ParameterServerService, int], None] | None = None) -> None:
     """Serve `service` on `bind` until its run finishes (then up to `linger` seconds more for evaluators)
     or a signal arrives (then checkpoint and tell the workers)."""
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=security.interceptors())
+    check_port_free(bind)
+    server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)], interceptors=security.interceptors())
     add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = security.credentials()
-    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
-    warn_if_exposed(bind, security)
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {bind}")
+        raise PortInUse(f"cannot listen on {bind} (in use, or not an address of this machine)")
+    warn_if_exposed(bind, security)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -201,13 +247,19 @@ def cli(**kwargs) -> None:
     setup_logging(kwargs.pop("verbose"))
     tune_malloc()
     torch.set_num_threads(options.threads)
-    Path(options.out).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(options.out).mkdir(parents=True, exist_ok=True)
+        probe = Path(options.out) / ".ps-server-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise click.ClickException(f"cannot write to --out {options.out}: {e.strerror}") from None
     try:
         asyncio.run(serve_run(run, options, security=security))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, PortInUse) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
-        raise click.ClickException(f"cannot serve on {options.bind}: {e}") from None
+        raise click.ClickException(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError
 
 from common.codec import CodecError, decode, encode
@@ -79,8 +80,10 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         checkpoint_every: float = 60.0,
         wait_for_all_workers: bool = True,
         sync_timeout: float | None = None,
+        model_state: Callable[[torch.Tensor], dict[str, Any]] | None = None,
     ) -> None:
         self.core = core
+        self.model_state = model_state  # the model's state dict at given parameters, for final.pt
         self.run = core.run
         self.num_classes = num_classes
         self.out_dir = out_dir
@@ -370,13 +373,17 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.recorder.finish_epoch()
         await self.checkpoint()
         if self.out_dir:
-            await asyncio.to_thread(save_final, self.out_dir, self.core.current_params(), self.core.iteration,
-                                    self.run.to_dict())
+            params = self.core.current_params().clone()
+            await asyncio.to_thread(self._save_final, params, self.core.iteration)
         self.recorder.summary(self.core.summary(), gradients_applied=self.counters.gradients_applied,
                               gradients_rejected=self.counters.gradients_rejected,
                               rejected_by_reason=self.counters.rejected_by_reason)
         logger.info("run finished at iteration %d", self.core.iteration)
         self.finished.set()  # set last: whoever waits for it finds the final files written
+
+    def _save_final(self, params: torch.Tensor, iteration: int) -> None:
+        state = self.model_state(params) if self.model_state is not None else None
+        save_final(self.out_dir, params, iteration, self.run.to_dict(), model_state=state)
 
     async def aclose(self) -> None:
         """Wait for a checkpoint still being written (the server's last act before it exits)."""

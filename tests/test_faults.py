@@ -65,21 +65,23 @@ def test_a_silent_worker_is_dropped_from_the_synchronous_barrier_and_rejoins(sta
 
 
 def test_truncated_or_corrupt_checkpoints_are_refused(tmp_path):
-    path = save_checkpoint(tmp_path / "checkpoint.pt", {"w": torch.arange(10.0), "iteration": 3})
+    state = {"w": torch.arange(10.0), "iteration": 3, "run": {"algo": "ormo", "lr_milestones": [1.0, 2.0]}}
+    path = save_checkpoint(tmp_path / "checkpoint.pt", state)
     assert load_checkpoint(tmp_path)["iteration"] == 3
     data = path.read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[:-7])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(tmp_path / "truncated.pt")
     flipped = bytearray(data)
-    flipped[-20] ^= 0xFF
+    at = bytes(data).index(torch.arange(10.0).numpy().tobytes()) + 13  # inside the tensor's bytes
+    flipped[at] ^= 0x40
     (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
-    with pytest.raises(CheckpointError, match="checksum"):
+    with pytest.raises(CheckpointError, match="checksum does not match"):
         load_checkpoint(tmp_path / "flipped.pt")
-    (tmp_path / "header.pt").write_bytes(data[:20])
+    (tmp_path / "header.pt").write_bytes(b"ORMO-PS-CKPT 1\n" + b"0" * 20)
     with pytest.raises(CheckpointError, match="header is incomplete"):
         load_checkpoint(tmp_path / "header.pt")
-    (tmp_path / "other.pt").write_bytes(b"PK\x03\x04 not ours")
+    torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an OrMo-PS checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="no checkpoint"):
@@ -87,8 +89,36 @@ def test_truncated_or_corrupt_checkpoints_are_refused(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
 
 
+def test_a_checkpoint_is_a_plain_torch_file_and_the_first_format_still_loads(tmp_path):
+    import hashlib
+    import io
+
+    state = {"core": {"w": torch.ones(3), "iteration": 7}, "run": {"algo": "asgd"}}
+    saved = torch.load(save_checkpoint(tmp_path / "checkpoint.pt", state), weights_only=True)
+    assert saved["format"] == "ormo-ps-checkpoint" and saved["state"]["core"]["iteration"] == 7
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    (tmp_path / "v1.pt").write_bytes(b"ORMO-PS-CKPT 1\n" + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+                                     + payload)
+    assert torch.equal(load_checkpoint(tmp_path / "v1.pt")["core"]["w"], torch.ones(3))
+
+
+def test_a_checkpoint_with_objects_beyond_tensors_is_refused_without_running_them(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "checkpoint.pt").write_bytes(pickle.dumps({"format": "ormo-ps-checkpoint", "x": Evil()}))
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        load_checkpoint(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_ps_server_refuses_a_corrupt_checkpoint_with_a_clear_error(tmp_path):
-    (tmp_path / "checkpoint.pt").write_bytes(b"ORMO-PS-CKPT 1\n" + b"0" * 64 + b"\nxx")
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 a torn file")
     r = subprocess.run([sys.executable, "-m", "server.cli", "--resume", str(tmp_path), "--bind", "127.0.0.1:0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1

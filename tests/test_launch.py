@@ -100,17 +100,22 @@ def test_one_worker_service_gives_the_simulators_numbers(algo, tmp_path, procs):
     worker = procs.start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
     assert worker.wait(120) == 0
     assert server.wait(60) == 0
-    served = torch.load(tmp_path / "final.pt")["params"]
+    served = torch.load(tmp_path / "final.pt", weights_only=True)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run = RunConfig(algo=algo, workers=1, dataset="digits", model="mlp", batch_size=32, lr=0.05,
                         iterations=iterations, seed=5)
-        simulated = Simulator(run, eval_every=None, final_eval=False).simulate().params
+        simulated = Simulator(run, eval_every=None, final_eval=False, out_dir=tmp_path / "sim").simulate().params
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(served, simulated)
+    assert torch.equal(served["params"], simulated)
+    # final.pt is the same file from both drivers: parameters, iteration, configuration and the model state
+    sim_final = torch.load(tmp_path / "sim" / "final.pt", weights_only=True)
+    assert served.keys() == sim_final.keys() == {"params", "iteration", "config", "model_state"}
+    assert served["config"] == sim_final["config"] and served["iteration"] == sim_final["iteration"]
+    assert all(torch.equal(served["model_state"][k], v) for k, v in sim_final["model_state"].items())
 
 
 def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable_checkpoint(tmp_path, procs):
