@@ -31,6 +31,20 @@ def grpc_message_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, 
 
 GRPC_MESSAGE_OPTIONS: list[tuple[str, int]] = grpc_message_options()
 
+
+def receive_limit(numel: int) -> int:
+    """The largest message a server of a `numel`-parameter model needs to receive: a gradient of `numel`
+    elements of up to 8 bytes (a wrong dtype still gets its INVALID_ARGUMENT) plus 1 MiB for the rest.
+    Nothing larger is read: gRPC refuses a message by its length prefix, before its bytes arrive."""
+    return min(MAX_MESSAGE_BYTES, numel * 8 + (1 << 20))
+
+
+def server_options(numel: int) -> list[tuple[str, int]]:
+    """A ps-server's gRPC options: GRPC_OPTIONS with the receive limit of its model, and no SO_REUSEPORT (a
+    second server on the same port must fail, not share the port silently)."""
+    options = dict(GRPC_OPTIONS) | {"grpc.max_receive_message_length": receive_limit(numel), "grpc.so_reuseport": 0}
+    return list(options.items())
+
 KEEPALIVE_TIME_MS: int = 10_000  # ping the peer after this long without hearing from it
 KEEPALIVE_TIMEOUT_MS: int = 10_000  # and close the connection when the ping is not answered this fast
 

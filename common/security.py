@@ -136,11 +136,13 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-        async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
+        async def refuse(request_iterator, context: grpc.aio.ServicerContext):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
-        self._refuse_unary = grpc.unary_unary_rpc_method_handler(refuse)
-        self._refuse_stream = grpc.stream_stream_rpc_method_handler(refuse)
+        # A streaming handler for every method, unary ones included, that never reads its request: the
+        # refused client's message is not received into memory beyond the transport's flow-control window
+        # (a unary handler would read all of it, up to the message size limit, before refusing).
+        self._refuse = grpc.stream_stream_rpc_method_handler(refuse)
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method
@@ -150,7 +152,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given.encode(), self._expected):
             return await continuation(handler_call_details)
         logger.warning("refused %s: missing or wrong token", method)
-        return self._refuse_stream if method.endswith("/Train") else self._refuse_unary
+        return self._refuse
 
 
 def is_loopback(bind: str) -> bool:

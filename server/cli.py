@@ -26,7 +26,7 @@ from common import settings
 from common.cli_options import run_cli, server_security_from, server_security_options, setup_logging
 from common.data import iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
-from common.grpc_options import GRPC_OPTIONS
+from common.grpc_options import server_options
 from common.malloc_tuning import tune_malloc
 from common.metrics import MetricsWriter
 from common.security import ServerSecurity, warn_if_exposed
@@ -190,7 +190,7 @@ async def serve(service: ParameterServerService, *, bind: str = "127.0.0.1:0",
     """Serve `service` on `bind` until its run finishes (then up to `linger` seconds more for evaluators)
     or a signal arrives (then checkpoint and tell the workers)."""
     check_port_free(bind)
-    server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)], interceptors=security.interceptors())
+    server = grpc.aio.server(options=server_options(service.core.w.numel()), interceptors=security.interceptors())
     add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -101,3 +101,64 @@ def test_an_output_directory_that_cannot_be_written_is_a_one_line_error(tmp_path
     else:
         target = readonly / "out"
     assert "cannot write to --out" in one_line_error(ps_server("--out", str(target)))
+
+
+# ----- 1: memory before authentication -----------------------------------------------------------------
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def big_request(megabytes: int) -> bytes:
+    """A GetParametersRequest carrying `megabytes` MB in an unknown field (field 100, length-delimited)."""
+    size = megabytes << 20
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    return varint(100 << 3 | 2) + varint(size) + bytes(size)
+
+
+def call_with(port: int, payload: bytes, token: str | None) -> "grpc.StatusCode":
+    import grpc
+
+    from common.grpc_options import GRPC_MESSAGE_OPTIONS
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS) as channel:
+        call = channel.unary_unary("/ps.v1.ParameterServer/GetParameters", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        try:
+            call(payload, timeout=60, metadata=(("authorization", f"Bearer {token}"),) if token else None)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_huge_requests_are_refused_before_they_are_read(tmp_path):
+    """200 MB requests, unauthenticated and authenticated, four at once: the server's memory stays put."""
+    import grpc
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = tmp_path / "server.log"
+    server = start("server.cli", *RUN, "--iterations", "1000", "--bind", "127.0.0.1:0", "--out", str(tmp_path),
+                   "--token", "s3cret", log=log)
+    try:
+        port = port_of(server, log)
+        assert call_with(port, b"", "s3cret") == grpc.StatusCode.OK  # warm: the first answer allocates
+        before = rss_mib(server.pid)
+        payload = big_request(200)
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda token: call_with(port, payload, token), [None, None, None, "s3cret"]))
+        grown = rss_mib(server.pid) - before
+    finally:
+        stop(server)
+    assert codes[:3] == [grpc.StatusCode.UNAUTHENTICATED] * 3
+    assert codes[3] == grpc.StatusCode.RESOURCE_EXHAUSTED  # larger than any message this model needs
+    assert grown < 50, f"the server grew by {grown:.0f} MiB"
