@@ -50,6 +50,9 @@ def listening_port(line: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
+EXIT_DIVERGED = 3  # as ps-sim's
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """How ps-server serves a run (the run itself is the RunConfig)."""
@@ -68,6 +71,9 @@ class ServeOptions:
               "evaluator has fetched the final parameters.", min=0)
     sync_timeout: float | None = setting(
         300.0, "Synchronous runs: drop a worker silent this many seconds from the barrier.", min=0, min_open=True)
+    ready_timeout: float = setting(
+        120.0, "Seconds a registered worker has to load its data and say Ready; then its slot is given back.",
+        min=0, min_open=True)
     start_when_all: bool = setting(
         True, "Send w_0 once all K workers registered (as Algorithm 1), or to each worker as it comes.",
         off="--start-at-once")
@@ -103,7 +109,7 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
         core, num_classes=dataset.num_classes, out_dir=out,
         metrics=MetricsWriter(out / "metrics.jsonl", mode="a") if out else None, log_every=options.log_every,
         checkpoint_every=options.checkpoint_every, wait_for_all_workers=options.start_when_all,
-        sync_timeout=options.sync_timeout, model_state=model_state)
+        sync_timeout=options.sync_timeout, ready_timeout=options.ready_timeout, model_state=model_state)
     if state is not None:
         service.load_state_dict(state)
     else:
@@ -255,11 +261,14 @@ def cli(**kwargs) -> None:
     except OSError as e:
         raise click.ClickException(f"cannot write to --out {options.out}: {e.strerror}") from None
     try:
-        asyncio.run(serve_run(run, options, security=security))
+        service = asyncio.run(serve_run(run, options, security=security))
     except (CheckpointError, FileNotFoundError, ValueError, PortInUse) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
+    if service.diverged is not None:
+        click.echo(f"Error: {service.diverged}; the last finite parameters are in {options.out}", err=True)
+        raise SystemExit(EXIT_DIVERGED)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,12 +8,13 @@ It is not thread-safe by design: one driver task is its only writer.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from common.codec import CodecError, check_finite
+from common.codec import CodecError, all_finite, check_finite, max_magnitude
 from server.algorithms import get_algorithm
 from server.config import RunConfig
 
@@ -96,6 +97,9 @@ class ServerCore:
         self.workers = [WorkerRecord() for _ in range(run.workers)]
         self.staleness = StalenessStats()
         self.started = False
+        # Magnitudes below this leave an update room to grow without overflowing (see _apply_finite).
+        self._safe_magnitude = torch.finfo(self.w.dtype).max / 1e3
+        self._bound = self._measured_bound()
 
     # ----- queries -------------------------------------------------------------------------
     @property
@@ -127,8 +131,9 @@ class ServerCore:
             rec.outstanding_index = 0
         return Dispatch(tuple(range(self.num_workers)), self.rule.params_to_send(self.lr()), 0)
 
-    def validate(self, worker: int, grad: torch.Tensor, iteration_index: int) -> None:
-        """Raise `PushRejected` if the gradient cannot be applied. Changes nothing."""
+    def validate(self, worker: int, grad: torch.Tensor, iteration_index: int) -> float:
+        """Raise `PushRejected` if the gradient cannot be applied; else return its largest magnitude.
+        Changes nothing."""
         if not self.started:
             raise PushRejected("FAILED_PRECONDITION", "the run has not started")
         if self.done:
@@ -152,24 +157,27 @@ class ServerCore:
                                f"vector of {self.w.numel()} elements")
         if grad.dtype != self.w.dtype:
             raise PushRejected("INVALID_ARGUMENT", f"gradient dtype {grad.dtype}; expected {self.w.dtype}")
-        if not self.run.allow_nonfinite:
+        # One read of the gradient: its largest magnitude, NaN or infinite when any element is.
+        g_max = max_magnitude(grad)
+        if not math.isfinite(g_max) and not self.run.allow_nonfinite:
             try:
                 check_finite(grad, "gradient")
             except CodecError as e:
                 raise PushRejected("INVALID_ARGUMENT", str(e), reason="nonfinite") from None
+        return g_max
 
     def push(self, worker: int, grad: torch.Tensor, iteration_index: int) -> list[Dispatch]:
         """One server iteration: apply `grad` from `worker` and return what to send to whom.
 
-        Raises `PushRejected` (and changes nothing) for a gradient that cannot be applied.
+        Raises `PushRejected` (and changes nothing) for a gradient that cannot be applied, or whose update
+        would make the server's state non-finite (a finite but huge gradient, or a huge eta).
         """
-        self.validate(worker, grad, iteration_index)
+        g_max = self.validate(worker, grad, iteration_index)
         if grad.device != self.w.device:
             grad = grad.to(self.w.device)
         t = self.iteration
-        self.rule.open_group(t, waiting_set_empty=not self.waiting_set)
         lr = self.rule.effective_lr(self.lr_schedule(t), iteration_index, t)
-        self.rule.apply(grad, iteration_index, t, worker, lr)
+        self._apply_finite(grad, iteration_index, t, worker, lr, g_max)
 
         delay = t - iteration_index
         rec = self.workers[worker]
@@ -181,6 +189,53 @@ class ServerCore:
         self.iteration = t + 1
         self.waiting_set.add(worker)
         return self._schedule(lr)
+
+    # ----- never a non-finite state ------------------------------------------------------------
+    # Every state value after an update is a combination of the values before it and of eta*g, with
+    # coefficients no rule exceeds (OrMo's 1/(1-beta) on eta*g, SMEGA2's sent estimate's 2*eta*K on v, the
+    # accumulator's 1 on g). So `_bound`, an upper bound of the state's magnitudes kept without reading the
+    # state, proves an update cannot overflow; only when it cannot prove that does the core read the state's
+    # true magnitudes and, if even they do not prove it, apply the update to the state with a copy kept,
+    # and put the copy back when the result is not finite.
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return [self.w, *(v for v in self.rule.state_dict().values() if isinstance(v, torch.Tensor))]
+
+    def _measured_bound(self) -> float:
+        return max(max_magnitude(t) for t in self._state_tensors())
+
+    def _predicted_bound(self, lr: float, g_max: float) -> float:
+        k, beta = self.num_workers, self.run.momentum
+        return self._bound * (2.0 + 2.0 * abs(lr) * k) + g_max * (1.0 + abs(lr) / (1.0 - beta))
+
+    def _apply(self, grad: torch.Tensor, iteration_index: int, t: int, worker: int, lr: float) -> None:
+        self.rule.open_group(t, waiting_set_empty=not self.waiting_set)
+        self.rule.apply(grad, iteration_index, t, worker, lr)
+
+    def _apply_finite(self, grad: torch.Tensor, iteration_index: int, t: int, worker: int, lr: float,
+                      g_max: float) -> None:
+        if self.run.allow_nonfinite:  # the run asked for NaN and infinities to be applied
+            self._apply(grad, iteration_index, t, worker, lr)
+            return
+        predicted = self._predicted_bound(lr, g_max)
+        if predicted > self._safe_magnitude:
+            self._bound = self._measured_bound()
+            predicted = self._predicted_bound(lr, g_max)
+        if predicted <= self._safe_magnitude:  # proved: the update cannot overflow
+            self._apply(grad, iteration_index, t, worker, lr)
+            self._bound = predicted
+            return
+        saved = (self.w.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                  for k, v in self.rule.state_dict().items()})
+        self._apply(grad, iteration_index, t, worker, lr)
+        if all(all_finite(x) for x in (*self._state_tensors(), self.rule.params_to_send(lr))):
+            self._bound = self._measured_bound()
+            return
+        self.w.copy_(saved[0])
+        self.rule.load_state_dict(saved[1])
+        raise PushRejected(
+            "INVALID_ARGUMENT", f"applying this gradient would make the server's parameters non-finite "
+            f"(|eta*g| up to {abs(lr) * g_max:.3g}, state up to {self._bound:.3g}): refused, nothing changed; "
+            "the run is diverging (eta too large?)", reason="overflow")
 
     def _schedule(self, lr: float) -> list[Dispatch]:
         """The scheduler of Algorithm 1: option II answers at once, option I once every worker waits."""
@@ -269,4 +324,5 @@ class ServerCore:
         self.started = bool(state["started"])
         self.workers = [WorkerRecord(**rec) for rec in state["workers"]]
         self.staleness = StalenessStats(**state["staleness"])
+        self._bound = self._measured_bound()
 

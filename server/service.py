@@ -22,7 +22,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common.codec import CodecError, decode, encode
-from common.metrics import MetricsWriter, RunRecorder
+from common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.wire import Received, parse_worker_message, serialize_parameters, serialize_server_message
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "ps.v1.ParameterServer"
 
 _END = object()  # outbox sentinel: close the stream normally
+# Rejections that say the run is diverging: enough of them in a row (no gradient applied between) end it.
+DIVERGING = ("nonfinite", "overflow")
 
 
 class Rejected(Exception):
@@ -80,6 +82,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         checkpoint_every: float = 60.0,
         wait_for_all_workers: bool = True,
         sync_timeout: float | None = None,
+        ready_timeout: float = 120.0,
         model_state: Callable[[torch.Tensor], dict[str, Any]] | None = None,
     ) -> None:
         self.core = core
@@ -90,6 +93,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.checkpoint_every = checkpoint_every
         self.wait_for_all_workers = wait_for_all_workers
         self.sync_timeout = sync_timeout
+        self.ready_timeout = ready_timeout
         self._sent_at: dict[int, float] = {}  # when each worker was last sent parameters
         self.counters = Counters()
         self.connections: dict[int, Connection] = {}
@@ -104,6 +108,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._checkpoint_task: asyncio.Task | None = None
         self._checkpoint_lock = asyncio.Lock()
         self._finish_task: asyncio.Task | None = None
+        self.diverged: str | None = None  # why the run diverged, once it has
+        self._nonfinite_in_a_row = 0
 
     # ----- the run's configuration as workers see it --------------------------------------
     def pb_run_config(self) -> pb.RunConfig:
@@ -125,8 +131,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             logger.warning("malformed first message from %s: %s", context.peer(), e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
             return
-        if self.core.done:
-            yield self._stop_done()
+        if self.ended:
+            yield self._stop_message()
             return
         try:
             conn = self._admit(first, context.peer())
@@ -135,6 +141,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             await context.abort(e.code, e.message)
             return
         reader = asyncio.create_task(self._read(conn, request_iterator), name=f"reader-{conn.worker}")
+        not_ready = asyncio.get_running_loop().call_later(self.ready_timeout, self._not_ready, conn)
         try:
             while True:
                 msg = await conn.outbox.get()
@@ -150,14 +157,34 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 # abort() sends the status at once: free the worker's slot first, so a worker that
                 # reconnects as soon as it reads the status is not refused with ALREADY_EXISTS.
                 self._disconnect(conn)
+                reader.cancel()
                 await context.abort(conn.error.code, conn.error.message)
         finally:
+            not_ready.cancel()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self._disconnect(conn)
 
-    def _stop_done(self) -> pb.ServerMessage:
+    def _not_ready(self, conn: Connection) -> None:
+        """A registered worker that has not said Ready in time gives its slot back (a stream that registers
+        and then does nothing would hold it for ever, and a full run would refuse real workers)."""
+        if conn.ready or conn.error is not None:
+            return
+        logger.warning("worker %d (%s) sent no Ready within %.0fs: its slot is freed", conn.worker, conn.name,
+                       self.ready_timeout)
+        conn.error = Rejected(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no Ready within {self.ready_timeout:g}s of the Welcome; the slot was given back")
+        conn.outbox.put_nowait(_END)
+
+    @property
+    def ended(self) -> bool:
+        """The run is over: it reached its last iteration, or it diverged."""
+        return self.core.done or self.diverged is not None
+
+    def _stop_message(self) -> pb.ServerMessage:
+        if self.diverged is not None:
+            return pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_DIVERGED, detail=self.diverged))
         return pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_DONE,
                                              detail=f"run finished after {self.core.iteration} iterations"))
 
@@ -226,15 +253,18 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                     self._on_message(conn, msg)
                 except Rejected as e:
                     logger.warning("worker %d: %s (%s)", conn.worker, e.message, e.code.name)
+                    if self.diverged is not None:  # this refusal ended the run: say so, not only refuse
+                        conn.outbox.put_nowait(self._stop_message())
+                        return
                     conn.error = e
                     conn.outbox.put_nowait(_END)
                     return
-                if self.core.done and self._finish_task is None:
+                if self.ended and self._finish_task is None:
                     # Owned by the service, not this stream: a worker hanging up must not cut it short.
                     self._finish_task = asyncio.get_running_loop().create_task(self._finish())
         except asyncio.CancelledError:
             raise
-        except grpc.aio.AioRpcError:  # the worker went away mid-read
+        except (grpc.aio.AioRpcError, grpc.aio.AbortError):  # the worker went away, or its stream was ended
             pass
         except DecodeError as e:
             logger.warning("worker %d: malformed message: %s", conn.worker, e)
@@ -257,8 +287,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             expected = "a Gradient" if conn.ready else "Ready"
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"expected {expected} on the Train stream, got {kind or 'an empty message'}")
-        if self.core.done:
-            return  # in flight when the run finished: dropped
+        if self.ended:
+            return  # in flight when the run ended: dropped
         g = msg.gradient
         core = self.core
         try:
@@ -273,10 +303,28 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             dispatches = core.push(conn.worker, grad, ite)
         except PushRejected as e:
             self.counters.reject(e.reason)
+            if e.reason in DIVERGING:
+                self._nonfinite_in_a_row += 1
+                if self._nonfinite_in_a_row >= max(3, core.num_workers):
+                    self._diverge(f"{self._nonfinite_in_a_row} gradients in a row were non-finite or would have "
+                                  f"made the parameters non-finite (the last: {e})")
             raise Rejected(getattr(grpc.StatusCode, e.code), str(e)) from None
+        self._nonfinite_in_a_row = 0
         self.counters.gradients_applied += 1
         self._route(dispatches)
         self._record(g.loss, core.iteration - 1 - ite)
+        if self.recorder.diverged_at is not None and self.diverged is None:
+            self._diverge(f"the training loss ran away (more than {DIVERGENCE_FACTOR:g}x that of the first "
+                          "iterations)")
+
+    def _diverge(self, why: str) -> None:
+        """End the run as diverged: the parameters stay the last finite ones; every worker is told."""
+        self.diverged = f"the run diverged at iteration {self.core.iteration}: {why}"
+        logger.error("%s", self.diverged)
+        if self.recorder.diverged_at is None:
+            self.recorder.diverged(self.core.iteration, why)
+        if self._finish_task is None:
+            self._finish_task = asyncio.get_running_loop().create_task(self._finish())
 
     def _route(self, dispatches: list[Dispatch]) -> None:
         """Serialize each dispatch once, now (its tensor is live), and queue the bytes for every receiver."""
@@ -293,7 +341,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if self.connections.get(conn.worker) is not conn:
             return
         del self.connections[conn.worker]
-        if self.core.started and not self.core.done:
+        if self.core.started and not self.ended:
             self._route(self.core.deactivate(conn.worker))
         logger.info("worker %d disconnected, %d connected", conn.worker, len(self.connections))
 
@@ -366,8 +414,9 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return path
 
     async def _finish(self) -> None:
-        """The run reached its last iteration: stop every worker, write the final state and the summary."""
-        stop = self._stop_done()
+        """The run ended (its last iteration, or divergence): stop every worker, write the final state and
+        the summary."""
+        stop = self._stop_message()
         for conn in self.connections.values():
             conn.outbox.put_nowait(stop)
         self.recorder.finish_epoch()
@@ -378,7 +427,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.recorder.summary(self.core.summary(), gradients_applied=self.counters.gradients_applied,
                               gradients_rejected=self.counters.gradients_rejected,
                               rejected_by_reason=self.counters.rejected_by_reason)
-        logger.info("run finished at iteration %d", self.core.iteration)
+        if self.diverged is None:
+            logger.info("run finished at iteration %d", self.core.iteration)
         self.finished.set()  # set last: whoever waits for it finds the final files written
 
     def _save_final(self, params: torch.Tensor, iteration: int) -> None:
@@ -414,7 +464,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         return pb.Status(
             iteration=core.iteration, epoch=core.epoch, workers_connected=len(self.connections),
             gradients_applied=self.counters.gradients_applied, gradients_rejected=self.counters.gradients_rejected,
-            done=self.core.done, config=self.pb_run_config(),
+            done=self.ended, diverged=self.diverged is not None, config=self.pb_run_config(),
             uptime_seconds=time.monotonic() - self._start_time,
             train_loss=nan_if_none(self.recorder.last_epoch_train_loss),
         )

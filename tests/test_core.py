@@ -11,7 +11,8 @@ from server.core import PushRejected, ServerCore
 
 def core_for(algo="ormo", k=2, n=4, **kw) -> ServerCore:
     kw.setdefault("iterations", 10**9)
-    return ServerCore(torch.zeros(n), RunConfig(algo=algo, workers=k, lr=0.1, momentum=0.9, lr_milestones=(), **kw))
+    kw = {"lr": 0.1} | kw
+    return ServerCore(torch.zeros(n), RunConfig(algo=algo, workers=k, momentum=0.9, lr_milestones=(), **kw))
 
 
 def snapshot(core: ServerCore):
@@ -119,3 +120,37 @@ def test_bad_config_names_the_field():
             core_for(**kwargs)
     with pytest.raises(ValueError, match="flat"):
         ServerCore(torch.zeros(2, 2), RunConfig(algo="asgd", workers=1))
+
+
+@pytest.mark.parametrize("algo", ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da"])
+def test_an_update_that_would_overflow_is_refused_and_the_state_stays_finite(algo):
+    """Finite but huge gradients (3.4e38, near float32's largest) are applied while the result is finite;
+    the one that would make the state infinite is refused and changes nothing."""
+    core = core_for(algo, k=1)
+    core.start()
+    huge = torch.full((4,), 3.4e38)
+    refused = None
+    for _ in range(20):
+        before = snapshot(core)
+        try:
+            (d,) = core.push(0, huge, core.iteration)
+        except PushRejected as e:
+            refused = e
+            assert_same_state(before, snapshot(core))
+            break
+        assert all(torch.isfinite(t).all() for t in core._state_tensors()) and torch.isfinite(d.params).all()
+    assert refused is not None and refused.reason == "overflow" and "non-finite" in str(refused)
+
+
+def test_a_huge_learning_rate_never_makes_the_parameters_infinite():
+    core = core_for("ormo", k=1, lr=1e30)
+    core.start()
+    outcomes = []
+    for _ in range(30):
+        try:  # a gradient that grows with the parameter, as a real model's does once it diverges
+            core.push(0, core.w.abs() + 1.0, core.iteration)
+            outcomes.append("applied")
+        except PushRejected as e:
+            outcomes.append(e.reason)
+        assert torch.isfinite(core.w).all() and torch.isfinite(core.rule.u).all()
+    assert outcomes[0] == "applied" and "overflow" in outcomes

@@ -162,3 +162,121 @@ def test_huge_requests_are_refused_before_they_are_read(tmp_path):
     assert codes[:3] == [grpc.StatusCode.UNAUTHENTICATED] * 3
     assert codes[3] == grpc.StatusCode.RESOURCE_EXHAUSTED  # larger than any message this model needs
     assert grown < 50, f"the server grew by {grown:.0f} MiB"
+
+
+# ----- 3: slots held by streams that never say Ready ------------------------------------------------------
+def test_a_slot_never_made_ready_is_given_back_and_refused_workers_wait_for_one(start_live_server, tmp_path):
+    import grpc
+
+    from common.pb import parameter_server_pb2 as pb
+    from server.config import RunConfig
+    from tests.conftest import RawWorker
+
+    run = RunConfig(workers=2, dataset="digits", model="mlp", batch_size=32, iterations=60)
+    live, stop_server = start_live_server(run, bind="127.0.0.1:0", linger=30.0, ready_timeout=8.0)
+    squatters, workers = [], []
+    try:
+        for _ in range(2):  # register, then never say Ready: both slots are held
+            squatter = RawWorker(live.stub())
+            squatter.register()
+            squatters.append(squatter)
+        logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+        workers = [start("worker.cli", "--server", live.target, "--threads", "1", "--server-timeout", "60", log=log)
+                   for log in logs]
+        for squatter in squatters:
+            error = squatter.expect_abort()
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no Ready within 8s" in error.details()
+        for w, log in zip(workers, logs):
+            assert w.wait(120) == 0, log.read_text()[-2000:]
+            assert '"stop_reason": "STOP_REASON_DONE"' in log.read_text()
+        assert any("all worker slots are taken" in log.read_text() for log in logs)  # they waited, not quit
+        assert live.on_loop(lambda: live.service.core.iteration) == 60
+    finally:
+        for squatter in squatters:
+            squatter.close()
+        for w in workers:
+            stop(w)
+        stop_server()
+    del pb
+
+
+# ----- 4: finite but huge gradients, and a diverging run ---------------------------------------------------
+def test_huge_finite_gradients_never_reach_the_parameters_and_the_run_ends_as_diverged(start_live_server):
+    import grpc
+    import torch
+
+    from common.codec import decode, encode
+    from common.pb import parameter_server_pb2 as pb
+    from server.config import RunConfig
+    from tests.conftest import RawWorker
+
+    run = RunConfig(workers=1, dataset="digits", model="mlp", batch_size=32, iterations=1000)
+    live, stop_server = start_live_server(run, bind="127.0.0.1:0", linger=30.0)
+    worker = None
+    try:
+        codes = []
+        for _ in range(12):
+            worker = RawWorker(live.stub())
+            worker.send(pb.WorkerMessage(register=pb.Register(name="raw")))
+            first = worker.recv()
+            if first.WhichOneof("payload") == "stop":  # the run is over: a newcomer is told why
+                assert first.stop.reason == pb.STOP_REASON_DIVERGED and "diverged" in first.stop.detail
+                break
+            numel = first.welcome.config.num_parameters
+            worker.ready()
+            msg = worker.recv()
+            params = decode(msg.parameters.tensor)
+            assert torch.isfinite(params).all()  # no parameter ever sent is infinite
+            gradient = pb.WorkerMessage(gradient=pb.Gradient(iteration_index=msg.parameters.iteration_index, loss=1.0))
+            encode(torch.full((numel,), 3.4e38), out=gradient.gradient.tensor)
+            worker.send(gradient)
+            try:
+                reply = worker.recv()
+                if reply.WhichOneof("payload") == "stop":  # the refusal that ended the run says so
+                    assert reply.stop.reason == pb.STOP_REASON_DIVERGED
+                    codes.append("DIVERGED")
+                else:
+                    codes.append("applied")
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+                assert "non-finite" in e.details()
+            worker.close()
+        # Applied while the result was finite; then refused until three in a row ended the run.
+        assert codes[0] == "applied" and codes[-3:] == ["INVALID_ARGUMENT", "INVALID_ARGUMENT", "DIVERGED"]
+        status = live.stub().GetStatus(pb.GetStatusRequest(), timeout=10)
+        assert status.done and status.diverged
+        assert torch.isfinite(live.on_loop(lambda: live.service.core.w.clone())).all()
+    finally:
+        if worker is not None:
+            worker.close()
+        stop_server()
+
+
+def test_a_run_with_a_huge_learning_rate_ends_as_diverged_and_every_process_says_so(tmp_path):
+    log = tmp_path / "server.log"
+    # --linger: the server stays a few seconds after the end, so workers that were reconnecting learn of it.
+    server = start("server.cli", *RUN, "--lr", "1e30", "--iterations", "2000", "--bind", "127.0.0.1:0",
+                   "--out", str(tmp_path / "out"), "--linger", "15", log=log)
+    workers = []
+    try:
+        port = port_of(server, log)
+        logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+        workers = [start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", log=wl) for wl in logs]
+        assert server.wait(120) == 3, log.read_text()[-3000:]
+        assert "Error: the run diverged at iteration" in log.read_text()
+        for w, wl in zip(workers, logs):
+            assert w.wait(60) == 3, wl.read_text()[-2000:]
+            assert "Error: the server ended the run: the run diverged" in wl.read_text()
+            assert "Traceback" not in wl.read_text()
+    finally:
+        stop(server)
+        for w in workers:
+            stop(w)
+    import json
+
+    import torch
+
+    summary = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+               if '"summary"' in line][-1]
+    assert summary["diverged"] and summary["diverged_at_iteration"] is not None
+    assert torch.isfinite(torch.load(tmp_path / "out" / "final.pt", weights_only=True)["params"]).all()

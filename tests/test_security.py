@@ -170,3 +170,31 @@ def test_a_real_worker_trains_over_mutual_tls_with_a_token(start_live_server, pk
         assert live.on_loop(lambda: live.service.core.iteration) == 40
     finally:
         stop()
+
+
+@pytest.mark.slow
+def test_a_worker_names_the_cause_of_a_tls_mismatch(start_live_server, pki):
+    """A wrong CA, plaintext against TLS and TLS against plaintext: the worker says which (issue #11, item 8),
+    not only "server unreachable (UNAVAILABLE)", and gives up with one line after --server-timeout."""
+    run = RunConfig(algo="ormo", workers=1, dataset="digits", model="mlp", batch_size=32, iterations=40)
+    tls = ServerSecurity(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+
+    def worker(target: str, *flags: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "worker.cli", "--server", target, "--server-timeout", "2",
+                               *flags], env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        return done.stderr
+
+    live, stop = start_live_server(run, bind="127.0.0.1:0", linger=0.0, grace=1.0, security=tls)
+    try:
+        assert "not signed by --tls-ca" in worker(live.target, "--tls-ca", str(pki / "rogue-ca.pem"))
+        assert "does the server expect TLS" in worker(live.target)
+    finally:
+        stop()
+    live, stop = start_live_server(run, bind="127.0.0.1:0", linger=0.0, grace=1.0)
+    try:
+        assert "does the server use TLS" in worker(live.target, "--tls-ca", str(pki / "ca.pem"))
+    finally:
+        stop()

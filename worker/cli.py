@@ -8,10 +8,11 @@ import logging
 from collections.abc import Sequence
 
 import click
-import grpc
 
 from common.cli_options import client_process_options, run_cli, setup_client_process
-from worker.client import Worker, WorkerOptions
+from worker.client import Worker, WorkerError, WorkerOptions
+
+EXIT_DIVERGED = 3  # as ps-server's and ps-sim's
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ def cli(**kw) -> None:
         raise click.UsageError(str(e)) from None
     try:
         result = asyncio.run(Worker(options).run())
-    except grpc.aio.AioRpcError as e:
-        raise click.ClickException(f"the server refused this worker: {e.code().name}: {e.details()}") from None
+    except WorkerError as e:
+        click.echo(f"Error: {e}", err=True)
+        raise SystemExit(EXIT_DIVERGED if e.diverged else 1) from None
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps({"worker_id": result.worker_id, "gradients_sent": result.gradients_sent,

@@ -28,9 +28,44 @@ from common.security import ClientSecurity
 
 logger = logging.getLogger(__name__)
 
-# Statuses after which reconnecting cannot help.
-FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
-         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED}
+# Statuses after which reconnecting cannot help, when they come before this worker did any work.
+FATAL = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+         grpc.StatusCode.UNIMPLEMENTED}
+# A worker whose gradients the server keeps refusing as non-finite stops instead of looping.
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+class WorkerError(Exception):
+    """Why this worker stops without the run being done; `diverged` when the run itself diverged."""
+
+    def __init__(self, message: str, *, diverged: bool = False) -> None:
+        super().__init__(message)
+        self.diverged = diverged
+
+
+def _waiting_for(code: grpc.StatusCode, details: str, opts: WorkerOptions) -> str:
+    """Why a stream ended, in words, with the likely cause of a connection failure."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"all worker slots are taken ({details}); waiting for one to free up"
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return "this worker's previous stream is still open on the server"
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return f"server unreachable ({code.name}: {_connection_cause(details, opts)})"
+    return f"the stream ended with {code.name}: {details}"
+
+
+def _connection_cause(details: str, opts: WorkerOptions) -> str:
+    """gRPC's connection error, with what it most likely means for TLS (a wrong CA, TLS on one side only)."""
+    text = details.lower()
+    if "certificate_verify_failed" in text or "certificate verify failed" in text:
+        return f"the server's TLS certificate is not signed by --tls-ca {opts.security.tls_ca} ({details})"
+    tls = bool(opts.security.tls_ca)
+    if tls and ("handshake" in text or "wrong_version_number" in text or "wrong version number" in text
+                or "socket closed" in text):
+        return f"the TLS handshake failed: does the server use TLS (--tls-cert)? ({details})"
+    if not tls and ("socket closed" in text or "connection reset" in text or "handshake" in text):
+        return f"the connection was closed at once: does the server expect TLS (then give --tls-ca)? ({details})"
+    return details
 
 
 @dataclass(frozen=True)
@@ -71,55 +106,59 @@ class Worker:
         self._model: FlatModel | None = None
         self._computer: GradientComputer | None = None
         self._stream: BatchStream | None = None
+        self._stop_detail = ""  # the server's words with its last Stop
 
     async def run(self) -> WorkerResult:
+        """Train until the server says stop; reconnect (keeping the worker id) whenever a stream breaks, and
+        give up when no stream has made progress for `server_timeout` seconds. Raises WorkerError for what
+        reconnecting cannot mend (refused credentials, a diverged run)."""
         opts = self.options
         backoff = opts.backoff_initial
-        unreachable_since: float | None = None
+        waiting_since: float | None = None  # since when no stream has got a gradient through
         shutdown_seen = False
+        nonfinite_in_a_row = 0
         async with opts.security.aio_channel(opts.server, GRPC_OPTIONS) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
             while True:
                 sent_before = self.gradients_sent
                 try:
                     reason = await self._session(stub)
+                except grpc.aio.AioRpcError as e:
+                    code, details = e.code(), e.details() or ""
+                    if code in FATAL and self._stream is None:
+                        raise WorkerError(f"the server at {opts.server} refused this worker: {code.name}: "
+                                          f"{details}") from None
+                    if self.gradients_sent > sent_before + 1:  # gradients went through before this one
+                        nonfinite_in_a_row = 0
+                    if code == grpc.StatusCode.INVALID_ARGUMENT and "finite" in details:
+                        nonfinite_in_a_row += 1
+                        if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                            raise WorkerError(f"{nonfinite_in_a_row} gradients in a row were refused as non-finite:"
+                                              f" the run is diverging ({details})", diverged=True) from None
+                    why = _waiting_for(code, details, opts)
+                else:
+                    if reason == "STOP_REASON_DIVERGED":
+                        raise WorkerError(f"the server ended the run: {self._stop_detail}", diverged=True)
                     if reason != "STOP_REASON_SHUTDOWN":
                         return WorkerResult(self.worker_id, self.gradients_sent, reason)
-                    # The server is restarting (or gone for good): wait for it like for a lost connection.
-                    logger.info("worker %s: server shutting down; waiting up to %.0fs for it to come back",
-                                self.worker_id, opts.server_timeout)
-                    now = time.monotonic()
-                    unreachable_since = unreachable_since or now
-                    if now - unreachable_since > opts.server_timeout:
-                        return WorkerResult(self.worker_id, self.gradients_sent, reason)
                     shutdown_seen = True
-                except grpc.aio.AioRpcError as e:
-                    code = e.code()
-                    if code in FATAL and self._stream is None:
-                        raise  # refused before doing any work: a configuration error
-                    if code == grpc.StatusCode.ALREADY_EXISTS and self.worker_id is not None:
-                        # our old stream is still open on the server: wait for it to notice
-                        logger.info("worker %s: previous stream still open, retrying", self.worker_id)
-                    elif code in FATAL:
-                        logger.warning("worker %s: stream ended with %s: %s; reconnecting", self.worker_id,
-                                       code.name, e.details())
-                    else:
-                        logger.info("worker %s: server unreachable (%s); retrying in %.1fs", self.worker_id,
-                                    code.name, backoff)
-                    now = time.monotonic()
-                    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        unreachable_since = unreachable_since or now
-                        if now - unreachable_since > opts.server_timeout:
-                            reason = "STOP_REASON_SHUTDOWN" if shutdown_seen else "server gone"
-                            return WorkerResult(self.worker_id, self.gradients_sent, reason)
-                    else:
-                        unreachable_since = None
-                if self.gradients_sent > sent_before:  # that session worked: start backing off afresh
+                    why = "the server is shutting down; waiting for it to come back"
+                if self.gradients_sent > sent_before:  # that stream worked: start waiting and backing off afresh
                     backoff = opts.backoff_initial
-                    if unreachable_since is not None and not shutdown_seen:
-                        unreachable_since = time.monotonic()
-                await asyncio.sleep(backoff * (0.5 + random.random()))
+                    waiting_since = None
+                now = time.monotonic()
+                waiting_since = waiting_since or now
+                if now - waiting_since > opts.server_timeout:
+                    logger.warning("worker %s: giving up after %.0fs: %s", self._who(), opts.server_timeout, why)
+                    reason = "STOP_REASON_SHUTDOWN" if shutdown_seen else "server gone"
+                    return WorkerResult(self.worker_id, self.gradients_sent, reason)
+                delay = backoff * (0.5 + random.random())
+                logger.info("worker %s: %s; retrying %s in %.1fs", self._who(), why, opts.server, delay)
+                await asyncio.sleep(delay)
                 backoff = min(backoff * 2, opts.backoff_max)
+
+    def _who(self) -> str:
+        return str(self.worker_id) if self.worker_id is not None else "(no id yet)"
 
     async def _session(self, stub: pb_grpc.ParameterServerStub) -> str:
         """One Train stream, from Register to Stop. Returns the stop reason."""
@@ -147,6 +186,7 @@ class Worker:
                     await _write(call, await self._gradient(msg.parameters))
                 elif kind == "stop":
                     finished = True
+                    self._stop_detail = msg.stop.detail
                     await call.done_writing()
                     return pb.StopReason.Name(msg.stop.reason)
         finally:

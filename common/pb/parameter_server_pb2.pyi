@@ -20,6 +20,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_DONE: _ClassVar[StopReason]
     STOP_REASON_SHUTDOWN: _ClassVar[StopReason]
     STOP_REASON_REJECTED: _ClassVar[StopReason]
+    STOP_REASON_DIVERGED: _ClassVar[StopReason]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -29,6 +30,7 @@ STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_DONE: StopReason
 STOP_REASON_SHUTDOWN: StopReason
 STOP_REASON_REJECTED: StopReason
+STOP_REASON_DIVERGED: StopReason
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "numel", "data")
@@ -147,7 +149,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("iteration", "epoch", "workers_connected", "gradients_applied", "gradients_rejected", "done", "config", "uptime_seconds", "train_loss")
+    __slots__ = ("iteration", "epoch", "workers_connected", "gradients_applied", "gradients_rejected", "done", "config", "uptime_seconds", "train_loss", "diverged")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +159,7 @@ class Status(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    DIVERGED_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     epoch: float
     workers_connected: int
@@ -166,4 +169,5 @@ class Status(_message.Message):
     config: RunConfig
     uptime_seconds: float
     train_loss: float
-    def __init__(self, iteration: _Optional[int] = ..., epoch: _Optional[float] = ..., workers_connected: _Optional[int] = ..., gradients_applied: _Optional[int] = ..., gradients_rejected: _Optional[int] = ..., done: _Optional[bool] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    diverged: bool
+    def __init__(self, iteration: _Optional[int] = ..., epoch: _Optional[float] = ..., workers_connected: _Optional[int] = ..., gradients_applied: _Optional[int] = ..., gradients_rejected: _Optional[int] = ..., done: _Optional[bool] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., train_loss: _Optional[float] = ..., diverged: _Optional[bool] = ...) -> None: ...
