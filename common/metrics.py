@@ -3,34 +3,49 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+logger = logging.getLogger(__name__)
+
 EVENTS = ("start", "progress", "eval", "summary")
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `path`, flushed at once so a crash loses nothing written.
+    """Appends one JSON object per line to `path`, each line one write, so a crash loses nothing written.
 
     Every record carries `wall_time` (seconds since this writer opened) and `timestamp` (Unix time), so
-    records of several processes in one file (server and evaluator) sort on one clock."""
+    records of several processes in one file (server and evaluator) sort on one clock. A line that cannot
+    be written (a full disk) is dropped, said once, and never stops the run: training matters more."""
 
     def __init__(self, path: str | Path, mode: str = "w") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = open(self.path, mode, encoding="utf-8")
+        self._file: IO[bytes] = open(self.path, mode + "b", buffering=0)
         self._t0 = time.monotonic()
+        self.dropped = 0  # records lost to write errors
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         if event not in EVENTS:
             raise ValueError(f"unknown metrics event {event!r}; valid: {', '.join(EVENTS)}")
         record = _finite({"event": event, "wall_time": round(time.monotonic() - self._t0, 4),
                           "timestamp": round(time.time(), 3), **fields})
-        self._file.write(json.dumps(record, default=_jsonable, allow_nan=False) + "\n")
-        self._file.flush()
+        line = (json.dumps(record, default=_jsonable, allow_nan=False) + "\n").encode()
+        try:
+            self._file.write(line)
+        except OSError as e:
+            if not self.dropped:
+                logger.error("cannot write metrics to %s (%s): records are dropped until writing works again",
+                             self.path, e.strerror)
+            self.dropped += 1
+            return record
+        if self.dropped:
+            logger.warning("metrics are written to %s again; %d records were dropped", self.path, self.dropped)
+            self.dropped = 0
         return record
 
     def close(self) -> None:
