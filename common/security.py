@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 
+from common.log_limit import LimitedLog, shorten
+
 logger = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
@@ -143,15 +145,17 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         # refused client's message is not received into memory beyond the transport's flow-control window
         # (a unary handler would read all of it, up to the message size limit, before refusing).
         self._refuse = grpc.stream_stream_rpc_method_handler(refuse)
+        self._log = LimitedLog(logger, "refused calls")
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method
         if method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER, "")
-        if hmac.compare_digest(given.encode(), self._expected):
+        given = [v for k, v in handler_call_details.invocation_metadata or () if k == AUTH_HEADER]
+        if len(given) == 1 and hmac.compare_digest(str(given[0]).encode(), self._expected):
             return await continuation(handler_call_details)
-        logger.warning("refused %s: missing or wrong token", method)
+        why = "ambiguous credentials (several authorization headers)" if len(given) > 1 else "missing or wrong token"
+        self._log.warning("refused %s: %s", shorten(method), why)
         return self._refuse
 
 

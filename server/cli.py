@@ -112,8 +112,10 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
         sync_timeout=options.sync_timeout, ready_timeout=options.ready_timeout, model_state=model_state)
     if state is not None:
         service.load_state_dict(state)
-    else:
-        service.recorder.start("server", run.to_dict(), num_parameters=core.w.numel(), iterations_per_epoch=ipe)
+    # A resumed run writes a start record too: records past its iteration (lost with the crash) are superseded.
+    resumed = {"resumed_from_iteration": core.iteration} if state is not None else {}
+    service.recorder.start("server", run.to_dict(), num_parameters=core.w.numel(), iterations_per_epoch=ipe,
+                           **resumed)
     return service
 
 

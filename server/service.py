@@ -22,6 +22,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common.codec import CodecError, decode, encode
+from common.log_limit import LimitedLog, shorten
 from common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
@@ -102,6 +103,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.finished = asyncio.Event()
         self.final_fetched = asyncio.Event()  # GetParameters has served the final parameters
         self._start_time = time.monotonic()
+        self._refusals = LimitedLog(logger, "refused workers and malformed first messages")
+        self._rejections = LimitedLog(logger, "rejected messages", burst=30)
         self.recorder = RunRecorder(metrics, log_every=log_every, total_iterations=core.total_iterations,
                                     clock=self.uptime, say=logger.info, epoch=core.epoch)
         self._last_checkpoint = time.monotonic()
@@ -131,7 +134,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         except StopAsyncIteration:
             return
         except DecodeError as e:
-            logger.warning("malformed first message from %s: %s", context.peer(), e)
+            self._refusals.warning("malformed first message from %s: %s", shorten(context.peer()), shorten(e, 200))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
             return
         if self.ended:
@@ -140,7 +143,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         try:
             conn = self._admit(first, context.peer())
         except Rejected as e:
-            logger.warning("refused a worker from %s: %s", context.peer(), e.message)
+            self._refusals.warning("refused a worker from %s: %s", shorten(context.peer()), shorten(e.message, 200))
             await context.abort(e.code, e.message)
             return
         reader = asyncio.create_task(self._read(conn, request_iterator), name=f"reader-{conn.worker}")
@@ -219,7 +222,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             worker = (never or free)[0]
         if not reg.slowdown >= 0:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"slowdown must be >= 0, got {reg.slowdown}")
-        conn = Connection(worker, reg.name or peer, reg.slowdown or 1.0)
+        conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0)
         self.connections[worker] = conn
         self.ever_assigned.add(worker)
         logger.info("worker %d registered (%s, slowdown %.2f), %d/%d connected", worker, conn.name,
@@ -255,7 +258,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 try:
                     self._on_message(conn, msg)
                 except Rejected as e:
-                    logger.warning("worker %d: %s (%s)", conn.worker, e.message, e.code.name)
+                    self._rejections.warning("worker %d: %s (%s)", conn.worker, shorten(e.message, 300), e.code.name)
                     if self.diverged is not None:  # this refusal ended the run: say so, not only refuse
                         conn.outbox.put_nowait(self._stop_message())
                         return
@@ -270,7 +273,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         except (grpc.aio.AioRpcError, grpc.aio.AbortError):  # the worker went away, or its stream was ended
             pass
         except DecodeError as e:
-            logger.warning("worker %d: malformed message: %s", conn.worker, e)
+            self._rejections.warning("worker %d: malformed message: %s", conn.worker, shorten(e, 200))
             self.counters.reject("malformed")
             conn.error = Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
         except Exception:  # a bug must end this stream with a status, not leave it hanging

@@ -345,3 +345,32 @@ def test_a_full_disk_ends_no_stream_keeps_the_last_good_checkpoint_and_is_report
         stop(holder)
         for w in workers:
             stop(w)
+
+
+# ----- 9: log flooding, and ambiguous credentials -----------------------------------------------------------
+def test_refused_calls_cannot_flood_the_log_and_two_tokens_are_refused(tmp_path):
+    import grpc
+
+    log = tmp_path / "server.log"
+    server = start("server.cli", *RUN, "--iterations", "1000", "--bind", "127.0.0.1:0", "--out", str(tmp_path),
+                   "--token", "s3cret", log=log)
+    try:
+        port = port_of(server, log)
+        size_before = log.stat().st_size
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/" + "x" * 8000, request_serializer=lambda b: b,
+                                       response_deserializer=lambda b: b)
+            for _ in range(300):
+                with pytest.raises(grpc.RpcError):
+                    call(b"", timeout=10)
+            status = channel.unary_unary("/ps.v1.ParameterServer/GetStatus", request_serializer=lambda b: b,
+                                         response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as twice:  # a right token and a wrong one: which one counts?
+                status(b"", timeout=10, metadata=(("authorization", "Bearer s3cret"), ("authorization", "Bearer x")))
+            assert twice.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert status(b"", timeout=10, metadata=(("authorization", "Bearer s3cret"),)) is not None
+        grown = log.stat().st_size - size_before
+    finally:
+        stop(server)
+    assert grown < 5000, f"300 refused calls added {grown} bytes to the log"
+    assert max(len(line) for line in log.read_text().splitlines()) < 300

@@ -143,9 +143,13 @@ def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable
     assert server2.wait(120) == 0
     final = torch.load(tmp_path / "final.pt")
     assert final["iteration"] == total
-    summary = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "summary"][-1]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    summary = [r for r in records if r["event"] == "summary"][-1]
     assert summary["iterations"] == total
     assert summary["gradients_applied"] == total
+    # The resumed part begins with a start record of its own, naming the iteration it continues from.
+    starts = [r for r in records if r["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_from_iteration"] == stopped_at
 
 
 def test_processes_start_workers_at_the_nice_level_asked(tmp_path: Path) -> None:
