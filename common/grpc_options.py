@@ -51,6 +51,10 @@ KEEPALIVE_TIMEOUT_MS: int = 10_000  # and close the connection when the ping is 
 GRPC_KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC core also waits this long for the answer to any ping, keepalive ones included, and it, not the
+    # keepalive timeout, decides: its default of 60 s made a silent half-open link stall a run for 70 s
+    # (measured through a frozen proxy: tests/test_hardening.py, bench/results/hostile.md).
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     # A worker waiting for the run to start sends no data for minutes: keep pinging anyway (client side).
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),

@@ -374,3 +374,43 @@ def test_refused_calls_cannot_flood_the_log_and_two_tokens_are_refused(tmp_path)
         stop(server)
     assert grown < 5000, f"300 refused calls added {grown} bytes to the log"
     assert max(len(line) for line in log.read_text().splitlines()) < 300
+
+
+# ----- 5: a silent half-open link -------------------------------------------------------------------------
+def test_a_silent_half_open_link_stalls_a_synchronous_run_no_longer_than_keepalive(tmp_path):
+    """One worker of a synchronous K=2 run talks through a proxy that goes silent (TCP stays open, nothing
+    passes): the round waits until the server's keepalive declares that stream dead, then goes on with
+    the other worker. The README promises about 20 s (keepalive time + timeout); bench/results/hostile.md
+    has the measured stall."""
+    from common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
+    from tests.freezable_proxy import FreezableProxy
+
+    log = tmp_path / "server.log"
+    server = start("server.cli", *RUN, "--algo", "ssgd", "--iterations", "1000000", "--bind", "127.0.0.1:0",
+                   "--out", str(tmp_path), "--log-every", "10", "--sync-timeout", "600", log=log)
+    workers, proxy = [], None
+    try:
+        port = port_of(server, log)
+        proxy = FreezableProxy(("127.0.0.1", port))
+        workers = [start("worker.cli", "--server", f"127.0.0.1:{p}", "--threads", "1", "--name", name,
+                         "--server-timeout", "120", log=tmp_path / f"{name}.log")
+                   for p, name in ((proxy.port, "behind-proxy"), (port, "direct"))]
+        deadline = time.monotonic() + 60
+        while "iter 100/" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        while "disconnected" not in log.read_text():
+            assert time.monotonic() - frozen_at < 120, log.read_text()[-2000:]
+            time.sleep(0.2)
+        stall = time.monotonic() - frozen_at
+    finally:
+        if proxy is not None:
+            proxy.close()
+        stop(server)
+        for w in workers:
+            stop(w)
+    bound = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
+    (tmp_path / "stall.txt").write_text(f"{stall:.1f}\n")
+    assert stall <= bound + 5, f"stalled {stall:.1f}s (keepalive bound {bound:.0f}s)"

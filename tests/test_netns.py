@@ -181,3 +181,34 @@ def test_a_cut_worker_rejoins_across_namespaces_and_the_run_finishes(hosts, proc
     final_iteration, per_worker = progress(out)
     assert final_iteration == ITERATIONS
     assert per_worker[cut_id] > per_worker_b[cut_id], "the rejoined worker contributed nothing"
+
+
+def test_a_silent_half_open_link_stalls_a_synchronous_run_no_longer_than_the_keepalive_bound(hosts, processes,
+                                                                                              tmp_path):
+    """A synchronous run waits for every worker: a link that goes silent (no RST, packets just vanish)
+    stalls it until the server declares the stream dead. The README promises about 20 s (keepalive time +
+    timeout); this measures the stall (issue #11, item 5)."""
+    out = tmp_path / "server"
+    server = Host(hosts.server, "server", [
+        "-m", "server.cli", "--bind", f"{SERVER_ADDRESS}:0", "--algo", "ssgd", "--workers", "2", "--dataset",
+        "digits", "--model", "mlp", "--iterations", "100000", "--out", str(out), "--linger", "0", "--log-every", "10",
+        "--sync-timeout", "600"], tmp_path / "server.log")
+    processes.append(server)
+    m = server.wait_for(LISTENING_PATTERN, 60)
+    port = int(m.group(2))
+    for ns, name in ((hosts.workers[0], "w1"), (hosts.workers[1], "w2")):
+        processes.append(Host(ns, name, ["-m", "worker.cli", "--server", f"{SERVER_ADDRESS}:{port}", "--threads", "1",
+                                         "--server-timeout", "120", "--name", name], tmp_path / f"{name}.log"))
+    cut_id = int(server.wait_for(r"worker (\d+) registered \(w1,", 60).group(1))
+    server.wait_for(r"iter (?:[3-9]\d|\d{3,})/", 60)
+    # Drop w1's packets silently in both directions: its socket sees neither data nor a reset.
+    ip("netns", "exec", hosts.workers[0], "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "loss", "100%",
+       check=False)
+    ip("-n", hosts.workers[0], "link", "set", "eth0", "down")
+    cut_at = time.monotonic()
+    server.wait_for(rf"worker {cut_id} disconnected", 120)
+    stall = time.monotonic() - cut_at
+    bound = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
+    (tmp_path / "stall.txt").write_text(f"{stall:.1f}\n")
+    print(f"stall: {stall:.1f}s (keepalive bound {bound:.0f}s)")
+    assert stall <= bound + 5, f"the synchronous run stalled {stall:.1f}s on a silent link"
