@@ -1,0 +1,354 @@
+"""The hostile-client probes of issue #11, re-run against real ps-server processes on loopback.
+
+    python -m bench.hostile            # about 3 minutes; writes bench/results/hostile.json and prints a summary
+
+Each probe starts its own server (digits, MLP) and client processes, does what a hostile or careless client
+(or a full disk) did, and records what happened: exit codes, status codes, the server's memory (VmRSS), the
+time a run stalled, the bytes added to the log. tests/test_hardening.py checks the same behaviours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench import harness
+from common.grpc_options import GRPC_MESSAGE_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
+from common.pb import parameter_server_pb2 as pb
+from server.cli import listening_port
+from tests.freezable_proxy import FreezableProxy
+
+ROOT = harness.REPO
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("PS_")} | {"PYTHONUNBUFFERED": "1"}
+RUN = ["--workers", "2", "--dataset", "digits", "--model", "mlp", "--batch-size", "32"]
+
+
+class Proc:
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=ENV, stdout=open(log, "w"),
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def port(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log.read_text().splitlines():
+                if (port := listening_port(line)) is not None:
+                    return port
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.log.read_text()[-2000:])
+            time.sleep(0.1)
+        raise TimeoutError("no listening line")
+
+    def wait_for(self, text: str, timeout: float = 60) -> float:
+        start = time.monotonic()
+        while text not in self.log.read_text():
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"{text!r} not in {self.log}")
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return float("nan")
+
+    def errors(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if line.startswith("Error:")]
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait(10)
+
+
+def server(work: Path, name: str, *flags: str) -> Proc:
+    return Proc(["server.cli", *RUN, "--bind", "127.0.0.1:0", "--out", str(work / name), *flags], work / f"{name}.log")
+
+
+def ps_server(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *flags], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
+def unary(port: int, method: str, payload: bytes, metadata=None) -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS) as channel:
+        call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            call(payload, timeout=60, metadata=metadata)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def big_request(megabytes: int) -> bytes:
+    """A GetParametersRequest carrying `megabytes` MB in an unknown field (number 100, length-delimited)."""
+    size = megabytes << 20
+    return _varint(100 << 3 | 2) + _varint(size) + bytes(size)
+
+
+def probe_memory(work: Path) -> dict[str, Any]:
+    s = server(work, "memory", "--iterations", "1000", "--token", "s3cret")
+    try:
+        port = s.port()
+        unary(port, "/ps.v1.ParameterServer/GetStatus", b"", (("authorization", "Bearer s3cret"),))
+        rss = {"idle": s.rss_mib()}
+        payload = big_request(200)
+        rss_codes = unary(port, "/ps.v1.ParameterServer/GetParameters", payload)
+        rss["after one unauthenticated 200 MB request"] = s.rss_mib()
+        with ThreadPoolExecutor(4) as pool:
+            four = list(pool.map(lambda _: unary(port, "/ps.v1.ParameterServer/GetParameters", payload), range(4)))
+        rss["after four at once"] = s.rss_mib()
+        authed = unary(port, "/ps.v1.ParameterServer/GetParameters", payload, (("authorization", "Bearer s3cret"),))
+        rss["after an authenticated 200 MB request"] = s.rss_mib()
+        return {"rss_mib": rss, "unauthenticated": rss_codes, "four_at_once": four, "authenticated": authed}
+    finally:
+        s.stop()
+
+
+def probe_port_in_use(work: Path) -> dict[str, Any]:
+    a = server(work, "port-a", "--iterations", "100000")
+    try:
+        port = a.port()
+        b = ps_server(*RUN, "--bind", f"127.0.0.1:{port}", "--out", str(work / "port-b"))
+        answered = [unary(port, "/ps.v1.ParameterServer/GetStatus", b"") for _ in range(20)]
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            c = ps_server(*RUN, "--bind", f"127.0.0.1:{other.getsockname()[1]}", "--out", str(work / "port-c"))
+        return {"second_server_exit": b.returncode, "second_server_stderr": b.stderr.strip().splitlines(),
+                "twenty_connections_answered_by_the_first": answered.count("OK"),
+                "socket_held_exit": c.returncode, "socket_held_stderr": c.stderr.strip().splitlines()}
+    finally:
+        a.stop()
+
+
+def probe_ready(work: Path) -> dict[str, Any]:
+    s = server(work, "ready", "--iterations", "60", "--ready-timeout", "5", "--linger", "5")
+    streams = []
+    try:
+        port = s.port()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS)
+        train = channel.stream_stream("/ps.v1.ParameterServer/Train",
+                                      request_serializer=pb.WorkerMessage.SerializeToString,
+                                      response_deserializer=pb.ServerMessage.FromString)
+        hold = threading.Event()
+
+        def squat():  # register, then never say Ready (and never hang up)
+            yield pb.WorkerMessage(register=pb.Register(name="squatter"))
+            hold.wait(120)
+
+        for _ in range(2):
+            call = train(squat(), timeout=60)
+            next(call)
+            streams.append(call)
+        started = time.monotonic()
+        w = [Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1"], work / f"ready-w{i}.log")
+             for i in range(2)]
+        codes = []
+        for call in streams:
+            try:
+                next(call)
+            except grpc.RpcError as e:
+                codes.append(f"{e.code().name}: {e.details()}")
+        exits = [p.proc.wait(120) for p in w]
+        hold.set()
+        waited = any("all worker slots are taken" in p.log.read_text() for p in w)
+        return {"squatters_ended_with": codes, "workers_exit": exits, "workers_waited_for_a_slot": waited,
+                "seconds_until_the_workers_finished": round(time.monotonic() - started, 1)}
+    finally:
+        s.stop()
+
+
+def probe_huge_values(work: Path) -> dict[str, Any]:
+    s = server(work, "lr", "--lr", "1e30", "--iterations", "2000", "--linger", "15")
+    try:
+        port = s.port()
+        w = [Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1"], work / f"lr-w{i}.log")
+             for i in range(2)]
+        start = time.monotonic()
+        exit_server = s.proc.wait(120)
+        seconds = round(time.monotonic() - start, 1)
+        return {"server_exit": exit_server, "server_error": s.errors(), "seconds_to_end": seconds,
+                "worker_exits": [p.proc.wait(60) for p in w], "worker_errors": [p.errors() for p in w]}
+    finally:
+        s.stop()
+
+
+def probe_half_open(work: Path) -> dict[str, Any]:
+    s = server(work, "half-open", "--algo", "ssgd", "--iterations", "1000000", "--log-every", "10",
+               "--sync-timeout", "600")
+    workers, proxy = [], None
+    try:
+        port = s.port()
+        proxy = FreezableProxy(("127.0.0.1", port))
+        workers = [Proc(["worker.cli", "--server", f"127.0.0.1:{p}", "--threads", "1", "--name", name,
+                         "--server-timeout", "120"], work / f"half-open-{name}.log")
+                   for p, name in ((proxy.port, "behind-proxy"), (port, "direct"))]
+        s.wait_for("iter 100/")
+        proxy.freeze()
+        stall = s.wait_for("disconnected", 180)
+        return {"stall_seconds": round(stall, 1),
+                "keepalive_bound_seconds": (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000}
+    finally:
+        if proxy:
+            proxy.close()
+        s.stop()
+        for p in workers:
+            p.stop()
+
+
+def probe_cli_mistakes(work: Path) -> dict[str, Any]:
+    (work / "empty-token").write_text("\n")
+    (work / "a-file").write_text("")
+    evil = work / "evil"
+    evil.mkdir()
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {work / 'pwned'}",))
+
+    (evil / "checkpoint.pt").write_bytes(pickle.dumps({"x": Evil()}))
+    cases = {
+        "--token ''": ps_server("--token", ""),
+        "--token-file (empty)": ps_server("--token-file", str(work / "empty-token")),
+        "--out under a file": ps_server("--out", str(work / "a-file" / "out")),
+        "--resume a checkpoint torch refuses": ps_server("--resume", str(evil), "--out", str(work / "evil-out")),
+    }
+    out = {name: {"exit": r.returncode, "stderr": r.stderr.strip().splitlines()[-1:],
+                  "traceback": "Traceback" in r.stderr} for name, r in cases.items()}
+    out["--resume a checkpoint torch refuses"]["code_ran"] = (work / "pwned").exists()
+    return out
+
+
+def probe_log_flood(work: Path) -> dict[str, Any]:
+    s = server(work, "flood", "--iterations", "1000", "--token", "s3cret")
+    try:
+        port = s.port()
+        before = s.log.stat().st_size
+        start = time.monotonic()
+        codes = [unary(port, "/" + "x" * 8000, b"") for _ in range(1021)]
+        seconds = time.monotonic() - start
+        time.sleep(0.5)
+        grown = s.log.stat().st_size - before
+        two = unary(port, "/ps.v1.ParameterServer/GetStatus", b"",
+                    (("authorization", "Bearer s3cret"), ("authorization", "Bearer wrong")))
+        return {"calls": len(codes), "codes": sorted(set(codes)), "seconds": round(seconds, 1),
+                "log_bytes_added": grown, "two_authorization_headers": two}
+    finally:
+        s.stop()
+
+
+def probe_disk_full(work: Path) -> dict[str, Any]:
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        return {"skipped": "needs unshare -m (root)"}
+    out = work / "disk"
+    out.mkdir()
+    log = work / "disk.log"
+    holder = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f'mount -t tmpfs -o size=4m tmpfs "{out}" && "$0" "$@"; echo "exit=$?"; exec sleep 120',
+         sys.executable, "-m", "server.cli", *RUN, "--iterations", "1000000", "--bind", "127.0.0.1:0",
+         "--out", str(out), "--checkpoint-every", "0.3", "--log-every", "20"],
+        cwd=ROOT, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while (port := next((listening_port(x) for x in log.read_text().splitlines() if listening_port(x)), None)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no server")
+            time.sleep(0.1)
+        server_pid = int(Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()[0])
+        disk = Path(f"/proc/{holder.pid}/root") / str(out).lstrip("/")
+        workers = [Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "3"],
+                        work / f"disk-w{i}.log") for i in range(2)]
+        while "checkpoint at iteration" not in log.read_text():
+            time.sleep(0.2)
+        with open(disk / "filler", "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:
+                pass
+        full_at = log.read_text().count("\n")
+        time.sleep(5)
+        after = log.read_text().splitlines()[full_at:]
+        iterations = [int(x.split("iter ")[1].split("/")[0]) for x in after if "server.service: iter " in x]
+        os.kill(server_pid, signal.SIGTERM)
+        while "exit=" not in log.read_text():
+            time.sleep(0.2)
+        text = log.read_text()
+        return {"iterations_while_full": [iterations[0], iterations[-1]] if iterations else None,
+                "checkpoint_errors_logged": sum("cannot write the checkpoint" in x for x in after),
+                "metrics_errors_logged": sum("cannot write metrics" in x for x in after),
+                "sigterm_exit": text.split("exit=")[1].split()[0],
+                "sigterm_error": [x for x in text.splitlines() if x.startswith("Error:")],
+                "tmp_files_left": [p.name for p in disk.glob(".*.tmp")],
+                "traceback": "Traceback" in text or "never retrieved" in text}
+    finally:
+        holder.kill()
+        holder.wait(10)
+        for p in workers:
+            p.stop()
+
+
+PROBES: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "1 memory before authentication": probe_memory,
+    "2 a second server on the same port": probe_port_in_use,
+    "3 slots held without Ready": probe_ready,
+    "4 huge values (--lr 1e30, two real workers)": probe_huge_values,
+    "5 a silent half-open link (synchronous K=2)": probe_half_open,
+    "6 a full disk mid-run": probe_disk_full,
+    "7, 8 mistakes on the command line": probe_cli_mistakes,
+    "9 log flooding and two authorization headers": probe_log_flood,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = harness.parser("hostile", __doc__, out="hostile.json")
+    p.add_argument("--only", default=None, help="run only probes whose name contains this")
+    args = p.parse_args(argv)
+    results: dict[str, Any] = {"meta": harness.run_meta("hostile", argv)}
+    with tempfile.TemporaryDirectory(prefix="ormo-hostile-") as tmp:
+        for name, probe in PROBES.items():
+            if args.only and args.only not in name:
+                continue
+            print(f"probe {name} ...", file=sys.stderr, flush=True)
+            work = Path(tmp) / name.split()[0].replace(",", "")
+            work.mkdir(exist_ok=True)
+            started = time.monotonic()
+            results[name] = probe(work) | {"probe_seconds": round(time.monotonic() - started, 1)}
+            print(json.dumps(results[name], indent=1), file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
