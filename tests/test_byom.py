@@ -34,6 +34,7 @@ from server.cli import ServeOptions, build_service
 from server.cli import cli as server_cli
 from server.cli import main as server_main
 from server.config import RunConfig
+from server.service import _END, Rejected
 from sim.cli import cli as sim_cli
 from sim.cli import main as sim_main
 from sim.simulator import Simulator
@@ -353,6 +354,30 @@ def test_clients_train_in_their_own_loops_and_end_with_the_final_parameters(star
         assert live.on_loop(lambda: live.service.finished.is_set() and not live.service.final_fetched.is_set())
     finally:
         stop()
+
+
+def test_a_client_reconnects_when_its_stream_is_cut_and_says_so_when_the_server_is_gone(start_live_server):
+    run = RunConfig(algo="asgd", workers=1, dataset="digits", model="mlp", batch_size=32, lr=0.05, iterations=1000)
+    live, stop = start_live_server(run, bind="127.0.0.1:0", linger=0.0)
+    model = MLP((1, 8, 8), 10)
+    try:
+        opt = RemoteOptimizer(model, server=live.target, server_timeout=2)
+        user_loop(opt, model, 1, steps=3)
+
+        def cut() -> None:  # the server ends the client's stream, as when a link breaks
+            conn = live.service.connections[0]
+            conn.error = Rejected(grpc.StatusCode.UNAVAILABLE, "cut by the test")
+            conn.outbox.put_nowait(_END)
+
+        live.on_loop(cut)
+        user_loop(opt, model, 2, steps=5)
+        assert opt.worker_id == 0 and opt.iteration >= 7  # back with its id; at most the gradient in flight lost
+        assert torch.equal(flat(model), live.on_loop(lambda: live.service.core.w.clone()))
+    finally:
+        stop()
+    for _ in range(2):  # the server is gone: the next step says so, and so does every later one
+        with pytest.raises(ServerError, match=r"the server 127.0.0.1:\d+ stopped before the run's end: unreachable"):
+            opt.step()
 
 
 # ----- a run whose model a client brings -------------------------------------------------------------------

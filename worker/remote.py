@@ -299,8 +299,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._inbox.put(("error", e))
             return
         if result.stop_reason != "STOP_REASON_DONE":
-            self._inbox.put(("error", ServerError(f"the run ended before its last iteration: {result.stop_reason} "
-                                                  f"(server {self._options.server})")))
+            within = f"{self._options.server_timeout:g}s"
+            why = {"server gone": f"unreachable for {within}",
+                   "STOP_REASON_SHUTDOWN": f"shut down and not back within {within}"}.get(
+                result.stop_reason, f"it ended this client's stream ({result.stop_reason})")
+            self._inbox.put(("error", ServerError(f"the server {self._options.server} stopped before the run's "
+                                                  f"end: {why}")))
             return
         try:
             final = await self._final_parameters()
