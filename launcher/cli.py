@@ -105,6 +105,9 @@ def _read_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
 def cli(**kw) -> None:
     """Run a whole training run locally: ps-server, K x ps-worker and ps-eval as processes."""
     run = settings.pop_settings(RunConfig, kw)
+    if run.model_from_client:
+        raise click.UsageError(f"ps-launch's workers build the model the server names: give --model a name or an "
+                               f"import path (--model {run.model} is for a ps-server whose clients bring their own)")
     if kw["slow_workers"] > run.workers:
         raise click.UsageError(f"--slow-workers {kw['slow_workers']} is more than --workers {run.workers}")
     out = Path(kw["out"])
