@@ -9,6 +9,7 @@ options come from its configuration's fields (`server.config.RunConfig`, `common
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,10 +86,44 @@ def client_security_from(kwargs: dict[str, Any]) -> ClientSecurity:
         raise click.UsageError(str(e)) from None
 
 
+def resolve_device(name: str) -> str:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA where there is one) as a device this machine has; a ValueError
+    that says why otherwise."""
+    import torch
+
+    name = name.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a device: use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name}: CUDA is not available on this machine")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+class Device(click.ParamType):
+    """A `--device` value, checked against this machine (a usage error instead of torch's traceback)."""
+
+    name = "DEVICE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return resolve_device(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda where there is one)."
+
 CLIENT_PROCESS_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
                  help="Exit when the server has been unreachable this many seconds."),
-    click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
+    click.option("--device", type=Device(), default="cpu", help=DEVICE_HELP),
     click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's)."),
     *CLIENT_SECURITY_OPTIONS,
     click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging."),

@@ -7,21 +7,12 @@ import sys
 from collections.abc import Sequence
 
 import click
-import torch
 
 from common import settings
-from common.cli_options import run_cli, setup_logging
+from common.cli_options import DEVICE_HELP, Device, run_cli, setup_logging
 from common.data import load_dataset, split_validation
 from server.config import RunConfig
 from sim.simulator import ComputeTimeModel, Simulator
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return name
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -36,7 +27,7 @@ def _device(name: str) -> str:
                    "evaluations report val_accuracy beside test_accuracy, for choosing hyperparameters.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/sim",
               help="Output directory: metrics.jsonl and final.pt.")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", type=Device(), default="cpu", help=DEVICE_HELP)
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 def cli(**kwargs) -> None:
@@ -56,7 +47,7 @@ def cli(**kwargs) -> None:
         if validation_size:
             dataset = split_validation(dataset, validation_size)
         sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out"),
-                        device=_device(kwargs.pop("device")), eval_every=eval_every, log_every=kwargs.pop("log_every"),
+                        device=kwargs.pop("device"), eval_every=eval_every, log_every=kwargs.pop("log_every"),
                         progress=None if quiet else (lambda m: click.echo(m, err=True)))
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
