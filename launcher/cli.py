@@ -1,20 +1,24 @@
 """`ps-launch`: start a server, K worker processes (some slow if asked) and an evaluator on this machine.
 
 It shows progress from the server's status, waits for the run to finish, and prints the final result;
-metrics, the checkpoint and the final parameters are left in the output directory. Ctrl-C stops everything.
+metrics, the checkpoint and the final parameters are left in the output directory. Ctrl-C, SIGTERM and SIGHUP
+stop everything: the signal is passed on to every process, which ps-launch waits for (the server checkpoints).
+A process that fails takes the run down, and its error line is shown here, not only in its log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import click
@@ -40,17 +44,35 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 
-    def start(self, name: str, argv: list[str], *, capture_stdout: bool = False, nice: int = 0) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "w")
+    def start(self, name: str, argv: list[str], *, capture_output: bool = False, nice: int = 0) -> subprocess.Popen:
+        """Start `name`; its output goes to NAME.log, or (capture_output) to a pipe the caller copies there."""
+        log = open(self.log_path(name), "w")
         self._logs.append(log)
         env = os.environ | {"PYTHONUNBUFFERED": "1", "PS_TOKEN": self.token}
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture_stdout else log, stderr=log,
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture_output else log,
+                                stderr=subprocess.STDOUT if capture_output else log,
                                 stdin=subprocess.DEVNULL, env=env, text=True,
                                 preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self.procs[name] = proc
         return proc
 
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def failure(self, name: str) -> str:
+        """What a process that exited says about it: its exit and its error line (from its log)."""
+        code = self.procs[name].returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        return f"{name.replace('-', ' ')} {how}: {error_line(self.log_path(name))}\n(its log: {self.log_path(name)})"
+
+    def check(self) -> None:
+        """Raise the error of the first process that failed (the server first: the others fail after it)."""
+        for name, proc in self.procs.items():
+            if proc.poll() not in (None, 0):
+                raise click.ClickException(self.failure(name))
+
     def stop_all(self, timeout: float = 10.0) -> None:
+        """SIGTERM to every process still running, then wait for them (SIGKILL after `timeout` seconds)."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -65,8 +87,58 @@ class Processes:
             log.close()
 
 
-def _read_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
-    """Wait for the server's `listening on` line; the rest of its stdout is copied to its log."""
+# A traceback's last line ("RuntimeError: Failed to bind ...") when a process died of an uncaught exception.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b(: .*)?$")
+
+
+def error_line(log: Path) -> str:
+    """The line of a process's log that says why it failed: click's `Error: ...` line, else the exception
+    that ended a traceback, else its last line."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if line.startswith("Error: "):
+            return line.removeprefix("Error: ")
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line
+    return lines[-1] if lines else "(its log is empty)"
+
+
+class _Interrupted(Exception):
+    """ps-launch received SIGTERM or SIGHUP: stop every process, then exit 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt(signals: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Within: the first of `signals` raises `_Interrupted` (so the processes are stopped on the way out);
+    more of them while stopping are ignored. The previous handlers are restored after."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def on_signal(signum: int, frame: object) -> None:
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Interrupted(signum)
+
+    for sig in signals:
+        signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _read_port(procs: Processes, timeout: float) -> int:
+    """Wait for the server's `listening on` line (as long as it runs, up to `timeout` seconds); the rest of
+    its output is copied to its log."""
+    proc, log_path = procs.procs["server"], procs.log_path("server")
     found: list[int] = []
     ready = threading.Event()
 
@@ -81,9 +153,15 @@ def _read_port(proc: subprocess.Popen, log_path: Path, timeout: float) -> int:
                 log.flush()
         ready.set()
 
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or not found:
-        raise click.ClickException(f"the server did not start; see {log_path}")
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    if not ready.wait(timeout):
+        raise click.ClickException(f"the server did not listen within {timeout:.0f}s; its last line: "
+                                   f"{error_line(log_path)}\n(its log: {log_path})")
+    if not found:
+        reader.join(5)  # its output is all in the log now
+        proc.wait(10)
+        raise click.ClickException(procs.failure("server"))
     return found[0]
 
 
@@ -113,41 +191,54 @@ def cli(**kw) -> None:
     if metrics_path.exists():
         metrics_path.unlink()  # a fresh run; --resume belongs to ps-server
     say = (lambda m: None) if kw["quiet"] else (lambda m: click.echo(m, err=True))
-    py = [sys.executable, "-m"]
     procs = Processes(out, os.environ.get("PS_TOKEN") or secrets.token_urlsafe(24))
     started = time.monotonic()
-    try:
-        server = procs.start("server", py + ["server.cli", *run.to_flags(), "--bind",
-                                              f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60"],
-                             capture_stdout=True)
-        port = _read_port(server, out / "server.log", timeout=120)
-        address = f"127.0.0.1:{port}"
-        say(f"server on {address}: {run.algo}, K={run.workers}, {run.model_name} on {run.dataset}; logs in {out}")
-        data = ["--data-dir", run.data_dir] if run.data_dir else []
-        for k in range(run.workers):
-            slow = k >= run.workers - kw["slow_workers"]
-            procs.start(f"worker-{k}", py + ["worker.cli", "--server", address, "--threads", str(kw["threads"]),
-                                              "--name", f"local-{k}", *data,
-                                              *(["--slowdown", str(kw["slowdown"])] if slow else [])],
-                        nice=kw["worker_nice"])
-        evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
-                                                    "--eval-every", str(kw["eval_every"]), "--threads", "1", *data])
-        _watch(address, procs, evaluator, say, kw["timeout"], started, ClientSecurity(token=procs.token))
-    finally:
-        procs.stop_all()
+    with _signals_interrupt():
+        try:
+            try:
+                _launch(run, kw, out, procs, say, started)
+            finally:
+                procs.stop_all()
+        except _Interrupted as e:
+            procs.stop_all()  # again, when the signal came while stopping
+            click.echo(f"ps-launch: {e}: stopped the server (its checkpoint is in {out}), the workers and the "
+                       "evaluator", err=True)
+            raise SystemExit(128 + e.signum) from None
     _report(out, time.monotonic() - started)
+
+
+def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, say, started: float) -> None:
+    """Start the server, then the workers and the evaluator, and watch them until the run is evaluated."""
+    py = [sys.executable, "-m"]
+    procs.start("server", py + ["server.cli", *run.to_flags(), "--bind",
+                                 f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60"],
+                capture_output=True)
+    port = _read_port(procs, timeout=kw["timeout"])
+    address = f"127.0.0.1:{port}"
+    say(f"server on {address}: {run.algo}, K={run.workers}, {run.model_name} on {run.dataset}; logs in {out}")
+    data = ["--data-dir", run.data_dir] if run.data_dir else []
+    for k in range(run.workers):
+        slow = k >= run.workers - kw["slow_workers"]
+        procs.start(f"worker-{k}", py + ["worker.cli", "--server", address, "--threads", str(kw["threads"]),
+                                          "--name", f"local-{k}", *data,
+                                          *(["--slowdown", str(kw["slowdown"])] if slow else [])],
+                    nice=kw["worker_nice"])
+    evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
+                                                "--eval-every", str(kw["eval_every"]), "--threads", "1", *data])
+    _watch(address, procs, evaluator, say, kw["timeout"], started, ClientSecurity(token=procs.token))
 
 
 def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, timeout: float, started: float,
            security: ClientSecurity) -> None:
     """Progress lines until the evaluator has evaluated the final parameters (it exits then)."""
-    server = procs.procs["server"]
     with security.channel(address, GRPC_OPTIONS) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         last = None
         while evaluator.poll() is None:
-            if server.poll() is not None:
-                raise click.ClickException(f"the server exited with code {server.returncode}; see its log")
+            procs.check()
+            if procs.procs["server"].poll() is not None:
+                raise click.ClickException(f"the server exited before the evaluator was done\n"
+                                           f"(its log: {procs.log_path('server')})")
             if time.monotonic() - started > timeout:
                 raise click.ClickException(f"the run did not finish within {timeout:.0f}s")
             try:
@@ -163,7 +254,7 @@ def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, tim
                 pass
             time.sleep(2.0)
     if evaluator.returncode != 0:
-        raise click.ClickException(f"the evaluator exited with code {evaluator.returncode}; see its log")
+        raise click.ClickException(procs.failure("evaluator"))
 
 
 def _report(out: Path, seconds: float) -> None:
