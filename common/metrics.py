@@ -15,20 +15,23 @@ EVENTS = ("start", "progress", "eval", "summary")
 class MetricsWriter:
     """Appends one JSON object per line to `path`, flushed at once so a crash loses nothing written.
 
-    Every record carries `wall_time` (seconds since this writer opened) and `timestamp` (Unix time), so
-    records of several processes in one file (server and evaluator) sort on one clock."""
+    Every record carries `timestamp` (Unix time) and `wall_time`: seconds since the file's first record, whoever
+    wrote it; a writer appending to a file (the evaluator beside the server, a resumed server) goes on with
+    the file's clock, so both fields only grow down the file, whichever processes share it."""
 
     def __init__(self, path: str | Path, mode: str = "w") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._t0 = _file_origin(self.path) if mode == "a" else None
         self._file: IO[str] = open(self.path, mode, encoding="utf-8")
-        self._t0 = time.monotonic()
+        if self._t0 is None:
+            self._t0 = round(time.time(), 3)
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         if event not in EVENTS:
             raise ValueError(f"unknown metrics event {event!r}; valid: {', '.join(EVENTS)}")
-        record = _finite({"event": event, "wall_time": round(time.monotonic() - self._t0, 4),
-                          "timestamp": round(time.time(), 3), **fields})
+        now = round(time.time(), 3)  # wall_time from the timestamp as written: both order the records alike
+        record = _finite({"event": event, "wall_time": round(now - self._t0, 3), "timestamp": now, **fields})
         self._file.write(json.dumps(record, default=_jsonable, allow_nan=False) + "\n")
         self._file.flush()
         return record
@@ -41,6 +44,17 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _file_origin(path: Path) -> float | None:
+    """The Unix time at which the metrics file `path` started (its first record's timestamp less its
+    wall_time); None when it has no readable first record."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        return float(first["timestamp"]) - float(first["wall_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _finite(value: Any) -> Any:
