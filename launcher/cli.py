@@ -25,7 +25,7 @@ import click
 import grpc
 
 from common import settings
-from common.cli_options import run_cli
+from common.cli_options import env_names, run_cli
 from common.grpc_options import GRPC_OPTIONS
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb
@@ -38,9 +38,10 @@ from server.config import RunConfig
 class Processes:
     """The launched processes; all of them are stopped on exit, whatever happens."""
 
-    def __init__(self, log_dir: Path, token: str) -> None:
+    def __init__(self, log_dir: Path, token: str, own_variables: frozenset[str] = frozenset()) -> None:
         self.log_dir = log_dir
         self.token = token  # every process of the run shares it (PS_TOKEN); nobody else gets in
+        self.own_variables = own_variables  # ps-launch's PS_* settings: its processes get them as flags
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 
@@ -48,7 +49,8 @@ class Processes:
         """Start `name`; its output goes to NAME.log, or (capture_output) to a pipe the caller copies there."""
         log = open(self.log_path(name), "w")
         self._logs.append(log)
-        env = os.environ | {"PYTHONUNBUFFERED": "1", "PS_TOKEN": self.token}
+        env = {k: v for k, v in os.environ.items() if k not in self.own_variables}  # PS_SLOWDOWN: not for all
+        env |= {"PYTHONUNBUFFERED": "1", "PS_TOKEN": self.token}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture_output else log,
                                 stderr=subprocess.STDOUT if capture_output else log,
                                 stdin=subprocess.DEVNULL, env=env, text=True,
@@ -171,7 +173,7 @@ def _read_port(procs: Processes, timeout: float) -> int:
 @click.option("--slowdown", type=click.FloatRange(min=1), default=4.0, help="How many times slower a slow worker is.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/launch",
               help="Output directory: metrics.jsonl, checkpoint.pt, final.pt and one log per process.")
-@click.option("--eval-every", type=click.FloatRange(min=0), default=5.0, help="Epochs between evaluations (0: end only).")
+@click.option("--eval-every", type=click.FloatRange(min=0), default=1.0, help="Epochs between evaluations (0: end only).")
 @click.option("--threads", type=click.IntRange(min=1), default=1,
               help="torch threads per worker process (K processes share this machine's cores).")
 @click.option("--worker-nice", type=click.IntRange(min=0, max=19), default=0,
@@ -191,7 +193,7 @@ def cli(**kw) -> None:
     if metrics_path.exists():
         metrics_path.unlink()  # a fresh run; --resume belongs to ps-server
     say = (lambda m: None) if kw["quiet"] else (lambda m: click.echo(m, err=True))
-    procs = Processes(out, os.environ.get("PS_TOKEN") or secrets.token_urlsafe(24))
+    procs = Processes(out, os.environ.get("PS_TOKEN") or secrets.token_urlsafe(24), frozenset(env_names(cli)))
     started = time.monotonic()
     with _signals_interrupt():
         try:

@@ -16,8 +16,8 @@ from report.tables import paper_table
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default="runs/report",
-              help="Where the PNG figures and report.md go.")
-@click.option("--title", default="Results", help="Heading of report.md.")
+              help="Where the PNG figures and report.md go.", allow_from_autoenv=False)
+@click.option("--title", default="Results", help="Heading of report.md.", allow_from_autoenv=False)
 def cli(paths: tuple[Path, ...], out_dir: Path, title: str) -> None:
     """Plot test accuracy and training loss against epochs and time, and tabulate final results.
 

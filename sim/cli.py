@@ -18,6 +18,10 @@ from sim.simulator import ComputeTimeModel, Simulator
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @settings.click_options(RunConfig)
 @settings.click_options(ComputeTimeModel)
+@click.option("--slow-fraction", type=click.FloatRange(min=0, max=1), default=None, hidden=True,
+              help="Former name: --slow-workers round(F * K).")
+@click.option("--slow-factor", type=click.FloatRange(min=1), default=None, hidden=True,
+              help="Former name of --slowdown.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0,
               help="Evaluate every this many epochs (0: only at the end).")
 @click.option("--log-every", type=click.IntRange(min=1), default=None,
@@ -37,6 +41,7 @@ def cli(**kwargs) -> None:
     finish times decides the arrival order. The same --seed gives bit-identical final parameters on the CPU.
     """
     run = settings.pop_settings(RunConfig, kwargs)
+    _former_slow_flags(kwargs, run.workers)
     timing = settings.pop_settings(ComputeTimeModel, kwargs)
     setup_logging(kwargs.pop("verbose"))
     quiet = kwargs.pop("quiet")
@@ -55,6 +60,17 @@ def cli(**kwargs) -> None:
     click.echo(json.dumps(result.summary | {"out_dir": str(sim.out_dir)}, indent=None))
     if result.summary["diverged"]:
         sys.exit(3)
+
+
+def _former_slow_flags(kwargs: dict, workers: int) -> None:
+    """--slow-fraction F and --slow-factor F, ps-sim's former names, as --slow-workers and --slowdown."""
+    fraction, factor = kwargs.pop("slow_fraction"), kwargs.pop("slow_factor")
+    if fraction is not None:
+        kwargs["slow_workers"] = round(fraction * workers)
+        click.echo(f"ps-sim: --slow-fraction is now --slow-workers (here {kwargs['slow_workers']})", err=True)
+    if factor is not None:
+        kwargs["slowdown"] = factor
+        click.echo("ps-sim: --slow-factor is now --slowdown", err=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,7 +22,7 @@ def sweep(tmp_path_factory):
     for algo in ("asgd", "ormo"):
         for het in (False, True):
             for seed in (0, 1):
-                timing = ComputeTimeModel(slow_fraction=0.5 if het else 0.0, slow_factor=3 if het else 1.0)
+                timing = ComputeTimeModel(slow_workers=1 if het else 0, slowdown=3)
                 run = RunConfig(algo=algo, workers=2, dataset="digits", model="mlp", batch_size=64, lr=0.05,
                                 epochs=2, seed=seed)
                 out = root / f"{algo}-{'het' if het else 'hom'}-{seed}"
