@@ -128,16 +128,19 @@ class RunRecorder:
     `eval` and `summary` records. A driver feeds it (iteration, loss, delay) per applied gradient.
 
     `clock()` is the run's time (wall-clock seconds for the service, virtual seconds for the simulator);
-    `say(line)` receives a progress line per record (a logger, a progress callback, or nothing).
+    `say(line)` receives a line per progress and eval record and when the run diverges (a logger, a progress
+    callback, or nothing); with `say_records=False` only the divergence (a progress meter shows the rest).
     """
 
     def __init__(self, metrics: MetricsWriter | None, *, log_every: int, total_iterations: int,
-                 clock: Callable[[], float], say: Callable[[str], None] | None = None, epoch: float = 0.0) -> None:
+                 clock: Callable[[], float], say: Callable[[str], None] | None = None, epoch: float = 0.0,
+                 say_records: bool = True) -> None:
         self.metrics = metrics
         self.log_every = log_every
         self.total_iterations = total_iterations
         self.clock = clock
         self.say = say or (lambda line: None)
+        self.say_record = self.say if say_records else (lambda line: None)
         self.loss_window = RunningMean()  # since the last progress record
         self.loss_epoch = RunningMean()  # since the last epoch boundary
         self.loss_since_eval = RunningMean()  # since the last eval record this recorder wrote
@@ -174,7 +177,7 @@ class RunRecorder:
         self.delays.clear()
         record = self._write("progress", **record)
         loss_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
-        self.say(f"iter {iteration}/{self.total_iterations} epoch {epoch:.2f} loss {loss_text} lr {lr:.4g} "
+        self.say_record(f"iter {iteration}/{self.total_iterations} epoch {epoch:.2f} loss {loss_text} lr {lr:.4g} "
                  f"staleness {record['staleness_mean']:.1f}" + "".join(f" {k.replace('_', ' ')} {v}"
                                                                    for k, v in extra.items()))
         loss = record["train_loss"]
@@ -202,7 +205,7 @@ class RunRecorder:
         """An `eval` record: `result` of an evaluation (test and validation accuracy and loss) at `iteration`,
         with the mean training loss since the previous evaluation."""
         self.last_eval = write_eval(self.metrics, iteration, epoch, self.clock(), self.loss_since_eval.pop(), result)
-        self.say(describe_eval(self.last_eval))
+        self.say_record(describe_eval(self.last_eval))
         return self.last_eval
 
     def summary(self, run_summary: dict[str, Any], **fields: Any) -> dict[str, Any]:

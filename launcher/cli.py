@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import click
@@ -30,6 +31,7 @@ from common.grpc_options import GRPC_OPTIONS
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
+from common.progress import Progress
 from common.security import ClientSecurity
 from server.cli import listening_port
 from server.config import RunConfig
@@ -137,9 +139,9 @@ def _signals_interrupt(signals: Sequence[int] = (signal.SIGTERM, signal.SIGHUP))
             signal.signal(sig, handler)
 
 
-def _read_port(procs: Processes, timeout: float) -> int:
-    """Wait for the server's `listening on` line (as long as it runs, up to `timeout` seconds); the rest of
-    its output is copied to its log."""
+def _read_port(procs: Processes, timeout: float, say: Callable[[str], None]) -> int:
+    """Wait for the server's `listening on` line (as long as it runs, up to `timeout` seconds); all its output
+    is copied to its log, and what `_relay` picks is said."""
     proc, log_path = procs.procs["server"], procs.log_path("server")
     found: list[int] = []
     ready = threading.Event()
@@ -151,6 +153,8 @@ def _read_port(procs: Processes, timeout: float) -> int:
                 if port is not None and not found:
                     found.append(port)
                     ready.set()
+                if (message := _relay(line)) is not None:
+                    say(message)
                 log.write(line)
                 log.flush()
         ready.set()
@@ -192,14 +196,15 @@ def cli(**kw) -> None:
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         metrics_path.unlink()  # a fresh run; --resume belongs to ps-server
-    say = (lambda m: None) if kw["quiet"] else (lambda m: click.echo(m, err=True))
+    console = _Console(kw["quiet"])
     procs = Processes(out, os.environ.get("PS_TOKEN") or secrets.token_urlsafe(24), frozenset(env_names(cli)))
     started = time.monotonic()
     with _signals_interrupt():
         try:
             try:
-                _launch(run, kw, out, procs, say, started)
+                _launch(run, kw, out, procs, console, started)
             finally:
+                console.close()
                 procs.stop_all()
         except _Interrupted as e:
             procs.stop_all()  # again, when the signal came while stopping
@@ -209,15 +214,18 @@ def cli(**kw) -> None:
     _report(out, time.monotonic() - started)
 
 
-def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, say, started: float) -> None:
+def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, console: _Console, started: float) -> None:
     """Start the server, then the workers and the evaluator, and watch them until the run is evaluated."""
     py = [sys.executable, "-m"]
+    console.say(f"starting ps-server (log: {procs.log_path('server')})")
     procs.start("server", py + ["server.cli", *run.to_flags(), "--bind",
                                  f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60"],
                 capture_output=True)
-    port = _read_port(procs, timeout=kw["timeout"])
+    port = _read_port(procs, timeout=kw["timeout"], say=lambda m: console.say(f"server: {m}"))
     address = f"127.0.0.1:{port}"
-    say(f"server on {address}: {run.algo}, K={run.workers}, {run.model_name} on {run.dataset}; logs in {out}")
+    slow = f" ({kw['slow_workers']} {kw['slowdown']:g}x slower)" if kw["slow_workers"] else ""
+    console.say(f"server on {address}: {run.algo}, K={run.workers}{slow}, {run.model_name} on {run.dataset}; "
+                f"starting the workers and the evaluator; logs in {out}")
     data = ["--data-dir", run.data_dir] if run.data_dir else []
     for k in range(run.workers):
         slow = k >= run.workers - kw["slow_workers"]
@@ -226,16 +234,82 @@ def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, say, started:
                                           *(["--slowdown", str(kw["slowdown"])] if slow else [])],
                     nice=kw["worker_nice"])
     evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
-                                                "--eval-every", str(kw["eval_every"]), "--threads", "1", *data])
-    _watch(address, procs, evaluator, say, kw["timeout"], started, ClientSecurity(token=procs.token))
+                                                "--eval-every", str(kw["eval_every"]), "--poll", "0.05", "--threads", "1",
+                                                *data])
+    _watch(address, procs, evaluator, console, kw["timeout"], started, ClientSecurity(token=procs.token),
+           run.workers, out / "metrics.jsonl")
 
 
-def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, timeout: float, started: float,
-           security: ClientSecurity) -> None:
-    """Progress lines until the evaluator has evaluated the final parameters (it exits then)."""
+class _Console:
+    """What ps-launch says on stderr (nothing with --quiet): its messages, and once the run's length is known a
+    progress meter (a bar on a terminal, a line every few seconds with rate and time left elsewhere)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.meter: Progress | None = None
+
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            (self.meter.write if self.meter else lambda m: click.echo(m, err=True))(line)
+
+    def progress(self, status: pb.Status, workers: int) -> None:
+        if self.quiet:
+            return
+        if self.meter is None:
+            self.meter = Progress(status.config.total_iterations)
+        self.meter.update(status.iteration, epoch=status.epoch, workers=f"{status.workers_connected}/{workers}",
+                          loss=None if math.isnan(status.train_loss) else status.train_loss)
+
+    def recorded(self, record: dict) -> None:
+        """A new record in the run's metrics: an evaluation's accuracy is shown; the summary says the training
+        is over (the evaluator then evaluates the final parameters: seconds for a large model)."""
+        if record["event"] == "summary":
+            if self.meter is not None:
+                self.meter.fields.pop("workers", None)
+                self.meter.update(record["iterations"], epoch=record["epochs"], loss=record["final_train_loss"])
+            self.say(f"the run finished at iteration {record['iterations']} after {record['time']:.1f}s; "
+                     "the evaluator evaluates the final parameters")
+        elif record["event"] == "eval" and self.meter is not None:
+            self.meter.update(self.meter.position or 0, test_acc=record["test_accuracy"])
+
+    def close(self) -> None:
+        if self.meter is not None:
+            self.meter.close()
+
+
+def _relay(line: str) -> str | None:
+    """What of a server log line ps-launch repeats on the console: data-set decoding and downloads (long
+    silences otherwise), warnings and errors."""
+    m = _LOG_LINE.match(line.strip())
+    if m is None:
+        return None
+    if m["level"] in ("WARNING", "ERROR", "CRITICAL") or (m["name"] == "common.data"
+                                                         and m["message"].startswith(("decoding", "downloading"))):
+        return m["message"]
+    return None
+
+
+_LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<name>[\w.]+)(?: \[[^]]*\])?: (?P<message>.*)$")
+
+
+def _new_records(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The complete records appended to a metrics file since `offset`, and the offset after them."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    return [json.loads(line) for line in data[:end].splitlines() if line.strip()], offset + end
+
+
+def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, console: _Console, timeout: float,
+           started: float, security: ClientSecurity, workers: int, metrics: Path) -> None:
+    """Progress until the evaluator has evaluated the final parameters (it exits then)."""
+    offset = 0
     with security.channel(address, GRPC_OPTIONS) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
-        last = None
         while evaluator.poll() is None:
             procs.check()
             if procs.procs["server"].poll() is not None:
@@ -245,16 +319,16 @@ def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, say, tim
                 raise click.ClickException(f"the run did not finish within {timeout:.0f}s")
             try:
                 s = stub.GetStatus(pb.GetStatusRequest(), timeout=5, metadata=security.call_metadata())
-                line = (f"iter {s.iteration}/{s.config.total_iterations} epoch {s.epoch:.2f} "
-                        f"workers {s.workers_connected} rejected {s.gradients_rejected}"
-                        + ("" if s.train_loss != s.train_loss else f" train loss {s.train_loss:.4f}")
-                        + (" done, final evaluation" if s.done else ""))
-                if line != last:
-                    say(line)
-                    last = line
+                if not s.done:
+                    console.progress(s, workers)
             except grpc.RpcError:
                 pass
-            time.sleep(2.0)
+            records, offset = _new_records(metrics, offset)
+            for record in records:
+                console.recorded(record)
+            time.sleep(1.0)
+    for record in _new_records(metrics, offset)[0]:
+        console.recorded(record)
     if evaluator.returncode != 0:
         raise click.ClickException(procs.failure("evaluator"))
 

@@ -10,7 +10,8 @@ import click
 
 from common import settings
 from common.cli_options import DEVICE_HELP, Device, run_cli, setup_logging
-from common.data import load_dataset, split_validation
+from common.data import iterations_per_epoch, load_dataset, split_validation
+from common.progress import Progress
 from server.config import RunConfig
 from sim.simulator import ComputeTimeModel, Simulator
 
@@ -51,12 +52,23 @@ def cli(**kwargs) -> None:
         dataset = load_dataset(run.dataset, run.data_dir, run.download)
         if validation_size:
             dataset = split_validation(dataset, validation_size)
+        total = run.total_iterations(iterations_per_epoch(dataset, run.batch_size))
+        meter = None if quiet else Progress(total)
         sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out"),
                         device=kwargs.pop("device"), eval_every=eval_every, log_every=kwargs.pop("log_every"),
-                        progress=None if quiet else (lambda m: click.echo(m, err=True)))
+                        meter=meter)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
-    result = sim.simulate()
+    if meter is not None:
+        slow = f" ({timing.slow_workers} {timing.slowdown:g}x slower)" if timing.slow_workers else ""
+        meter.write(f"ps-sim: {run.algo}, K={run.workers}{slow}, {run.model_name} on {run.dataset}, {total} "
+                    f"iterations ({total / sim.iters_per_epoch:g} epochs) on {sim.device}; metrics in {sim.out_dir}")
+        meter.update(0)
+    try:
+        result = sim.simulate()
+    finally:
+        if meter is not None:
+            meter.close()
     click.echo(json.dumps(result.summary | {"out_dir": str(sim.out_dir)}, indent=None))
     if result.summary["diverged"]:
         sys.exit(3)

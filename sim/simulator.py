@@ -25,6 +25,7 @@ from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.gradients import GradientComputer
 from common.metrics import MetricsWriter, RunRecorder
+from common.progress import Progress
 from common.settings import setting
 from server.checkpoint import save_final
 from server.config import RunConfig
@@ -77,7 +78,10 @@ class Simulator:
         log_every: int | None = None,
         dataset: Dataset | None = None,
         progress: Callable[[str], None] | None = None,
+        meter: Progress | None = None,
     ) -> None:
+        """`progress(line)` receives a line per progress and eval record; `meter` shows them instead (a bar on
+        a terminal, periodic lines with rate and time left elsewhere)."""
         self.run = run
         self.timing = timing
         self.device = torch.device(device)
@@ -98,6 +102,7 @@ class Simulator:
         self.final_eval = final_eval
         self.log_every = log_every or max(1, self.iters_per_epoch // 10)
         self.progress = progress
+        self.meter = meter
         self._evaluator: Evaluator | None = None
         self._reset()
 
@@ -117,7 +122,8 @@ class Simulator:
         self.sequence = 0
         self.now = 0.0
         self.recorder = RunRecorder(None, log_every=self.log_every, total_iterations=self.core.total_iterations,
-                                    clock=lambda: self.now, say=self.progress)
+                                    clock=lambda: self.now, say=self.progress or (self.meter and self.meter.write),
+                                    say_records=self.meter is None)
         self.next_eval = self.eval_every
         self.evals: list[dict[str, Any]] = []
         self.wall_seconds = 0.0
@@ -166,7 +172,9 @@ class Simulator:
                 break
             delay = core.iteration - ite
             self._deliver(core.push(k, grad, ite))
-            recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay)
+            record = recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay)
+            if self.meter is not None:
+                self.meter.update(core.iteration, epoch=core.epoch, loss=record and record["train_loss"])
             if recorder.diverged_at is not None:
                 break
             if self.eval_every and (core.epoch >= self.next_eval or core.done):
@@ -224,7 +232,13 @@ class Simulator:
 
     def _evaluate(self) -> dict[str, Any]:
         core = self.core
-        return self.recorder.evaluation(core.iteration, core.epoch, self.evaluator(core.current_params()))
+        if self.meter is not None:
+            self.meter.phase("final evaluation" if core.done else "eval", announce=core.done)
+        record = self.recorder.evaluation(core.iteration, core.epoch, self.evaluator(core.current_params()))
+        if self.meter is not None:
+            self.meter.update(core.iteration, test_acc=record["test_accuracy"])
+            self.meter.phase("train")
+        return record
 
     def _results(self) -> dict[str, Any]:
         """What the simulator adds to the summary: wall-clock speed and the evaluations' outcome."""
