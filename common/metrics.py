@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import IO, Any
 
 EVENTS = ("start", "progress", "eval", "summary")
+# Beside metrics.jsonl, ps-launch's record of how it started the run's processes (which workers were slow:
+# the server cannot know), read by ps-plot.
+LAUNCH_FILE = "launch.json"
 
 
 class MetricsWriter:

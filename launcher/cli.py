@@ -28,7 +28,7 @@ import grpc
 from common import settings
 from common.cli_options import env_names, run_cli
 from common.grpc_options import GRPC_OPTIONS
-from common.metrics import read_metrics
+from common.metrics import LAUNCH_FILE, read_metrics
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.progress import Progress
@@ -176,7 +176,7 @@ def _read_port(procs: Processes, timeout: float, say: Callable[[str], None]) -> 
 @click.option("--slow-workers", type=click.IntRange(min=0), default=0, help="How many of the K workers are slow.")
 @click.option("--slowdown", type=click.FloatRange(min=1), default=4.0, help="How many times slower a slow worker is.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/launch",
-              help="Output directory: metrics.jsonl, checkpoint.pt, final.pt and one log per process.")
+              help="Output directory: metrics.jsonl, checkpoint.pt, final.pt, launch.json and one log per process.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0, help="Epochs between evaluations (0: end only).")
 @click.option("--threads", type=click.IntRange(min=1), default=1,
               help="torch threads per worker process (K processes share this machine's cores).")
@@ -196,6 +196,10 @@ def cli(**kw) -> None:
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         metrics_path.unlink()  # a fresh run; --resume belongs to ps-server
+    launch = dict(workers=run.workers, slow_workers=kw["slow_workers"],
+                  slowdown=kw["slowdown"] if kw["slow_workers"] else 1.0, eval_every=kw["eval_every"],
+                  threads=kw["threads"], worker_nice=kw["worker_nice"])
+    (out / LAUNCH_FILE).write_text(json.dumps(launch) + "\n")  # for ps-plot: the server cannot tell slow workers
     console = _Console(kw["quiet"])
     procs = Processes(out, os.environ.get("PS_TOKEN") or secrets.token_urlsafe(24), frozenset(env_names(cli)))
     started = time.monotonic()

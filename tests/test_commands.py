@@ -18,6 +18,7 @@ from common.cli_options import env_names
 from common.metrics import read_metrics
 from launcher.cli import cli as launch_cli
 from launcher.cli import main as launch_main
+from report.runs import find_runs
 from report.cli import main as plot_main
 from server.cli import cli as server_cli
 from server.cli import main as server_main
@@ -109,3 +110,5 @@ def test_ps_launchs_own_variables_reach_its_processes_as_flags_only(tmp_path, ca
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iterations"] == 30
     slowdowns = sorted(re.findall(r"slowdown (\d+\.\d+)", (tmp_path / "server.log").read_text()))
     assert slowdowns == ["1.00", "1.00", "8.00"]
+    (run,) = find_runs([tmp_path])  # ps-plot learns of the slow worker from launch.json
+    assert (run.setting, run.slow) == ("het.", (1, 8.0))
