@@ -231,15 +231,16 @@ def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, console: _Con
     console.say(f"server on {address}: {run.algo}, K={run.workers}{slow}, {run.model_name} on {run.dataset}; "
                 f"starting the workers and the evaluator; logs in {out}")
     data = ["--data-dir", run.data_dir] if run.data_dir else []
+    # The evaluator first, polling often: ready as the run starts, it evaluates along even a run of a second.
+    evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
+                                                "--eval-every", str(kw["eval_every"]), "--poll", "0.05",
+                                                "--threads", "1", *data])
     for k in range(run.workers):
         slow = k >= run.workers - kw["slow_workers"]
         procs.start(f"worker-{k}", py + ["worker.cli", "--server", address, "--threads", str(kw["threads"]),
                                           "--name", f"local-{k}", *data,
                                           *(["--slowdown", str(kw["slowdown"])] if slow else [])],
                     nice=kw["worker_nice"])
-    evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
-                                                "--eval-every", str(kw["eval_every"]), "--poll", "0.05", "--threads", "1",
-                                                *data])
     _watch(address, procs, evaluator, console, kw["timeout"], started, ClientSecurity(token=procs.token),
            run.workers, out / "metrics.jsonl")
 

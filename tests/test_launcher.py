@@ -4,6 +4,7 @@ process that fails says why on the console."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -148,3 +149,16 @@ def test_an_unknown_or_missing_device_is_a_usage_error(main, device, capsys):
         main(["--device", device])
     assert info.value.code == 2
     assert "Invalid value for '--device'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_default_launch_evaluates_along_the_run_and_shows_progress(tmp_path):
+    """The default run trains for about a second: the evaluator, started first and polling often, still
+    evaluates several times along it, so ps-plot draws a curve; the console shows progress with rate."""
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "--out", str(tmp_path)], env=ENV, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "eval"]
+    assert len(epochs) >= 3 and epochs == sorted(epochs) and epochs[-1] == 30.0, epochs
+    assert "the evaluator evaluates the final parameters" in result.stderr
+    assert re.search(r"iter 330/330 \(100%\) epoch 30\.00 .* \| [\d.]+ it/s, \S+ elapsed, done", result.stderr)
