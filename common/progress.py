@@ -56,23 +56,31 @@ class Progress:
                                     "[{elapsed}<{remaining}, {rate_fmt}]{postfix}") if bar else None
 
     # ----- counting ----------------------------------------------------------------------------------
-    def update(self, position: int, **fields: Any) -> None:
-        """The count is now `position`; `fields` (epoch, loss, ...) are shown after it (None: not shown)."""
-        now = time.monotonic()
-        self.fields.update({k: v for k, v in fields.items() if v is not None})
+    def update(self, position: int, *, at: float | None = None, **fields: Any) -> None:
+        """The count is now `position`, at time `at` of the caller's clock (the same clock in every call; default
+        this process's); `fields` (epoch, loss, ...) are shown after it (None: not shown). A position behind
+        the current one (an older report) changes nothing."""
+        if self.position is not None and position < self.position:
+            return
+        when = time.monotonic() if at is None else at
         if self._began is None or position == self._began[1]:
-            self._began = (now, position)  # the rate counts from the first move (not the wait for workers)
+            self._began = (when, position)  # the rate counts from the first move (not the wait for workers)
         if position != self.position:
-            self._moved_at = now
+            self._moved_at = when
         if self._bar is not None:
             if self.position is None:
                 self._bar.reset(total=self.total)
-                self._bar.update(position)
-            else:
-                self._bar.update(position - self.position)
-            self._bar.set_postfix_str(self._fields(), refresh=False)
+            self._bar.update(position - (self.position or 0))
         self.position = position
-        if self._bar is None and now - self._last_line >= self.interval:
+        self.show(**fields)
+
+    def show(self, **fields: Any) -> None:
+        """Show `fields` after the count (None: leave as is), which stays where it is."""
+        self.fields.update({k: v for k, v in fields.items() if v is not None})
+        now = time.monotonic()
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._fields(), refresh=False)
+        elif self.position is not None and now - self._last_line >= self.interval:
             self._print_line(now)  # the last line comes from close()
 
     def rate(self) -> float | None:

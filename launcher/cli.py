@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import secrets
@@ -252,30 +251,38 @@ class _Console:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.meter: Progress | None = None
+        self.finished = False  # the run's summary is written: the server may exit, the evaluator finishes
 
     def say(self, line: str) -> None:
         if not self.quiet:
             (self.meter.write if self.meter else lambda m: click.echo(m, err=True))(line)
 
     def progress(self, status: pb.Status, workers: int) -> None:
+        """The server's status. Counts and rates are on the server's clock (its uptime), as its records' times."""
         if self.quiet:
             return
         if self.meter is None:
             self.meter = Progress(status.config.total_iterations)
-        self.meter.update(status.iteration, epoch=status.epoch, workers=f"{status.workers_connected}/{workers}",
-                          loss=None if math.isnan(status.train_loss) else status.train_loss)
+        self.meter.update(status.iteration, at=status.uptime_seconds, epoch=status.epoch,
+                          workers=f"{status.workers_connected}/{workers}")
 
     def recorded(self, record: dict) -> None:
-        """A new record in the run's metrics: an evaluation's accuracy is shown; the summary says the training
-        is over (the evaluator then evaluates the final parameters: seconds for a large model)."""
-        if record["event"] == "summary":
+        """A new record in the run's metrics: progress (exact times, between two polls) and an evaluation's
+        accuracy are shown; the summary says the training is over (the evaluator then evaluates the final
+        parameters: seconds for a large model)."""
+        if record["event"] == "progress" and self.meter is not None:
+            self.meter.update(record["iteration"], at=record["time"], epoch=record["epoch"],
+                              loss=record["train_loss"])
+        elif record["event"] == "eval" and self.meter is not None:
+            self.meter.show(test_acc=record["test_accuracy"])
+        elif record["event"] == "summary":
+            self.finished = True
             if self.meter is not None:
                 self.meter.fields.pop("workers", None)
-                self.meter.update(record["iterations"], epoch=record["epochs"], loss=record["final_train_loss"])
-            self.say(f"the run finished at iteration {record['iterations']} after {record['time']:.1f}s; "
-                     "the evaluator evaluates the final parameters")
-        elif record["event"] == "eval" and self.meter is not None:
-            self.meter.update(self.meter.position or 0, test_acc=record["test_accuracy"])
+                self.meter.update(record["iterations"], at=record["time"], epoch=record["epochs"],
+                                  loss=record["final_train_loss"])
+            self.say(f"the run finished at iteration {record['iterations']} ({record['time']:.1f} s after the server "
+                     "started); the evaluator evaluates the final parameters")
 
     def close(self) -> None:
         if self.meter is not None:
@@ -316,9 +323,12 @@ def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, console:
     with security.channel(address, GRPC_OPTIONS) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         while evaluator.poll() is None:
+            records, offset = _new_records(metrics, offset)  # first: the summary is written before the server exits
+            for record in records:
+                console.recorded(record)
             procs.check()
-            if procs.procs["server"].poll() is not None:
-                raise click.ClickException(f"the server exited before the evaluator was done\n"
+            if procs.procs["server"].poll() is not None and not console.finished:
+                raise click.ClickException(f"the server stopped before the end of the run\n"
                                            f"(its log: {procs.log_path('server')})")
             if time.monotonic() - started > timeout:
                 raise click.ClickException(f"the run did not finish within {timeout:.0f}s")
@@ -327,10 +337,7 @@ def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, console:
                 if not s.done:
                     console.progress(s, workers)
             except grpc.RpcError:
-                pass
-            records, offset = _new_records(metrics, offset)
-            for record in records:
-                console.recorded(record)
+                pass  # the server is gone once the evaluator has the final parameters
             time.sleep(1.0)
     for record in _new_records(metrics, offset)[0]:
         console.recorded(record)

@@ -56,6 +56,21 @@ def test_without_a_terminal_a_line_every_interval_with_rate_and_time_left(clock)
     assert out.getvalue().splitlines()[-1] == "iter 250/1000 (25%) | 50.0 it/s, 0:35 elapsed, 0:15 left"
 
 
+def test_a_report_on_another_clock_gives_the_rate_an_older_report_changes_nothing(clock):
+    """ps-launch reports the server's counts with the server's uptime: polled once a second, exact times."""
+    out = io.StringIO()
+    meter = Progress(330, stream=out)
+    meter.update(0, at=7.0, workers="4/4")
+    meter.update(50, at=7.1)
+    meter.update(40, at=7.05, loss=9.0)  # read after a newer status: ignored
+    meter.show(test_acc=0.9)
+    meter.update(330, at=7.8, loss=0.01)
+    clock.now += 15
+    meter.close()
+    assert out.getvalue().splitlines()[-1] == \
+        "iter 330/330 (100%) workers 4/4 test acc 0.9000 loss 0.0100 | 412.5 it/s, 0:15 elapsed, done"
+
+
 def test_on_a_terminal_a_bar_and_messages_above_it():
     out = io.StringIO()
     with Progress(200, stream=out, bar=True) as meter:
