@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 from common.metrics import read_metrics
 from launcher.cli import error_line
 from sim.cli import main as sim_main
+from tests.test_launch import wait_until
 from worker.cli import main as worker_main
 from worker.evaluator import main as eval_main
 
@@ -51,15 +51,6 @@ def children(pid: int) -> dict[int, str]:
 def alive(pid: int, started: str) -> bool:
     fields = _stat(pid)
     return fields is not None and fields[19] == started and fields[0] != "Z"
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def progress_records(out: Path) -> int:
