@@ -15,14 +15,17 @@ def _cell(runs: list[Run], values: list[float | None], scale: float, digits: int
     unfinished = sum(not r.diverged and not r.summary for r in runs)
     valid = [v * scale for v in values if v is not None]
     ms = mean_std(valid)
-    notes = [f"{diverged} diverged"] * bool(diverged) + [f"{unfinished} unfinished"] * bool(unfinished)
     if ms is None:
         if diverged and not unfinished:
             return "diverged" if len(runs) == 1 else f"diverged ({diverged} of {len(runs)})"
         if len(runs) == 1:
             return "unfinished" if unfinished else "not evaluated"
-        return ", ".join(notes) if notes else "not evaluated"
-    text = f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}" if len(valid) > 1 else f"{ms[0]:.{digits}f} (n=1)"
+        return ", ".join([f"{diverged} diverged"] * bool(diverged) + [f"{unfinished} unfinished"] * bool(unfinished)
+                         ) or "not evaluated"
+    notes = ["n=1"] * (len(valid) == 1) + [f"{diverged} diverged"] * bool(diverged)
+    if unfinished:
+        notes.append("unfinished" if len(runs) == 1 else f"{unfinished} unfinished")
+    text = f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}" if len(valid) > 1 else f"{ms[0]:.{digits}f}"
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 

@@ -114,6 +114,8 @@ def test_a_failed_run_is_named_unfinished_without_a_matplotlib_warning(tmp_path)
     assert said == ["failed: no evaluation (it did not finish): not in the test-accuracy figures"]
     table = paper_table([failed], "test_accuracy")
     assert table.splitlines()[2] == "| OrMo | unfinished |"
+    stopped = fake_run("stopped", evals=[(3.0, 0.9)], finished=False)  # evaluated, then stopped (SIGTERM)
+    assert paper_table([stopped], "test_accuracy").splitlines()[2] == "| OrMo | 90.00 (n=1, unfinished) |"
 
 
 def test_slow_workers_come_from_the_simulators_start_record_or_ps_launchs_launch_json(tmp_path):
