@@ -443,6 +443,7 @@ def _download_cifar(name: str, data_dir: Path) -> None:
     import torchvision
 
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    logger.info("downloading %s into %s", name, data_dir)
     for train in (True, False):
         dataset_class(root=str(data_dir), train=train, download=True)
 

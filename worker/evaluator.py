@@ -81,6 +81,8 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                         time.sleep(poll)
                         continue
                     if last_record is None or last_record["iteration"] != params.iteration_index:
+                        logger.info("evaluating the parameters of iteration %d%s", params.iteration_index,
+                                    " (the final ones)" if status.done else "")
                         result = evaluator(decode(params.tensor, expected_numel=evaluator.model.numel))
                         train_loss = status.train_loss if math.isfinite(status.train_loss) else None
                         last_record = write_eval(metrics, params.iteration_index, params.epoch,
