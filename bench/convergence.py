@@ -84,8 +84,8 @@ def one_run(spec: dict) -> dict:
                     batch_size=spec["batch_size"], lr=spec["lr"], warmup_epochs=spec["warmup"],
                     epochs=spec["epochs"] or 1.0, iterations=spec.get("iterations"), seed=spec["seed"],
                     data_dir=spec["data_dir"], vanilla_sgd_step=spec["algo"] == ABLATION)
-    timing = ComputeTimeModel(jitter=0.2, slow_fraction=0.25 if spec["het"] else 0.0,
-                              slow_factor=spec["slow_factor"] if spec["het"] else 1.0)
+    timing = ComputeTimeModel(jitter=0.2, slow_workers=round(0.25 * spec["workers"]) if spec["het"] else 0,
+                              slowdown=spec["slow_factor"])
     device = spec["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

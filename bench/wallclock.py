@@ -13,7 +13,6 @@ the figures of test accuracy and training loss against wall-clock time and the t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -58,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             if setting == "het":
                 flags += ["--slow-workers", str(args.workers // 4), "--slowdown", str(args.slowdown)]
             print(f"{algo} {setting} ...", file=sys.stderr)
-            launch(flags)
-            _mark_setting(out, setting, args)
+            launch(flags)  # its launch.json tells ps-plot which runs had slow workers
             for big in ("checkpoint.pt", "final.pt"):  # keep the committed results small: metrics and logs
                 (out / big).unlink(missing_ok=True)
     runs = find_runs([args.out / "runs"])
@@ -112,17 +110,6 @@ def time_table(runs: list) -> str:
                 cells.append("not reached" if hit is None else f"{hit:.0f}")
         rows.append([method_label(algo), *cells])
     return harness.table(header, rows)
-
-
-def _mark_setting(out: Path, setting: str, args: argparse.Namespace) -> None:
-    """The server's start record does not know which workers were slow: add it for ps-plot's grouping."""
-    path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines()
-    first = json.loads(lines[0])
-    if setting == "het":
-        first["slow_workers"] = list(range(args.workers - args.workers // 4, args.workers))
-    lines[0] = json.dumps(first)
-    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,23 +8,101 @@ options come from its configuration's fields (`server.config.RunConfig`, `common
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import logging
+import os
+import re
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import Any
 
 import click
 
 from common.malloc_tuning import tune_malloc
 from common.security import ClientSecurity, ServerSecurity
+from common.settings import ENV_PREFIX, env_name
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, context: str | None = None) -> None:
+    """Log lines to stderr; `context` (e.g. "server HOST:PORT") is named on every line."""
+    where = f" [{context}]" if context else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
+
+
+# PS_* variables read elsewhere than by an option, and former names.
+OTHER_VARIABLES = {"PS_MALLOC_TUNING"}
+RENAMED_VARIABLES = {"PS_OUT_DIR": "PS_OUT", "PS_WAIT_FOR_ALL": "PS_START_WHEN_ALL"}
+
+
+def env_names(command: click.Command) -> set[str]:
+    """The `PS_*` variables the options of `command` read."""
+    names: set[str] = set()
+    for param in command.params:
+        if not isinstance(param, click.Option) or not param.expose_value:
+            continue
+        if param.envvar:
+            names |= {param.envvar} if isinstance(param.envvar, str) else set(param.envvar)
+        elif param.allow_from_autoenv and param.name:
+            names.add(env_name(param.name))
+    return names
+
+
+def _every_commands_env_names() -> set[str]:
+    """The `PS_*` variables of every ps-* command of the installed package (empty when it is not installed)."""
+    names: set[str] = set()
+    for entry in metadata.entry_points(group="console_scripts"):
+        if entry.dist is None or entry.dist.name.replace("_", "-").lower() != "ormo-ps":
+            continue
+        try:
+            command = getattr(importlib.import_module(entry.module), "cli", None)
+        except Exception:  # noqa: BLE001 - only a warning depends on it
+            continue
+        if isinstance(command, click.Command):
+            names |= env_names(command)
+    return names
+
+
+def warn_about_unknown_variables(command: click.Command, prog_name: str) -> None:
+    """A warning for each `PS_*` variable that no ps-* command reads (a misspelt `PS_OUTDIR` would otherwise be
+    ignored in silence), with the names it may have meant; those of other ps-* commands pass quietly."""
+    stray = sorted(n for n in os.environ if n.startswith(f"{ENV_PREFIX}_") and n not in env_names(command)
+                   and n not in OTHER_VARIABLES)
+    if not stray:
+        return
+    known = _every_commands_env_names() | env_names(command) | OTHER_VARIABLES
+    for name in stray:
+        if name in RENAMED_VARIABLES:
+            hint = f"it is now {RENAMED_VARIABLES[name]}"
+        elif name in known:
+            continue
+        else:
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"'{prog_name} --help' lists the variables"
+        click.echo(f"{prog_name}: warning: ignoring {name}: no ps-* command reads it ({hint})", err=True)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ormo-ps")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _complete(command: click.Command) -> None:
+    """What every ps-* command has: `--version`, and each option's `PS_*` variable named in `--help`."""
+    if not any("--version" in getattr(p, "opts", ()) for p in command.params):
+        click.version_option(_version(), "--version", message="%(prog)s %(version)s")(command)
+    for param in command.params:
+        if isinstance(param, click.Option):
+            param.show_envvar = True
 
 
 def run_cli(command: click.Command, argv: Sequence[str] | None, prog_name: str) -> None:
     """Run a click command with `PS_*` environment variables; return on success, SystemExit(code != 0) on failure."""
+    _complete(command)
+    warn_about_unknown_variables(command, prog_name)
     try:
         command.main(args=list(argv) if argv is not None else None, prog_name=prog_name, auto_envvar_prefix="PS")
     except SystemExit as e:
@@ -85,10 +163,44 @@ def client_security_from(kwargs: dict[str, Any]) -> ClientSecurity:
         raise click.UsageError(str(e)) from None
 
 
+def resolve_device(name: str) -> str:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA where there is one) as a device this machine has; a ValueError
+    that says why otherwise."""
+    import torch
+
+    name = name.strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a device: use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name}: CUDA is not available on this machine")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+class Device(click.ParamType):
+    """A `--device` value, checked against this machine (a usage error instead of torch's traceback)."""
+
+    name = "DEVICE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return resolve_device(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda where there is one)."
+
 CLIENT_PROCESS_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
                  help="Exit when the server has been unreachable this many seconds."),
-    click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
+    click.option("--device", type=Device(), default="cpu", help=DEVICE_HELP),
     click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's)."),
     *CLIENT_SECURITY_OPTIONS,
     click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging."),
@@ -101,8 +213,9 @@ def client_process_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def setup_client_process(kwargs: dict[str, Any]) -> ClientSecurity:
-    """Logging and torch threads from `client_process_options`; returns the (validated) client security."""
-    setup_logging(kwargs.pop("verbose"))
+    """Logging (each line names the server) and torch threads from `client_process_options`; returns the
+    (validated) client security."""
+    setup_logging(kwargs.pop("verbose"), f"server {kwargs['server']}" if kwargs.get("server") else None)
     tune_malloc()
     threads = kwargs.pop("threads")
     if threads:

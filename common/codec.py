@@ -11,7 +11,8 @@ import torch
 
 from common.pb import parameter_server_pb2 as pb
 
-__all__ = ["CodecError", "all_finite", "check_finite", "decode", "encode", "max_magnitude"]
+__all__ = ["CodecError", "all_finite", "check_finite", "decode", "dtype_from_pb", "dtype_to_pb", "encode",
+           "max_magnitude"]
 
 class CodecError(ValueError):
     """A tensor message that cannot be encoded or decoded, or a tensor that fails a check."""
@@ -66,6 +67,16 @@ def _wire_for(dtype: object) -> _Wire:
     if wire is None:
         raise CodecError(f"dtype {dtype} is not supported; allowed: {_ALLOWED}")
     return wire
+
+
+def dtype_to_pb(dtype: torch.dtype) -> int:
+    """The ps.v1.DType value of a torch dtype (a parameter layout's element type); CodecError if none."""
+    return _wire_for(dtype).pb_dtype
+
+
+def dtype_from_pb(value: int) -> torch.dtype:
+    """The torch dtype of a ps.v1.DType value; CodecError for DTYPE_UNSPECIFIED or an unknown value."""
+    return _wire_for(int(value)).torch_dtype
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.registry import lookup
+from common.registry import call_imported, is_import_path, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -443,6 +443,7 @@ def _download_cifar(name: str, data_dir: Path) -> None:
     import torchvision
 
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    logger.info("downloading %s into %s", name, data_dir)
     for train in (True, False):
         dataset_class(root=str(data_dir), train=train, download=True)
 
@@ -579,15 +580,75 @@ DATASETS: dict[str, DatasetLoader] = {
 }
 
 
+def resolve_dataset(name: str) -> DatasetLoader | Callable[..., object]:
+    """The loader of a registered name or of an import path (`my_pkg.data:load`, imported here); a ValueError
+    saying what is wrong otherwise (unknown name, module not found, attribute missing)."""
+    return resolve(DATASETS, name, "dataset")
+
+
+def _materialise(split: torch.utils.data.Dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (x, y) samples of a map-style torch data set as one float32 tensor and one int64 label vector."""
+    from torch.utils.data import DataLoader
+
+    try:
+        n = len(split)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} must be a map-style torch data set (with __len__ and __getitem__)") from None
+    if n == 0:
+        raise ValueError(f"{what} is empty")
+    xs, ys = [], []
+    for batch in DataLoader(split, batch_size=1024, shuffle=False):
+        if not (isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)
+                and isinstance(batch[1], torch.Tensor)):
+            raise ValueError(f"{what}'s samples must be (x, y) pairs of tensors (and numbers), such as "
+                             "ToTensor() makes of images")
+        xs.append(batch[0].to(torch.float32))
+        ys.append(batch[1])
+    y = torch.cat(ys)
+    if y.dtype.is_floating_point or y.dim() != 1:
+        raise ValueError(f"{what}'s labels must be integer class indexes, got {y.dtype} of shape {tuple(y.shape)}")
+    return torch.cat(xs), y.to(torch.int64)
+
+
+def from_torch_datasets(name: str, train: torch.utils.data.Dataset, test: torch.utils.data.Dataset,
+                        num_classes: int | None = None) -> Dataset:
+    """A `Dataset` from a (train, test) pair of map-style torch data sets of (x, y) samples, read once into
+    memory as they are (their own transforms applied; no normalisation or augmentation added here).
+    `num_classes` defaults to the train set's `classes` (torchvision's convention), else the largest label + 1."""
+    train_x, train_y = _materialise(train, f"dataset {name!r}: the train set")
+    test_x, test_y = _materialise(test, f"dataset {name!r}: the test set")
+    if num_classes is None:
+        classes = getattr(train, "classes", None)
+        num_classes = len(classes) if classes else int(max(train_y.max(), test_y.max())) + 1
+    return Dataset(name=name, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, num_classes=num_classes,
+                   input_shape=tuple(train_x.shape[1:]), mean=(0.0,), std=(1.0,), augment=False)
+
+
+def _load_imported(name: str, data_dir: str | None) -> Dataset:
+    loader = resolve_dataset(name)
+    loaded = call_imported(loader, name, "dataset", (data_dir,), "(data_dir)")
+    if isinstance(loaded, Dataset):
+        return loaded
+    if (isinstance(loaded, (tuple, list)) and len(loaded) == 2
+            and all(isinstance(split, torch.utils.data.Dataset) for split in loaded)):
+        return from_torch_datasets(name, *loaded)
+    raise ValueError(f"dataset {name!r} returned a {type(loaded).__name__}; expected a common.data.Dataset "
+                     "(ormo_ps.Dataset) or a (train, test) pair of torch.utils.data.Dataset")
+
+
 def load_dataset(
     name: str, data_dir: str | None = None, download: bool = False, synthetic_size: int = 2000
 ) -> Dataset:
-    """Load a registered dataset into memory.
+    """Load a registered dataset, or the one an import path names, into memory.
 
     `data_dir` and `download` only matter for CIFAR (`data_dir=None` means `cache_dir() / "data"`);
-    `synthetic_size` is the synthetic train-set size (its test set is a quarter of that).
+    `synthetic_size` is the synthetic train-set size (its test set is a quarter of that). An import path
+    (`my_pkg.data:load`) names a callable taking `data_dir`, or nothing, and returning a `Dataset` or a
+    (train, test) pair of torch data sets (`from_torch_datasets`).
     """
-    loader = lookup(DATASETS, name, "dataset")
+    if is_import_path(name):
+        return _load_imported(name, data_dir)
+    loader = resolve_dataset(name)
     if synthetic_size < 1:
         raise ValueError(f"synthetic_size must be >= 1, got {synthetic_size}")
     return loader(data_dir, download, synthetic_size)

@@ -13,27 +13,33 @@ from typing import IO, Any
 logger = logging.getLogger(__name__)
 
 EVENTS = ("start", "progress", "eval", "summary")
+# Beside metrics.jsonl, ps-launch's record of how it started the run's processes (which workers were slow:
+# the server cannot know), read by ps-plot.
+LAUNCH_FILE = "launch.json"
 
 
 class MetricsWriter:
     """Appends one JSON object per line to `path`, each line one write, so a crash loses nothing written.
 
-    Every record carries `wall_time` (seconds since this writer opened) and `timestamp` (Unix time), so
-    records of several processes in one file (server and evaluator) sort on one clock. A line that cannot
-    be written (a full disk) is dropped, said once, and never stops the run: training matters more."""
+    Every record carries `timestamp` (Unix time) and `wall_time`: seconds since the file's first record, whoever
+    wrote it; a writer appending to a file (the evaluator beside the server, a resumed server) goes on with
+    the file's clock, so both fields only grow down the file, whichever processes share it. A line that
+    cannot be written (a full disk) is dropped, said once, and never stops the run: training matters more."""
 
     def __init__(self, path: str | Path, mode: str = "w") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[bytes] = open(self.path, mode + "b", buffering=0)
-        self._t0 = time.monotonic()
+        self._t0 = _file_origin(self.path) if mode == "a" else None
+        self._file: IO[bytes] = open(self.path, mode + "b", buffering=0)  # one write per line: none is torn
+        if self._t0 is None:
+            self._t0 = round(time.time(), 3)
         self.dropped = 0  # records lost to write errors
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         if event not in EVENTS:
             raise ValueError(f"unknown metrics event {event!r}; valid: {', '.join(EVENTS)}")
-        record = _finite({"event": event, "wall_time": round(time.monotonic() - self._t0, 4),
-                          "timestamp": round(time.time(), 3), **fields})
+        now = round(time.time(), 3)  # wall_time from the timestamp as written: both order the records alike
+        record = _finite({"event": event, "wall_time": round(now - self._t0, 3), "timestamp": now, **fields})
         line = (json.dumps(record, default=_jsonable, allow_nan=False) + "\n").encode()
         try:
             self._file.write(line)
@@ -56,6 +62,17 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _file_origin(path: Path) -> float | None:
+    """The Unix time at which the metrics file `path` started (its first record's timestamp less its
+    wall_time); None when it has no readable first record."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        return float(first["timestamp"]) - float(first["wall_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _finite(value: Any) -> Any:
@@ -129,16 +146,19 @@ class RunRecorder:
     `eval` and `summary` records. A driver feeds it (iteration, loss, delay) per applied gradient.
 
     `clock()` is the run's time (wall-clock seconds for the service, virtual seconds for the simulator);
-    `say(line)` receives a progress line per record (a logger, a progress callback, or nothing).
+    `say(line)` receives a line per progress and eval record and when the run diverges (a logger, a progress
+    callback, or nothing); with `say_records=False` only the divergence (a progress meter shows the rest).
     """
 
     def __init__(self, metrics: MetricsWriter | None, *, log_every: int, total_iterations: int,
-                 clock: Callable[[], float], say: Callable[[str], None] | None = None, epoch: float = 0.0) -> None:
+                 clock: Callable[[], float], say: Callable[[str], None] | None = None, epoch: float = 0.0,
+                 say_records: bool = True) -> None:
         self.metrics = metrics
         self.log_every = log_every
         self.total_iterations = total_iterations
         self.clock = clock
         self.say = say or (lambda line: None)
+        self.say_record = self.say if say_records else (lambda line: None)
         self.loss_window = RunningMean()  # since the last progress record
         self.loss_epoch = RunningMean()  # since the last epoch boundary
         self.loss_since_eval = RunningMean()  # since the last eval record this recorder wrote
@@ -175,7 +195,7 @@ class RunRecorder:
         self.delays.clear()
         record = self._write("progress", **record)
         loss_text = "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
-        self.say(f"iter {iteration}/{self.total_iterations} epoch {epoch:.2f} loss {loss_text} lr {lr:.4g} "
+        self.say_record(f"iter {iteration}/{self.total_iterations} epoch {epoch:.2f} loss {loss_text} lr {lr:.4g} "
                  f"staleness {record['staleness_mean']:.1f}" + "".join(f" {k.replace('_', ' ')} {v}"
                                                                    for k, v in extra.items()))
         loss = record["train_loss"]
@@ -203,7 +223,7 @@ class RunRecorder:
         """An `eval` record: `result` of an evaluation (test and validation accuracy and loss) at `iteration`,
         with the mean training loss since the previous evaluation."""
         self.last_eval = write_eval(self.metrics, iteration, epoch, self.clock(), self.loss_since_eval.pop(), result)
-        self.say(describe_eval(self.last_eval))
+        self.say_record(describe_eval(self.last_eval))
         return self.last_eval
 
     def summary(self, run_summary: dict[str, Any], **fields: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.registry import lookup
+from common.registry import call_imported, is_import_path, resolve
 
 ModelFactory = Callable[[int, tuple[int, ...]], nn.Module]
 
@@ -178,15 +178,32 @@ MODELS: dict[str, ModelFactory] = {
 }
 
 
+# `--model client`: the run names no model; the first client that registers brings its own (layout and w_0).
+FROM_CLIENT = "client"
+
+
+def resolve_model(name: str) -> ModelFactory:
+    """The factory of a registered name or of an import path (`my_pkg.models:build`, imported here); a
+    ValueError saying what is wrong otherwise (unknown name, module not found, attribute missing)."""
+    return resolve(MODELS, name, "model")
+
+
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...] = (3, 32, 32)) -> nn.Module:
-    """Build a registered model; its initial parameters come from torch's global RNG (`torch.manual_seed`)."""
-    factory = lookup(MODELS, name, "model")
+    """Build a registered model or the one an import path names: a callable taking (num_classes, input_shape),
+    or nothing, and returning a `torch.nn.Module`. Its initial parameters come from torch's global RNG
+    (`torch.manual_seed`)."""
+    factory = resolve_model(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or any(d < 1 for d in input_shape):
         raise ValueError(f"input_shape must be non-empty with positive sizes, got {input_shape}")
-    return factory(num_classes, input_shape)
+    if not is_import_path(name):
+        return factory(num_classes, input_shape)
+    module = call_imported(factory, name, "model", (num_classes, input_shape), "(num_classes, input_shape)")
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"model {name!r} returned a {type(module).__name__}; expected a torch.nn.Module")
+    return module
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -27,6 +27,7 @@ from common.cli_options import run_cli, server_security_from, server_security_op
 from common.data import iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.grpc_options import server_options
+from common.layout import layout_of
 from common.malloc_tuning import tune_malloc
 from common.metrics import MetricsWriter
 from common.security import ServerSecurity, warn_if_exposed
@@ -95,7 +96,12 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
     ipe = iterations_per_epoch(dataset, run.batch_size)
     if ipe < 1:
         raise ValueError(f"batch_size {run.batch_size} is larger than the train set ({dataset.num_train})")
-    core = ServerCore(run.initial_model(dataset).params, run, ipe)
+    if run.model_from_client:  # w_0 and the layout come from the first client
+        params0, layout = torch.empty(0), None
+    else:
+        model = run.initial_model(dataset)
+        params0, layout = model.params, layout_of(model.module)
+    core = ServerCore(params0, run, ipe)
     if state is not None and state["core"]["iteration"] >= core.total_iterations:
         raise ValueError(f"the run in {options.resume} is already finished ({state['core']['iteration']} "
                          "iterations); nothing to resume")
@@ -109,7 +115,8 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
         core, num_classes=dataset.num_classes, out_dir=out,
         metrics=MetricsWriter(out / "metrics.jsonl", mode="a") if out else None, log_every=options.log_every,
         checkpoint_every=options.checkpoint_every, wait_for_all_workers=options.start_when_all,
-        sync_timeout=options.sync_timeout, ready_timeout=options.ready_timeout, model_state=model_state)
+        sync_timeout=options.sync_timeout, ready_timeout=options.ready_timeout, layout=layout,
+        model_state=None if run.model_from_client else model_state)
     if state is not None:
         service.load_state_dict(state)
     # A resumed run writes a start record too: records past its iteration (lost with the crash) are superseded.

@@ -15,14 +15,27 @@ from typing import Any
 import torch
 
 from common import settings
-from common.data import DATASETS, Dataset
-from common.models import MODELS, FlatModel, build_model
+from common.data import DATASETS, Dataset, resolve_dataset
+from common.models import FROM_CLIENT, MODELS, FlatModel, build_model, resolve_model
 from common.settings import setting
 from server.algorithms import ALGORITHMS, SCHEDULERS, get_algorithm
 from server.schedule import LRSchedule
 
 # The model trained when `--model` is not given, per dataset.
 DEFAULT_MODELS = {"cifar10": "resnet20", "cifar100": "resnet20", "digits": "mlp", "synthetic": "mlp"}
+
+
+def _model_spec(text: str) -> str:
+    """`--model`'s text, checked: a registered name, an import path that imports, or `client`."""
+    if text != FROM_CLIENT:
+        resolve_model(text)
+    return text
+
+
+def _dataset_spec(text: str) -> str:
+    """`--dataset`'s text, checked: a registered name or an import path that imports."""
+    resolve_dataset(text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -34,9 +47,15 @@ class RunConfig:
     scheduler: str | None = setting(
         None, "Override the algorithm's scheduler (async: answer each gradient; sync: wait for all K).",
         choices=lambda: SCHEDULERS)
-    model: str | None = setting(None, "Model (default: resnet20 for CIFAR, mlp for digits and synthetic).",
-                                choices=lambda: MODELS)
-    dataset: str = setting("digits", "Data set; digits and synthetic need no download.", choices=lambda: DATASETS)
+    model: str | None = setting(
+        None, f"Model: {', '.join(sorted(MODELS))}; or an import path MODULE:CALLABLE (called with the number of "
+              "classes and the input shape, or nothing, it returns a torch.nn.Module); or client (the first client "
+              "brings its own). Default: resnet20 for CIFAR, mlp for digits and synthetic.",
+        parse=_model_spec, metavar="NAME|MODULE:CALLABLE")
+    dataset: str = setting(
+        "digits", f"Data set: {', '.join(sorted(DATASETS))} (digits and synthetic need no download); or an import "
+                  "path MODULE:CALLABLE (called with --data-dir, or nothing, it returns a (train, test) pair of "
+                  "torch datasets or an ormo_ps.Dataset).", parse=_dataset_spec, metavar="NAME|MODULE:CALLABLE")
     data_dir: str | None = setting(
         None, "CIFAR directory: the original python batches or train/<class>/*, test/<class>/* images.",
         metavar="DIRECTORY")
@@ -60,11 +79,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         settings.validate(self)
+        if self.model is not None:
+            _model_spec(self.model)
+        _dataset_spec(self.dataset)
         if self.lr_milestones is not None and (list(self.lr_milestones) != sorted(self.lr_milestones)
                                                or any(m <= 0 for m in self.lr_milestones)):
             raise ValueError(f"lr_milestones must be increasing positive epochs, got {self.lr_milestones}")
         if self.model is None and self.dataset not in DEFAULT_MODELS:
-            raise ValueError(f"model must be given for dataset {self.dataset!r}")
+            raise ValueError(f"model must be given for dataset {self.dataset!r} (a name, an import path or "
+                             f"{FROM_CLIENT})")
         if self.vanilla_sgd_step and "vanilla_sgd_step" not in get_algorithm(self.algo).options:
             raise ValueError(f"vanilla_sgd_step is OrMo's ablation; it does not apply to algo {self.algo!r}")
 
@@ -72,6 +95,11 @@ class RunConfig:
     @property
     def model_name(self) -> str:
         return self.model or DEFAULT_MODELS[self.dataset]
+
+    @property
+    def model_from_client(self) -> bool:
+        """The run names no model (`--model client`): the first client that registers brings its own."""
+        return self.model == FROM_CLIENT
 
     @property
     def effective_scheduler(self) -> str:
@@ -93,6 +121,9 @@ class RunConfig:
 
     def initial_model(self, dataset: Dataset, device: torch.device | str = "cpu") -> FlatModel:
         """The model with `w_0` drawn from the run's seed (the same in the simulator and the service)."""
+        if self.model_from_client:
+            raise ValueError(f"the run names no model (--model {FROM_CLIENT}: its clients bring their own); the "
+                             "simulator and ps-launch need a model name or an import path")
         torch.manual_seed(self.seed)
         return FlatModel(build_model(self.model_name, dataset.num_classes, dataset.input_shape), device=device)
 

@@ -82,26 +82,41 @@ class ServerCore:
     """
 
     def __init__(self, params0: torch.Tensor, run: RunConfig, iterations_per_epoch: int = 1) -> None:
-        if params0.dim() != 1 or not params0.is_floating_point():
-            raise ValueError(f"params0 must be a flat floating-point vector, got shape {tuple(params0.shape)} "
-                             f"dtype {params0.dtype}")
         self.run = run
         self.lr_schedule = run.lr_schedule(iterations_per_epoch)
         self.total_iterations = run.total_iterations(iterations_per_epoch)
-        self.w = params0.detach().clone()
-        options: dict[str, Any] = {"vanilla_sgd_step": True} if run.vanilla_sgd_step else {}
-        self.rule = get_algorithm(run.algo).factory(self.w, run.workers, run.momentum, **options)
+        self._set_w(params0)
         self.scheduler = run.effective_scheduler
         self.iteration = 0  # t: gradients consumed so far
         self.waiting_set: set[int] = set()
         self.workers = [WorkerRecord() for _ in range(run.workers)]
         self.staleness = StalenessStats()
         self.started = False
+
+    def _set_w(self, params0: torch.Tensor) -> None:
+        if params0.dim() != 1 or not params0.is_floating_point():
+            raise ValueError(f"params0 must be a flat floating-point vector, got shape {tuple(params0.shape)} "
+                             f"dtype {params0.dtype}")
+        self.w = params0.detach().clone()
+        options: dict[str, Any] = {"vanilla_sgd_step": True} if self.run.vanilla_sgd_step else {}
+        self.rule = get_algorithm(self.run.algo).factory(self.w, self.run.workers, self.run.momentum, **options)
         # Magnitudes below this leave an update room to grow without overflowing (see _apply_finite).
         self._safe_magnitude = torch.finfo(self.w.dtype).max / 1e3
         self._bound = self._measured_bound()
 
+    def set_initial_params(self, params0: torch.Tensor) -> None:
+        """`w_0` of a run whose model a client brings: the core was built with an empty vector and is given
+        the first client's parameters before it starts."""
+        if self.started or self.has_parameters:
+            raise RuntimeError("the initial parameters are set once, before the run starts")
+        self._set_w(params0)
+
     # ----- queries -------------------------------------------------------------------------
+    @property
+    def has_parameters(self) -> bool:
+        """False only for a run whose model a client brings, until its `set_initial_params`."""
+        return self.w.numel() > 0
+
     @property
     def num_workers(self) -> int:
         return self.run.workers

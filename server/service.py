@@ -21,7 +21,9 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from common.codec import CodecError, decode, encode
+from common import layout as layouts
+from common.codec import CodecError, check_finite, decode, encode
+from common.layout import Layout
 from common.log_limit import LimitedLog, shorten
 from common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
 from common.pb import parameter_server_pb2 as pb
@@ -55,6 +57,7 @@ class Connection:
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     error: Rejected | None = None
     ready: bool = False
+    new_slot: bool = False  # its id had never been given out before (undone if its Ready is refused)
 
 
 @dataclass
@@ -85,9 +88,12 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         sync_timeout: float | None = None,
         ready_timeout: float = 120.0,
         model_state: Callable[[torch.Tensor], dict[str, Any]] | None = None,
+        layout: Layout | None = None,
     ) -> None:
         self.core = core
         self.model_state = model_state  # the model's state dict at given parameters, for final.pt
+        # The run's parameter layout: its model's, or (a run that names none) the first client's.
+        self.layout = layout
         self.run = core.run
         self.num_classes = num_classes
         self.out_dir = out_dir
@@ -222,23 +228,87 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             worker = (never or free)[0]
         if not reg.slowdown >= 0:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"slowdown must be >= 0, got {reg.slowdown}")
-        conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0)
+        declared = self._check_layout(reg.layout) if reg.HasField("layout") else None  # the last refusal
+        if declared is not None:
+            self._adopt_layout(declared, reg.name or peer)
+        conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
+                          new_slot=worker not in self.ever_assigned)
         self.connections[worker] = conn
         self.ever_assigned.add(worker)
         logger.info("worker %d registered (%s, slowdown %.2f), %d/%d connected", worker, conn.name,
                     conn.slowdown, len(self.connections), k)
-        conn.outbox.put_nowait(pb.ServerMessage(welcome=pb.Welcome(
-            worker_id=worker, config=self.pb_run_config(), data_seed=self.run.worker_seed(worker))))
+        welcome = pb.Welcome(worker_id=worker, config=self.pb_run_config(), data_seed=self.run.worker_seed(worker),
+                             parameters_wanted=not self.core.has_parameters)
+        if self.layout is not None:
+            welcome.layout.CopyFrom(layouts.to_pb(self.layout))
+        conn.outbox.put_nowait(pb.ServerMessage(welcome=welcome))
         return conn
 
-    def _on_ready(self, conn: Connection) -> None:
-        """The worker can compute: count it in the run and hand it parameters."""
+    # ----- the parameter layout: checked for every client that declares one, adopted from the first --------
+    def _check_layout(self, message: pb.ParameterLayout) -> Layout | None:
+        """A client's declared layout against the run's: Rejected (FAILED_PRECONDITION) on a mismatch. Returns
+        the layout when the run has none yet (to be adopted once nothing else can refuse). Changes nothing."""
+        try:
+            declared = layouts.from_pb(message)
+        except ValueError as e:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad parameter layout: {e}") from None
+        if not declared:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the parameter layout lists no tensors")
+        if self.layout is not None:
+            problem = layouts.mismatch(self.layout, declared)
+            if problem is None:
+                return None
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"the client's model does not match the run's parameter layout (model {self.run.model_name}: "
+                           f"{len(self.layout)} tensors, {layouts.numel(self.layout)} values): {problem}")
+        wrong = [spec for spec in declared if spec.dtype != torch.float32]
+        if wrong:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"the server holds float32 parameters; {wrong[0].describe()} is not float32")
+        return declared
+
+    def _adopt_layout(self, declared: Layout, client: str) -> None:
+        self.layout = declared
+        logger.info("the run's parameter layout comes from client %s: %d tensors, %d values", client,
+                    len(declared), layouts.numel(declared))
+
+    def _initial_params(self, ready: pb.Ready, declared: Layout | None) -> torch.Tensor | None:
+        """The initial parameters a Ready carries, checked, when the run still needs them. Changes nothing."""
+        if not ready.HasField("parameters") or self.core.has_parameters:
+            return None
+        known = declared or self.layout
+        if known is None:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "initial parameters need a parameter layout")
+        try:
+            params = decode(ready.parameters, expected_numel=layouts.numel(known), expected_dtype=torch.float32)
+            check_finite(params, "initial parameters")
+        except CodecError as e:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad initial parameters: {e}") from None
+        return params
+
+    def _on_ready(self, conn: Connection, ready_msg: pb.Ready) -> None:
+        """The worker can compute: check what it declares, count it in the run and hand it parameters."""
+        try:
+            declared = self._check_layout(ready_msg.layout) if ready_msg.HasField("layout") else None
+            params0 = self._initial_params(ready_msg, declared)
+        except Rejected:
+            if conn.new_slot:
+                self.ever_assigned.discard(conn.worker)
+            raise
+        if declared is not None:
+            self._adopt_layout(declared, conn.name)
+        if params0 is not None:
+            self.core.set_initial_params(params0)
+            logger.info("w_0 (%d values) comes from worker %d (%s)", params0.numel(), conn.worker, conn.name)
         conn.ready = True
         k = self.core.num_workers
         if not self.started:
             ready = sorted(w for w, c in self.connections.items() if c.ready)
             if self.wait_for_all_workers and len(ready) < k:
                 logger.info("%d/%d workers ready", len(ready), k)
+                return
+            if not self.core.has_parameters:
+                logger.info("%d workers ready; waiting for one that sends the initial parameters", len(ready))
                 return
             self.started = True
             dispatch = self.core.start()
@@ -286,7 +356,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         msg = received.message
         kind = msg.WhichOneof("payload")
         if kind == "ready" and not conn.ready:
-            self._on_ready(conn)
+            self._on_ready(conn, msg.ready)
             return
         if kind != "gradient" or not conn.ready:
             self.counters.reject("malformed")
@@ -395,10 +465,18 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             "counters": vars(self.counters).copy(),
             "ever_assigned": sorted(self.ever_assigned),
             "recorder": self.recorder.state_dict(),
+            "layout": layouts.to_state(self.layout) if self.layout is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a checkpointed run: every worker must reconnect, and what was in flight is lost."""
+        saved = layouts.from_state(state["layout"]) if state.get("layout") is not None else None  # since layouts
+        if saved is not None and self.layout is not None and layouts.mismatch(self.layout, saved):
+            raise ValueError(f"the checkpoint's parameter layout is not the model's: "
+                             f"{layouts.mismatch(saved, self.layout)}")
+        self.layout = self.layout or saved
+        if not self.core.has_parameters and state["core"]["w"].numel():  # a run whose model a client brought
+            self.core.set_initial_params(state["core"]["w"])
         self.core.load_state_dict(state["core"])
         self.counters = Counters(**state["counters"])
         self.ever_assigned = set(state["ever_assigned"])
@@ -472,9 +550,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         save_final(self.out_dir, params, iteration, self.run.to_dict(), model_state=state)
 
     async def aclose(self) -> None:
-        """Wait for a checkpoint still being written (the server's last act before it exits)."""
+        """Wait for a checkpoint still being written and close the metrics (the server's last act)."""
         if self._checkpoint_task is not None:
             await asyncio.gather(self._checkpoint_task, return_exceptions=True)
+        if self.recorder.metrics is not None:
+            self.recorder.metrics.close()
 
     async def shutdown(self, detail: str = "server shutting down") -> None:
         """Graceful stop before the end of the run: checkpoint, then tell the workers."""
@@ -491,7 +571,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
     async def GetParameters(self, request: pb.GetParametersRequest, context) -> pb.Parameters:
         core = self.core
         reply = pb.Parameters(tensor=encode(core.current_params()), iteration_index=core.iteration, epoch=core.epoch)
-        if self.finished.is_set():
+        if self.finished.is_set() and not request.training_client:
             self.final_fetched.set()
         return reply
 

@@ -7,26 +7,22 @@ import sys
 from collections.abc import Sequence
 
 import click
-import torch
 
 from common import settings
-from common.cli_options import run_cli, setup_logging
-from common.data import load_dataset, split_validation
+from common.cli_options import DEVICE_HELP, Device, run_cli, setup_logging
+from common.data import iterations_per_epoch, load_dataset, split_validation
+from common.progress import Progress
 from server.config import RunConfig
 from sim.simulator import ComputeTimeModel, Simulator
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return name
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @settings.click_options(RunConfig)
 @settings.click_options(ComputeTimeModel)
+@click.option("--slow-fraction", type=click.FloatRange(min=0, max=1), default=None, hidden=True,
+              help="Former name: --slow-workers round(F * K).")
+@click.option("--slow-factor", type=click.FloatRange(min=1), default=None, hidden=True,
+              help="Former name of --slowdown.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0,
               help="Evaluate every this many epochs (0: only at the end).")
 @click.option("--log-every", type=click.IntRange(min=1), default=None,
@@ -36,7 +32,7 @@ def _device(name: str) -> str:
                    "evaluations report val_accuracy beside test_accuracy, for choosing hyperparameters.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/sim",
               help="Output directory: metrics.jsonl and final.pt.")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", type=Device(), default="cpu", help=DEVICE_HELP)
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 def cli(**kwargs) -> None:
@@ -46,6 +42,7 @@ def cli(**kwargs) -> None:
     finish times decides the arrival order. The same --seed gives bit-identical final parameters on the CPU.
     """
     run = settings.pop_settings(RunConfig, kwargs)
+    _former_slow_flags(kwargs, run.workers)
     timing = settings.pop_settings(ComputeTimeModel, kwargs)
     setup_logging(kwargs.pop("verbose"))
     quiet = kwargs.pop("quiet")
@@ -55,15 +52,37 @@ def cli(**kwargs) -> None:
         dataset = load_dataset(run.dataset, run.data_dir, run.download)
         if validation_size:
             dataset = split_validation(dataset, validation_size)
+        total = run.total_iterations(iterations_per_epoch(dataset, run.batch_size))
+        meter = None if quiet else Progress(total)
         sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out"),
-                        device=_device(kwargs.pop("device")), eval_every=eval_every, log_every=kwargs.pop("log_every"),
-                        progress=None if quiet else (lambda m: click.echo(m, err=True)))
+                        device=kwargs.pop("device"), eval_every=eval_every, log_every=kwargs.pop("log_every"),
+                        meter=meter)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
-    result = sim.simulate()
+    if meter is not None:
+        slow = f" ({timing.slow_workers} {timing.slowdown:g}x slower)" if timing.slow_workers else ""
+        meter.write(f"ps-sim: {run.algo}, K={run.workers}{slow}, {run.model_name} on {run.dataset}, {total} "
+                    f"iterations ({total / sim.iters_per_epoch:g} epochs) on {sim.device}; metrics in {sim.out_dir}")
+        meter.update(0)
+    try:
+        result = sim.simulate()
+    finally:
+        if meter is not None:
+            meter.close()
     click.echo(json.dumps(result.summary | {"out_dir": str(sim.out_dir)}, indent=None))
     if result.summary["diverged"]:
         sys.exit(3)
+
+
+def _former_slow_flags(kwargs: dict, workers: int) -> None:
+    """--slow-fraction F and --slow-factor F, ps-sim's former names, as --slow-workers and --slowdown."""
+    fraction, factor = kwargs.pop("slow_fraction"), kwargs.pop("slow_factor")
+    if fraction is not None:
+        kwargs["slow_workers"] = round(fraction * workers)
+        click.echo(f"ps-sim: --slow-fraction is now --slow-workers (here {kwargs['slow_workers']})", err=True)
+    if factor is not None:
+        kwargs["slowdown"] = factor
+        click.echo("ps-sim: --slow-factor is now --slowdown", err=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

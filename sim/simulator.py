@@ -25,6 +25,7 @@ from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.gradients import GradientComputer
 from common.metrics import MetricsWriter, RunRecorder
+from common.progress import Progress
 from common.settings import setting
 from server.checkpoint import save_final
 from server.config import RunConfig
@@ -34,26 +35,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ComputeTimeModel:
-    """Virtual seconds one gradient takes: `compute_time * U(1 - jitter, 1 + jitter)`, times `slow_factor`
-    for slow workers. Homogeneous: `slow_fraction = 0`. Heterogeneous: the last `round(slow_fraction * K)`
-    workers are slow."""
+    """Virtual seconds one gradient takes: `compute_time * U(1 - jitter, 1 + jitter)`, times `slowdown` for
+    slow workers. Homogeneous: `slow_workers = 0`. Heterogeneous: the last `slow_workers` of the K workers are
+    slow (ps-launch's `--slow-workers N --slowdown F` make the same run with processes)."""
 
     compute_time: float = setting(1.0, "Mean virtual seconds one gradient takes on a normal worker.",
                                   min=0, min_open=True)
     jitter: float = setting(0.1, "Relative spread of compute times: each is mean * U(1-jitter, 1+jitter).",
                             min=0, max=1, max_open=True)
-    slow_fraction: float = setting(0.0, "Heterogeneous runs: fraction of the workers that are slow.", min=0, max=1)
-    slow_factor: float = setting(1.0, "Heterogeneous runs: how many times longer a slow worker takes.", min=1)
+    slow_workers: int = setting(0, "How many of the K workers are slow.", min=0)
+    slowdown: float = setting(4.0, "How many times slower a slow worker is.", min=1)
 
     def __post_init__(self) -> None:
         settings.validate(self)
 
-    def slow_workers(self, num_workers: int) -> frozenset[int]:
-        n_slow = round(self.slow_fraction * num_workers)
-        return frozenset(range(num_workers - n_slow, num_workers))
+    def slow_worker_ids(self, num_workers: int) -> frozenset[int]:
+        if self.slow_workers > num_workers:
+            raise ValueError(f"slow_workers {self.slow_workers} is more than the {num_workers} workers")
+        return frozenset(range(num_workers - self.slow_workers, num_workers))
 
     def duration(self, worker: int, num_workers: int, rng: np.random.Generator) -> float:
-        factor = self.slow_factor if worker in self.slow_workers(num_workers) else 1.0
+        factor = self.slowdown if worker in self.slow_worker_ids(num_workers) else 1.0
         return self.compute_time * factor * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
 
 
@@ -76,11 +78,15 @@ class Simulator:
         log_every: int | None = None,
         dataset: Dataset | None = None,
         progress: Callable[[str], None] | None = None,
+        meter: Progress | None = None,
     ) -> None:
+        """`progress(line)` receives a line per progress and eval record; `meter` shows them instead (a bar on
+        a terminal, periodic lines with rate and time left elsewhere)."""
         self.run = run
         self.timing = timing
         self.device = torch.device(device)
         self.dataset = dataset if dataset is not None else load_dataset(run.dataset, run.data_dir, run.download)
+        timing.slow_worker_ids(run.workers)  # no more slow workers than workers
         self.iters_per_epoch = iterations_per_epoch(self.dataset, run.batch_size)
         if self.iters_per_epoch < 1:
             raise ValueError(f"batch_size {run.batch_size} is larger than the train set ({self.dataset.num_train})")
@@ -96,6 +102,7 @@ class Simulator:
         self.final_eval = final_eval
         self.log_every = log_every or max(1, self.iters_per_epoch // 10)
         self.progress = progress
+        self.meter = meter
         self._evaluator: Evaluator | None = None
         self._reset()
 
@@ -115,7 +122,8 @@ class Simulator:
         self.sequence = 0
         self.now = 0.0
         self.recorder = RunRecorder(None, log_every=self.log_every, total_iterations=self.core.total_iterations,
-                                    clock=lambda: self.now, say=self.progress)
+                                    clock=lambda: self.now, say=self.progress or (self.meter and self.meter.write),
+                                    say_records=self.meter is None)
         self.next_eval = self.eval_every
         self.evals: list[dict[str, Any]] = []
         self.wall_seconds = 0.0
@@ -141,7 +149,7 @@ class Simulator:
         self.recorder.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
         self.recorder.start("sim", self.run.to_dict(), num_parameters=self.model.numel,
                             iterations_per_epoch=self.iters_per_epoch, timing=vars(self.timing),
-                            slow_workers=sorted(self.timing.slow_workers(self.run.workers)))
+                            slow_workers=sorted(self.timing.slow_worker_ids(self.run.workers)))
         return self.recorder.metrics
 
     def simulate(self, stop_at: int | None = None) -> SimResult | None:
@@ -164,7 +172,9 @@ class Simulator:
                 break
             delay = core.iteration - ite
             self._deliver(core.push(k, grad, ite))
-            recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay)
+            record = recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay)
+            if self.meter is not None:
+                self.meter.update(core.iteration, epoch=core.epoch, loss=record and record["train_loss"])
             if recorder.diverged_at is not None:
                 break
             if self.eval_every and (core.epoch >= self.next_eval or core.done):
@@ -222,7 +232,13 @@ class Simulator:
 
     def _evaluate(self) -> dict[str, Any]:
         core = self.core
-        return self.recorder.evaluation(core.iteration, core.epoch, self.evaluator(core.current_params()))
+        if self.meter is not None:
+            self.meter.phase("final evaluation" if core.done else "eval", announce=core.done)
+        record = self.recorder.evaluation(core.iteration, core.epoch, self.evaluator(core.current_params()))
+        if self.meter is not None:
+            self.meter.update(core.iteration, test_acc=record["test_accuracy"])
+            self.meter.phase("train")
+        return record
 
     def _results(self) -> dict[str, Any]:
         """What the simulator adds to the summary: wall-clock speed and the evaluations' outcome."""

@@ -88,6 +88,9 @@ def test_each_method_trains_four_worker_processes(algo, tmp_path, capsys):
     assert result["gradients_applied"] == result["iterations"]
     assert result["final_test_accuracy"] > 0.6  # chance is 0.1
     assert (tmp_path / "final.pt").exists() and (tmp_path / "checkpoint.pt").exists()
+    records = read_metrics(tmp_path / "metrics.jsonl")  # the server's and the evaluator's, on one clock
+    for key in ("wall_time", "timestamp"):
+        assert [r[key] for r in records] == sorted(r[key] for r in records), key
 
 
 @pytest.mark.parametrize("algo", ["ormo", "smega2"])

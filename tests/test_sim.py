@@ -29,7 +29,7 @@ def small_run(**kw) -> RunConfig:
 
 
 def test_same_seed_gives_bit_identical_parameters_and_other_seed_does_not(digits):
-    timing = ComputeTimeModel(jitter=0.5, slow_fraction=0.25, slow_factor=3)
+    timing = ComputeTimeModel(jitter=0.5, slow_workers=1, slowdown=3)
     a = Simulator(small_run(), timing, dataset=digits, eval_every=None, final_eval=False).simulate()
     b = Simulator(small_run(), timing, dataset=digits, eval_every=None, final_eval=False).simulate()
     c = Simulator(small_run(seed=4), timing, dataset=digits, eval_every=None, final_eval=False).simulate()
@@ -57,10 +57,10 @@ def test_one_worker_ormo_is_momentum_sgd_on_the_workers_stream(digits):
 
 
 def test_heterogeneous_workers_send_fewer_gradients_and_make_staleness(digits):
-    timing = ComputeTimeModel(jitter=0.0, slow_fraction=0.25, slow_factor=4)
+    timing = ComputeTimeModel(jitter=0.0, slow_workers=2, slowdown=4)
     result = Simulator(small_run(workers=8, iterations=200), timing, dataset=digits, eval_every=None, final_eval=False).simulate()
     per_worker = result.summary["gradients_per_worker"]
-    assert timing.slow_workers(8) == frozenset({6, 7})
+    assert timing.slow_worker_ids(8) == frozenset({6, 7})
     assert all(per_worker[k] < per_worker[0] / 3 for k in (6, 7))
     assert sum(per_worker) == 200
     assert result.summary["staleness_max"] >= 4 * 8 - 8  # a slow worker misses about 4K updates
@@ -111,6 +111,8 @@ def test_cli_runs_and_writes_summary(tmp_path, capsys):
         (["--momentum", "1.0"], "momentum"),
         (["--lr-milestones", "a,b"], "comma-separated"),
         (["--algo", "asgd", "--vanilla-sgd-step"], "ablation"),
+        (["--slowdown", "0.5"], "slowdown"),
+        (["--slow-workers", "5"], "slow_workers 5 is more than the 4 workers"),
         (["--slow-factor", "0.5"], "slow-factor"),
     ],
 )
@@ -176,7 +178,7 @@ def test_resuming_a_checkpoint_gives_the_same_parameters_as_never_stopping(digit
     from server.checkpoint import load_checkpoint, save_checkpoint
 
     run = small_run(algo=algo, iterations=90, workers=3)
-    timing = ComputeTimeModel(jitter=0.3, slow_fraction=0.34, slow_factor=3)
+    timing = ComputeTimeModel(jitter=0.3, slow_workers=1, slowdown=3)
     straight = Simulator(run, timing, dataset=digits, eval_every=None, final_eval=False).simulate()
 
     first = Simulator(run, timing, dataset=digits, eval_every=None, final_eval=False)

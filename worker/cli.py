@@ -5,16 +5,48 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 
 from common.cli_options import client_process_options, run_cli, setup_client_process
+from common.data import resolve_dataset
+from common.models import resolve_model
 from worker.client import Worker, WorkerError, WorkerOptions
 
 EXIT_DIVERGED = 3  # as ps-server's and ps-sim's
 
 logger = logging.getLogger(__name__)
+
+
+def _checked(resolve: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            resolve(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        return value
+
+    return check
+
+
+# ps-worker's and ps-eval's: what to build instead of what the server names.
+MODEL_OPTIONS = [
+    click.option("--model", default=None, metavar="NAME|MODULE:CALLABLE", callback=_checked(resolve_model),
+                 help="Build this model (a name or an import path) instead of the one the server names; needed when "
+                      "the server names none (--model client). The server checks its parameter layout."),
+    click.option("--dataset", default=None, metavar="NAME|MODULE:CALLABLE", callback=_checked(resolve_dataset),
+                 help="Load this data set (a name or an import path) instead of the one the server names."),
+]
+
+
+def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(MODEL_OPTIONS):
+        f = option(f)
+    return f
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -25,6 +57,7 @@ logger = logging.getLogger(__name__)
               help="Make this a slow worker: computing each gradient takes this many times as long (the "
                    "round trip to the server is not slowed, as with a slower device).")
 @click.option("--name", default=None, help="Name shown in the server's logs (default: the host name).")
+@model_options
 @client_process_options
 def cli(**kw) -> None:
     """Compute gradients for a parameter server until it says stop."""
@@ -32,7 +65,7 @@ def cli(**kw) -> None:
     try:
         options = WorkerOptions(server=kw["server"], data_dir=kw["data_dir"], download=kw["download"],
                                 slowdown=kw["slowdown"], name=kw["name"], server_timeout=kw["server_timeout"],
-                                device=kw["device"], security=security)
+                                device=kw["device"], security=security, model=kw["model"], dataset=kw["dataset"])
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:

@@ -1,8 +1,10 @@
 """The worker: register with the server, then compute a gradient at each parameter it is sent.
 
 It needs only the server's address and where its data is: the model, data set, batch size, weight decay
-and its data-stream seed come in the server's Welcome. It reconnects with backoff (keeping its worker id)
-when the stream breaks, and gives up when the server has been unreachable for `server_timeout` seconds.
+and its data-stream seed come in the server's Welcome (model and data set may also be given, by name or
+import path: the worker declares its model's parameter layout in its Ready, and the server checks it). It
+reconnects with backoff (keeping its worker id) when the stream breaks, and gives up when the server has
+been unreachable for `server_timeout` seconds.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import grpc
 import torch
 
 from common.codec import decode, encode
-from common.data import BatchStream, Dataset, load_dataset
+from common.data import BatchStream, Dataset, load_dataset, resolve_dataset
 from common.gradients import GradientComputer
 from common.grpc_options import GRPC_OPTIONS
-from common.models import FlatModel, build_model
+from common.layout import layout_of, to_pb
+from common.models import FROM_CLIENT, FlatModel, build_model, resolve_model
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.security import ClientSecurity
@@ -36,10 +39,13 @@ MAX_NONFINITE_IN_A_ROW = 5
 
 
 class WorkerError(Exception):
-    """Why this worker stops without the run being done; `diverged` when the run itself diverged."""
+    """Why this worker stops without the run being done: the server's refusal (`code`, `details`), or the
+    run itself diverged (`diverged`)."""
 
-    def __init__(self, message: str, *, diverged: bool = False) -> None:
+    def __init__(self, message: str, *, code: str | None = None, details: str = "", diverged: bool = False) -> None:
         super().__init__(message)
+        self.code = code
+        self.details = details
         self.diverged = diverged
 
 
@@ -80,10 +86,16 @@ class WorkerOptions:
     backoff_max: float = 5.0
     device: str = "cpu"
     security: ClientSecurity = ClientSecurity()
+    model: str | None = None  # instead of the model the server names (by name or import path)
+    dataset: str | None = None  # instead of the data set the server names
 
     def __post_init__(self) -> None:
         if not self.server or ":" not in self.server:
             raise ValueError(f"server must be HOST:PORT, got {self.server!r}")
+        if self.model is not None:
+            resolve_model(self.model)
+        if self.dataset is not None:
+            resolve_dataset(self.dataset)
         if not self.slowdown >= 1:
             raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
         if not self.server_timeout > 0:
@@ -107,6 +119,8 @@ class Worker:
         self._computer: GradientComputer | None = None
         self._stream: BatchStream | None = None
         self._stop_detail = ""  # the server's words with its last Stop
+        self._welcomed = False  # a Welcome was handled: this worker did some work
+        self._parameters_received = False  # in the current session
 
     async def run(self) -> WorkerResult:
         """Train until the server says stop; reconnect (keeping the worker id) whenever a stream breaks, and
@@ -125,9 +139,12 @@ class Worker:
                     reason = await self._session(stub)
                 except grpc.aio.AioRpcError as e:
                     code, details = e.code(), e.details() or ""
-                    if code in FATAL and self._stream is None:
+                    if (code in FATAL and not self._welcomed) or (
+                            code == grpc.StatusCode.FAILED_PRECONDITION and not self._parameters_received):
+                        # Refused before doing any work (a configuration error), or at Register or Ready (a
+                        # model that is not the run's): retrying cannot help.
                         raise WorkerError(f"the server at {opts.server} refused this worker: {code.name}: "
-                                          f"{details}") from None
+                                          f"{details}", code=code.name, details=details) from None
                     if self.gradients_sent > sent_before + 1:  # gradients went through before this one
                         nonfinite_in_a_row = 0
                     if code == grpc.StatusCode.INVALID_ARGUMENT and "finite" in details:
@@ -165,12 +182,10 @@ class Worker:
         opts = self.options
         # Not wait_for_ready: an unreachable server must fail fast so the retry loop can time it out.
         call = stub.Train(wait_for_ready=False, timeout=None, metadata=opts.security.call_metadata())
-        register = pb.Register(name=opts.name or socket.gethostname(), slowdown=opts.slowdown)
-        if self.worker_id is not None:
-            register.requested_worker_id = self.worker_id
         finished = False
+        self._parameters_received = False
         try:
-            await _write(call, pb.WorkerMessage(register=register))
+            await _write(call, pb.WorkerMessage(register=self._register()))
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
@@ -180,9 +195,11 @@ class Worker:
                     raise await _ended(call)
                 kind = msg.WhichOneof("payload")
                 if kind == "welcome":
-                    await asyncio.to_thread(self._on_welcome, msg.welcome)
-                    await _write(call, pb.WorkerMessage(ready=pb.Ready()))
+                    ready = await asyncio.to_thread(self._on_welcome, msg.welcome)
+                    self._welcomed = True
+                    await _write(call, pb.WorkerMessage(ready=ready))
                 elif kind == "parameters":
+                    self._parameters_received = True
                     await _write(call, await self._gradient(msg.parameters))
                 elif kind == "stop":
                     finished = True
@@ -193,7 +210,15 @@ class Worker:
             if not finished:
                 call.cancel()
 
-    def _on_welcome(self, welcome: pb.Welcome) -> None:
+    def _register(self) -> pb.Register:
+        """The first message of each session."""
+        register = pb.Register(name=self.options.name or socket.gethostname(), slowdown=self.options.slowdown)
+        if self.worker_id is not None:
+            register.requested_worker_id = self.worker_id
+        return register
+
+    def _on_welcome(self, welcome: pb.Welcome) -> pb.Ready:
+        """Build the model and the data stream the Welcome describes (once); the Ready to answer it with."""
         cfg = welcome.config
         # A worker that asked for its old id may be given another (its old slot was taken meanwhile): the
         # mini-batch stream belongs to the id, so it starts afresh then.
@@ -201,18 +226,32 @@ class Worker:
         if self.worker_id is not None and new_id:
             logger.info("worker %d: the server gave this worker id %d", self.worker_id, welcome.worker_id)
         self.worker_id = welcome.worker_id
+        model = self.options.model or cfg.model
         if self._model is None:
-            self._dataset = load_dataset(cfg.dataset, self.options.data_dir, self.options.download)
-            module = build_model(cfg.model, cfg.num_classes, self._dataset.input_shape)
+            if model == FROM_CLIENT:
+                raise RuntimeError(f"the server names no model (--model {FROM_CLIENT}: its clients bring their own); "
+                                   "give this worker --model")
+            self._dataset = load_dataset(self.options.dataset or cfg.dataset, self.options.data_dir,
+                                         self.options.download)
+            with torch.random.fork_rng(devices=[]):  # the run's w_0 (asked for when it names no model)
+                torch.manual_seed(cfg.seed)
+                module = build_model(model, self._dataset.num_classes, self._dataset.input_shape)
             self._model = FlatModel(module, device=self.options.device)
-            if self._model.numel != cfg.num_parameters:
-                raise RuntimeError(f"model {cfg.model} has {self._model.numel} parameters here, "
+            # A server that sends a layout (or asks for one) checks it in the Ready; one of an earlier version
+            # sends neither: check the size here.
+            known = welcome.HasField("layout") or welcome.parameters_wanted
+            if not known and self._model.numel != cfg.num_parameters:
+                raise RuntimeError(f"model {model} has {self._model.numel} parameters here, "
                                    f"the server's has {cfg.num_parameters}")
             self._computer = GradientComputer(self._model, cfg.weight_decay)
         if self._stream is None or new_id:
             self._stream = BatchStream(self._dataset, cfg.batch_size, welcome.data_seed, self.options.device)
-        logger.info("worker %d: %s on %s, %s, K=%d", self.worker_id, cfg.model, cfg.dataset, cfg.algorithm,
+        logger.info("worker %d: %s on %s, %s, K=%d", self.worker_id, model, self._dataset.name, cfg.algorithm,
                     cfg.num_workers)
+        ready = pb.Ready(layout=to_pb(layout_of(self._model.module)))
+        if welcome.parameters_wanted:
+            encode(self._model.params, out=ready.parameters)
+        return ready
 
     async def _gradient(self, params_msg: pb.Parameters) -> pb.WorkerMessage:
         if self._model is None:

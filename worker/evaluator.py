@@ -24,10 +24,11 @@ from common.data import load_dataset
 from common.grpc_options import GRPC_OPTIONS
 from common.evaluation import Evaluator
 from common.metrics import MetricsWriter, describe_eval, write_eval
-from common.models import FlatModel, build_model
+from common.models import FROM_CLIENT, FlatModel, build_model
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.security import ClientSecurity
+from worker.cli import model_options
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,10 @@ logger = logging.getLogger(__name__)
 def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | None = None,
                   eval_every: float = 1.0, poll: float = 1.0, server_timeout: float = 60.0,
                   rpc_timeout: float = 60.0, device: str = "cpu",
-                  security: ClientSecurity = ClientSecurity()) -> dict | None:
-    """Evaluate until the run is done; returns the last eval record (None if the server never answered)."""
+                  security: ClientSecurity = ClientSecurity(), model: str | None = None,
+                  dataset: str | None = None) -> dict | None:
+    """Evaluate until the run is done; returns the last eval record (None if the server never answered).
+    `model` and `dataset` (names or import paths) stand for those the server names."""
     metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a") if out_dir else None
     evaluator: Evaluator | None = None
     next_eval = eval_every if eval_every > 0 else math.inf
@@ -60,9 +63,13 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                 last_seen = time.monotonic()
                 if evaluator is None:  # at once, not when the first evaluation is due: the run may end meanwhile
                     cfg = status.config
-                    dataset = load_dataset(cfg.dataset, data_dir)
-                    model = FlatModel(build_model(cfg.model, cfg.num_classes, dataset.input_shape), device=device)
-                    evaluator = Evaluator(model, dataset, seed=cfg.seed)
+                    model = model or cfg.model
+                    if model == FROM_CLIENT:
+                        raise ValueError(f"the server names no model (--model {FROM_CLIENT}: its clients bring "
+                                         "their own); give ps-eval --model (and --dataset)")
+                    data = load_dataset(dataset or cfg.dataset, data_dir)
+                    flat = FlatModel(build_model(model, data.num_classes, data.input_shape), device=device)
+                    evaluator = Evaluator(flat, data, seed=cfg.seed)
                     continue  # poll again: loading may have taken a while
                 due = status.done or status.epoch >= next_eval
                 if due and (last_record is None or last_record["iteration"] != status.iteration or status.done):
@@ -74,6 +81,8 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                         time.sleep(poll)
                         continue
                     if last_record is None or last_record["iteration"] != params.iteration_index:
+                        logger.info("evaluating the parameters of iteration %d%s", params.iteration_index,
+                                    " (the final ones)" if status.done else "")
                         result = evaluator(decode(params.tensor, expected_numel=evaluator.model.numel))
                         train_loss = status.train_loss if math.isfinite(status.train_loss) else None
                         last_record = write_eval(metrics, params.iteration_index, params.epoch,
@@ -96,6 +105,7 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
               help="Append eval records to OUT/metrics.jsonl.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0, help="Epochs between evaluations (0: end only).")
 @click.option("--poll", type=click.FloatRange(min=0.05), default=1.0, help="Seconds between status polls.")
+@model_options
 @client_process_options
 def cli(**kw) -> None:
     """Evaluate a running server's parameters every few epochs and at the end."""
@@ -104,7 +114,7 @@ def cli(**kw) -> None:
         record = run_evaluator(kw["server"], data_dir=kw["data_dir"],
                                out_dir=Path(kw["out"]) if kw["out"] else None, eval_every=kw["eval_every"],
                                poll=kw["poll"], server_timeout=kw["server_timeout"], device=kw["device"],
-                               security=security)
+                               security=security, model=kw["model"], dataset=kw["dataset"])
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(record))

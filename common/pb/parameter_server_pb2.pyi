@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -42,15 +43,33 @@ class Tensor(_message.Message):
     data: bytes
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class ParameterSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class ParameterLayout(_message.Message):
+    __slots__ = ("parameters",)
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    parameters: _containers.RepeatedCompositeFieldContainer[ParameterSpec]
+    def __init__(self, parameters: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ...) -> None: ...
+
 class Register(_message.Message):
-    __slots__ = ("requested_worker_id", "name", "slowdown")
+    __slots__ = ("requested_worker_id", "name", "slowdown", "layout")
     REQUESTED_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     requested_worker_id: int
     name: str
     slowdown: float
-    def __init__(self, requested_worker_id: _Optional[int] = ..., name: _Optional[str] = ..., slowdown: _Optional[float] = ...) -> None: ...
+    layout: ParameterLayout
+    def __init__(self, requested_worker_id: _Optional[int] = ..., name: _Optional[str] = ..., slowdown: _Optional[float] = ..., layout: _Optional[_Union[ParameterLayout, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
     __slots__ = ("algorithm", "model", "dataset", "num_classes", "batch_size", "weight_decay", "seed", "total_iterations", "num_workers", "num_parameters")
@@ -77,14 +96,18 @@ class RunConfig(_message.Message):
     def __init__(self, algorithm: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., num_classes: _Optional[int] = ..., batch_size: _Optional[int] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., total_iterations: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_parameters: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("worker_id", "config", "data_seed")
+    __slots__ = ("worker_id", "config", "data_seed", "layout", "parameters_wanted")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DATA_SEED_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_WANTED_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     config: RunConfig
     data_seed: int
-    def __init__(self, worker_id: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., data_seed: _Optional[int] = ...) -> None: ...
+    layout: ParameterLayout
+    parameters_wanted: bool
+    def __init__(self, worker_id: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., data_seed: _Optional[int] = ..., layout: _Optional[_Union[ParameterLayout, _Mapping]] = ..., parameters_wanted: _Optional[bool] = ...) -> None: ...
 
 class Gradient(_message.Message):
     __slots__ = ("tensor", "iteration_index", "loss", "sample_count")
@@ -117,8 +140,12 @@ class Stop(_message.Message):
     def __init__(self, reason: _Optional[_Union[StopReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Ready(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("layout", "parameters")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    layout: ParameterLayout
+    parameters: Tensor
+    def __init__(self, layout: _Optional[_Union[ParameterLayout, _Mapping]] = ..., parameters: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("register", "gradient", "ready")
@@ -141,8 +168,10 @@ class ServerMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("training_client",)
+    TRAINING_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    training_client: bool
+    def __init__(self, training_client: _Optional[bool] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
