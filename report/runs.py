@@ -111,6 +111,11 @@ def load_run(metrics_path: Path) -> Run | None:
             run.progress.append(r)
         elif r["event"] == "summary":
             run.summary = r
+        elif r["event"] == "start" and r.get("resumed_from_iteration") is not None:
+            # A resumed server: what was recorded past its checkpoint was lost with the crash; it is redone.
+            resumed = r["resumed_from_iteration"]
+            run.evals = [e for e in run.evals if e["iteration"] <= resumed]
+            run.progress = [p for p in run.progress if p["iteration"] <= resumed]
     return run
 
 

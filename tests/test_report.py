@@ -140,3 +140,21 @@ def test_runs_export_to_tensorboard(sweep, tmp_path, capsys):
     assert [e.step for e in accuracy][-1] == results[("ormo", True, 0)]["iterations"]
     assert accuracy[-1].value == pytest.approx(results[("ormo", True, 0)]["final_test_accuracy"])
     assert "train/train_loss" in events.Tags()["scalars"]
+
+
+def test_a_resumed_run_draws_the_redone_part_once(tmp_path):
+    """The records past a resumed server's checkpoint were lost with the crash and are written again."""
+    import json
+
+    from report.runs import load_run
+
+    config = {"algo": "ormo", "workers": 2, "seed": 0}
+    lines = [dict(event="start", source="server", config=config)]
+    lines += [dict(event="progress", iteration=i, epoch=i / 10, time=i, train_loss=1.0) for i in (10, 20, 30)]
+    lines += [dict(event="eval", iteration=30, epoch=3.0, time=30, test_accuracy=0.5, test_loss=1.0)]
+    lines += [dict(event="start", source="server", config=config, resumed_from_iteration=20)]
+    lines += [dict(event="progress", iteration=i, epoch=i / 10, time=i, train_loss=0.9) for i in (30, 40)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run = load_run(tmp_path / "metrics.jsonl")
+    assert [p["iteration"] for p in run.progress] == [10, 20, 30, 40] and run.progress[2]["train_loss"] == 0.9
+    assert run.evals == []
