@@ -20,9 +20,10 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -222,6 +223,11 @@ class BatchStream:
         self.batches_yielded = int(state["batches_yielded"])
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.take(self.draw())
+
+    def draw(self) -> Draw:
+        """The next mini-batch's sample indexes and crops/flips (CPU tensors from the stream's generator),
+        without touching the data: `next(stream)` is `stream.take(stream.draw())`."""
         if self._position + self.batch_size > len(self._order):
             if len(self._order):
                 self.passes_completed += 1
@@ -230,13 +236,36 @@ class BatchStream:
         index = self._order[self._position : self._position + self.batch_size]
         self._position += self.batch_size
         self.batches_yielded += 1
-        index = index.to(self.device)
+        if not self.dataset.augment:
+            return Draw(index)
+        offsets = torch.randint(0, 2 * PAD + 1, (self.batch_size, 2), generator=self.generator)
+        flips = torch.randint(0, 2, (self.batch_size,), generator=self.generator).bool()
+        return Draw(index, offsets, flips)
+
+    def take(self, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (normalised x, y) batch of a draw, on the stream's device. A `Draw.cat` of several streams'
+        draws over the same data gives their batches one after the other, each bit for bit as alone."""
+        index = draw.index.to(self.device)
         x = self._x.index_select(0, index)
-        if self.dataset.augment:
-            offsets = torch.randint(0, 2 * PAD + 1, (self.batch_size, 2), generator=self.generator)
-            flips = torch.randint(0, 2, (self.batch_size,), generator=self.generator).bool()
-            x = augment_batch(x, offsets, flips)
+        if draw.offsets is not None:
+            x = augment_batch(x, draw.offsets, draw.flips)
         return self.dataset.normalize(x), self._y.index_select(0, index)
+
+
+class Draw(NamedTuple):
+    """What a stream draws for a mini-batch: sample indexes and, with augmentation, per-sample crop offsets
+    and flips (see `augment_batch`)."""
+
+    index: torch.Tensor
+    offsets: torch.Tensor | None = None
+    flips: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(draws: Sequence[Draw]) -> Draw:
+        """Several draws as one, to take their batches with one gather (and one copy to the device)."""
+        if draws[0].offsets is None:
+            return Draw(torch.cat([d.index for d in draws]))
+        return Draw(*(torch.cat(parts) for parts in zip(*draws, strict=True)))
 
 
 # ------------------------------------------------------------------------------------------------- loaders

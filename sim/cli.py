@@ -33,6 +33,11 @@ from sim.simulator import ComputeTimeModel, Simulator
 @click.option("--out", type=click.Path(file_okay=False), default="runs/sim",
               help="Output directory: metrics.jsonl and final.pt.")
 @click.option("--device", type=Device(), default="cpu", help=DEVICE_HELP)
+@click.option("--batched/--one-at-a-time", default=None, show_default="batched on a GPU, one at a time on the CPU",
+              help="Compute all outstanding workers' gradients in one vmapped call (equal to one at a time up to "
+                   "float rounding), or each gradient when it arrives.")
+@click.option("--batch-limit", type=click.IntRange(min=1), default=None,
+              help="At most this many workers' gradients per batched call (default: all outstanding); bounds memory.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 def cli(**kwargs) -> None:
@@ -40,6 +45,7 @@ def cli(**kwargs) -> None:
 
     Every gradient is computed for real at the parameters its worker holds; a priority queue of virtual
     finish times decides the arrival order. The same --seed gives bit-identical final parameters on the CPU.
+    On a GPU the outstanding gradients are computed together (--batched), many in one call.
     """
     run = settings.pop_settings(RunConfig, kwargs)
     _former_slow_flags(kwargs, run.workers)
@@ -56,13 +62,14 @@ def cli(**kwargs) -> None:
         meter = None if quiet else Progress(total)
         sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out"),
                         device=kwargs.pop("device"), eval_every=eval_every, log_every=kwargs.pop("log_every"),
-                        meter=meter)
+                        meter=meter, batched=kwargs.pop("batched"), batch_limit=kwargs.pop("batch_limit"))
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
     if meter is not None:
         slow = f" ({timing.slow_workers} {timing.slowdown:g}x slower)" if timing.slow_workers else ""
         meter.write(f"ps-sim: {run.algo}, K={run.workers}{slow}, {run.model_name} on {run.dataset}, {total} "
-                    f"iterations ({total / sim.iters_per_epoch:g} epochs) on {sim.device}; metrics in {sim.out_dir}")
+                    f"iterations ({total / sim.iters_per_epoch:g} epochs) on {sim.device}"
+                    f"{', batched' if sim.batched else ''}; metrics in {sim.out_dir}")
         meter.update(0)
     try:
         result = sim.simulate()

@@ -3,6 +3,14 @@
 Each virtual worker holds the last (parameter, index) the core sent it. A priority queue of finish times
 decides which worker's gradient arrives next; that gradient is computed for real, at the parameter the
 worker holds, on the worker's own mini-batch stream. With a seed the run is reproducible bit for bit.
+
+Batched (`batched=True`, the default on a GPU): the arrival order does not depend on gradient values, and
+every outstanding gradient is computed at a parameter already sent, so when an arrival's gradient is not
+computed yet, every outstanding worker's gradient is computed in one call (sim/batched.py), each on that
+worker's next mini-batch, and kept until its arrival. A worker holds at most one outstanding gradient (the
+core sends it parameters only after its gradient arrived), so each kept gradient is the one its arrival
+applies. The same arrivals apply the same gradients in the same order as one at a time, equal up to float
+rounding (batched matmuls and convolutions sum in another order).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 
 from common import settings
 from common.codec import all_finite
-from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
+from common.data import BatchStream, Dataset, Draw, iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.gradients import GradientComputer
 from common.metrics import MetricsWriter, RunRecorder
@@ -30,6 +38,7 @@ from common.settings import setting
 from server.checkpoint import save_final
 from server.config import RunConfig
 from server.core import Dispatch, ServerCore
+from sim.batched import BatchedGradients
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +88,13 @@ class Simulator:
         dataset: Dataset | None = None,
         progress: Callable[[str], None] | None = None,
         meter: Progress | None = None,
+        batched: bool | None = None,
+        batch_limit: int | None = None,
     ) -> None:
         """`progress(line)` receives a line per progress and eval record; `meter` shows them instead (a bar on
-        a terminal, periodic lines with rate and time left elsewhere)."""
+        a terminal, periodic lines with rate and time left elsewhere). `batched`: compute the outstanding
+        gradients together (None: on a GPU, not on the CPU, where one at a time is faster for convolutional
+        models: bench/results/batched_sim.md), at most `batch_limit` workers' per call (None: all)."""
         self.run = run
         self.timing = timing
         self.device = torch.device(device)
@@ -93,6 +106,11 @@ class Simulator:
         self.model = run.initial_model(self.dataset, self.device)
         self.core = ServerCore(self.model.params, run, self.iters_per_epoch)
         self.gradients = GradientComputer(self.model, run.weight_decay)
+        self.batched = self.device.type != "cpu" if batched is None else batched
+        if batch_limit is not None and batch_limit < 1:
+            raise ValueError(f"batch_limit must be >= 1, got {batch_limit}")
+        self.batch_limit = batch_limit
+        self.batched_gradients = BatchedGradients(self.model.module, run.weight_decay) if self.batched else None
         # One copy of the training set on the device, shared by every worker's stream.
         train_data = self.dataset.to(self.device) if self.device.type != "cpu" else self.dataset
         self.streams = [BatchStream(train_data, run.batch_size, run.worker_seed(k), self.device)
@@ -118,6 +136,10 @@ class Simulator:
         """The run's mutable state beside the core and the data streams (all of it is checkpointed)."""
         self.rng = np.random.default_rng(self.run.seed)  # compute times
         self.held: dict[int, tuple[torch.Tensor, int]] = {}  # worker -> (parameter it holds, its index)
+        # worker -> (its outstanding gradient, loss, finite), computed ahead of its arrival by a batched call
+        self.computed: dict[int, tuple[torch.Tensor, float, bool]] = {}
+        self.batched_calls = 0
+        self.gradients_computed = 0  # by batched calls, including those a run's end leaves unused
         self.queue: list[tuple[float, int, int]] = []  # (finish time, tie-breaking sequence number, worker)
         self.sequence = 0
         self.now = 0.0
@@ -136,6 +158,7 @@ class Simulator:
         for d in dispatches:
             params = d.params.clone()  # shared read-only by every receiver of this dispatch
             for k in d.workers:
+                assert k not in self.held and k not in self.computed, f"worker {k} has a gradient outstanding"
                 self.held[k] = (params, d.iteration_index)
                 finish = self.now + self.timing.duration(k, self.run.workers, self.rng)
                 heapq.heappush(self.queue, (finish, self.sequence, k))
@@ -149,6 +172,7 @@ class Simulator:
         self.recorder.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
         self.recorder.start("sim", self.run.to_dict(), num_parameters=self.model.numel,
                             iterations_per_epoch=self.iters_per_epoch, timing=vars(self.timing),
+                            gradients="batched" if self.batched else "one at a time",
                             slow_workers=sorted(self.timing.slow_worker_ids(self.run.workers)))
         return self.recorder.metrics
 
@@ -164,10 +188,9 @@ class Simulator:
             self._deliver([core.start()])
         while not core.done and self.queue and (stop_at is None or core.iteration < stop_at):
             self.now, _, k = heapq.heappop(self.queue)
-            params, ite = self.held.pop(k)
-            x, y = next(self.streams[k])
-            grad, loss = self.gradients.compute(params, x, y)
-            if not math.isfinite(loss) or not all_finite(grad):
+            grad, loss, finite = self._gradient(k)
+            _, ite = self.held.pop(k)
+            if not finite:
                 recorder.diverged(core.iteration, "non-finite loss or gradient")
                 break
             delay = core.iteration - ite
@@ -196,6 +219,35 @@ class Simulator:
             self.save(self.out_dir)
         return SimResult(core.current_params().clone(), summary)
 
+    def _gradient(self, k: int) -> tuple[torch.Tensor, float, bool]:
+        """Worker k's gradient at the parameter it holds, on its next mini-batch: (gradient, its mini-batch
+        loss, whether both are finite). The gradient may be a live buffer: apply it before the next call."""
+        if k in self.computed:
+            return self.computed.pop(k)
+        if self.batched:
+            self._compute_outstanding()
+            return self.computed.pop(k)
+        x, y = next(self.streams[k])
+        grad, loss = self.gradients.compute(self.held[k][0], x, y)
+        return grad, loss, math.isfinite(loss) and all_finite(grad)
+
+    def _compute_outstanding(self) -> None:
+        """Every outstanding gradient not computed yet, each at the parameter its worker holds and on that
+        worker's next mini-batch, in calls of at most `batch_limit` workers; one copy to the host per call."""
+        todo = sorted(k for k in self.held if k not in self.computed)
+        limit = self.batch_limit or len(todo)
+        for start in range(0, len(todo), limit):
+            chunk = todo[start : start + limit]
+            # One gather over the shared training data for all of them (each stream draws its own batch).
+            x, y = self.streams[chunk[0]].take(Draw.cat([self.streams[k].draw() for k in chunk]))
+            params = torch.stack([self.held[k][0] for k in chunk])
+            grads, losses, finite = self.batched_gradients.compute(
+                params, x.view(len(chunk), -1, *x.shape[1:]), y.view(len(chunk), -1))
+            for k, grad, loss, ok in zip(chunk, grads, losses.tolist(), finite.tolist(), strict=True):
+                self.computed[k] = (grad, loss, ok)
+            self.batched_calls += 1
+            self.gradients_computed += len(chunk)
+
     # ----- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a paused simulation needs to continue exactly as if it had never stopped."""
@@ -210,6 +262,8 @@ class Simulator:
         return {
             "core": self.core.state_dict(), "run": self.run.to_dict(),
             "held_params": held_params, "held": held, "queue": list(self.queue), "sequence": self.sequence,
+            "computed": {k: (g.cpu().clone(), loss, ok) for k, (g, loss, ok) in self.computed.items()},
+            "batched_calls": self.batched_calls, "gradients_computed": self.gradients_computed,
             "now": self.now, "rng": self.rng.bit_generator.state, "streams": [s.state_dict() for s in self.streams],
             "recorder": self.recorder.state_dict(), "next_eval": self.next_eval, "evals": list(self.evals),
             "wall_seconds": self.wall_seconds,
@@ -220,6 +274,9 @@ class Simulator:
         self.core.load_state_dict(state["core"])
         params = [p.to(self.device) for p in state["held_params"]]
         self.held = {int(k): (params[slot], ite) for k, (slot, ite) in state["held"].items()}
+        self.computed = {int(k): (g.to(self.device), loss, ok) for k, (g, loss, ok) in state.get("computed", {}).items()}
+        self.batched_calls = state.get("batched_calls", 0)
+        self.gradients_computed = state.get("gradients_computed", 0)
         self.queue = [tuple(e) for e in state["queue"]]
         heapq.heapify(self.queue)
         self.sequence, self.now = state["sequence"], state["now"]
@@ -247,6 +304,8 @@ class Simulator:
         return dict(
             wall_seconds=round(wall, 3), gradients_per_second=round(self.core.iteration / wall, 3) if wall > 0 else None,
             final_test_accuracy=last.get("test_accuracy"), final_test_loss=last.get("test_loss"),
+            **({"batched_calls": self.batched_calls, "gradients_computed": self.gradients_computed}
+               if self.batched else {}),
             best_test_accuracy=max((e["test_accuracy"] for e in evals), default=None),
             **({"final_val_accuracy": last.get("val_accuracy"), "final_val_loss": last.get("val_loss")}
                if self.dataset.val_x is not None else {}),
