@@ -37,7 +37,7 @@ from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 class BatchedGradients:
     """`compute(params (n, P), x (n, B, ...), y (n, B))` -> (gradients (n, P) of each mean loss plus
     `weight_decay * params`, losses (n,), finite (n,) bool: loss and gradient all finite), all on the device
-    of `params`, nothing copied to the host."""
+    of `params`; one value is copied to the host (whether every gradient's sum is finite)."""
 
     def __init__(self, module: nn.Module, weight_decay: float) -> None:
         """`module`: the model (a `FlatModel`'s `.module`; its trainable parameters, in `parameters()` order, are
@@ -80,5 +80,9 @@ class BatchedGradients:
         if self.weight_decay:
             grads.add_(params, alpha=self.weight_decay)
         losses = losses.detach()
-        finite = torch.isfinite(losses) & torch.isfinite(grads).all(dim=1)
-        return grads, losses, finite
+        # As common.codec.all_finite, per row: a finite sum proves a row finite in one read; only a non-finite
+        # sum (a NaN or Inf, or finite values overflowing) needs the element-wise check.
+        rows_finite = torch.isfinite(grads.sum(dim=1))
+        if not bool(rows_finite.all()):
+            rows_finite = torch.isfinite(grads).all(dim=1)
+        return grads, losses, torch.isfinite(losses) & rows_finite
