@@ -5,7 +5,9 @@ arrivals, `Simulator(batched=False)` and `Simulator(batched=True)` (alternating,
 first), OrMo with a quarter of the workers 4x slower, no evaluation; one torch thread. Reported: seconds,
 applied gradients per second, batched calls and gradients computed (a batched run computes the outstanding
 gradients ahead, so a run's end leaves up to K computed and unused: per computed gradient is the fair
-throughput), and how far the final parameters of the two runs are apart. Also the memory a batched call
+throughput), and how far the final parameters of the two runs are apart, beside the yardstick of float
+rounding: how far the one-at-a-time run with two torch threads (other summation orders in the
+convolutions) ends from the one with one thread. Also the memory a batched call
 needs per image (peak resident memory of fresh processes computing 2 and 8 workers' gradients), which sizes
 the GPU runs. Writes bench/results/batched_sim.{json,md}; the analysis (the CPU default, the GPU estimate of
 bench/paper_table.py) is bench/prose/batched_sim.md.
@@ -90,20 +92,26 @@ def main(argv: list[str] | None = None) -> dict:
     for model, batch, workers, iterations, limit in (QUICK if args.quick else CONFIGS):
         one_s, one = simulate(dataset, model, batch, workers, iterations, False, None)
         batched_s, batched = simulate(dataset, model, batch, workers, iterations, True, limit)
+        torch.set_num_threads(2)
+        _, threads = simulate(dataset, model, batch, workers, iterations, False, None)
+        torch.set_num_threads(1)
         computed = batched.summary["gradients_computed"]
-        diff = float(torch.linalg.vector_norm(batched.params - one.params) / torch.linalg.vector_norm(one.params))
+        diff, yardstick = (float(torch.linalg.vector_norm(r.params - one.params) / torch.linalg.vector_norm(one.params))
+                           for r in (batched, threads))
         r = dict(model=model, batch_size=batch, workers=workers, iterations=iterations, batch_limit=limit,
                  one_at_a_time_s=round(one_s, 2), batched_s=round(batched_s, 2),
                  batched_calls=batched.summary["batched_calls"], gradients_computed=computed,
                  ms_per_gradient_one=round(1e3 * one_s / iterations, 2),
                  ms_per_computed_gradient_batched=round(1e3 * batched_s / computed, 2),
                  speedup_per_computed_gradient=round((one_s / iterations) / (batched_s / computed), 2),
-                 speedup_wall=round(one_s / batched_s, 2), params_relative_difference=diff)
+                 speedup_wall=round(one_s / batched_s, 2), params_relative_difference=diff,
+                 params_relative_difference_two_threads=yardstick)
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
         rows.append((model, batch, workers, iterations, limit or "all", f"{one_s:.1f}", f"{batched_s:.1f}",
                      r["batched_calls"], computed, r["ms_per_gradient_one"], r["ms_per_computed_gradient_batched"],
-                     f"**{r['speedup_per_computed_gradient']:.2f}x**", f"{r['speedup_wall']:.2f}x", f"{diff:.1e}"))
+                     f"**{r['speedup_per_computed_gradient']:.2f}x**", f"{r['speedup_wall']:.2f}x", f"{diff:.1e}",
+                     f"{yardstick:.1e}"))
     memory_batch = 16 if args.quick else 128
     two, eight = peak_bytes(args.memory_model, memory_batch, 2), peak_bytes(args.memory_model, memory_batch, 8)
     per_image = (eight - two) / (6 * memory_batch)
@@ -119,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
         harness.table(["model", "B", "K", "iterations", "workers per call", "one at a time (s)", "batched (s)",
                        "batched calls", "gradients computed", "ms/gradient, one at a time",
                        "ms/computed gradient, batched", "speed-up per gradient", "speed-up, wall",
-                       "parameters apart (rel.)"], rows), "",
+                       "parameters apart: batched", "parameters apart: 2 threads"], rows), "",
+        "Parameters apart: the relative distance of the final parameters from the one-at-a-time run's (1 thread); "
+        "the last column is the same run one at a time with 2 threads, the size float rounding alone reaches.", "",
         f"Memory of a batched call ({args.memory_model}, batch {memory_batch}): peak resident "
         f"{two / 2**30:.2f} GiB for 2 workers, {eight / 2**30:.2f} GiB for 8: "
         f"**{per_image / 2**20:.1f} MiB per image**.", "",

@@ -11,6 +11,13 @@ parallel processes (one torch thread each). Variants:
 
 Heterogeneous ("het."): a quarter of the workers are `--slow-factor` times slower (simulated time).
 
+Runs go in column order (K, then hom./het.), so a study cut short by `--deadline` (seconds from the start:
+a run still going then stops where it is, a run not started is skipped, the table shows what there is, with
+unfinished runs marked) has whole columns. On a GPU (`--device cuda`, or `auto` where there is one) the
+processes share the one device and each simulator computes its outstanding gradients batched
+(`--batched`); `--epochs` shortens the variant (its warm-up scaled along) to fit a budget
+(bench/paper_table.py).
+
 Variants with an eta grid (`k64`) tune eta per method and setting as papers do: every grid value is run
 with seed 0 on the training set minus a held-out validation split, the value with the best final
 validation accuracy is kept (diverged runs never are), and seeds 1.. run at it. Test accuracy is reported
@@ -22,11 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, TimeoutError, as_completed
 from pathlib import Path
 
 from bench import harness
@@ -44,6 +52,10 @@ VARIANTS = {
                 device="cpu"),
     "paper": dict(dataset="cifar10", model="resnet20", subset=None, batch_size=128, lr=0.1, epochs=160, warmup=5.0,
                   device="auto"),
+    # bench/paper_table.py's smoke run: the paper variant's code at a size a CPU runs in seconds (ResNet20's
+    # BatchNorm recalibration alone would take a minute per evaluation set of 24 runs on 2 cores).
+    "paper-smoke": dict(dataset="digits", model="strided-cnn", subset=None, batch_size=16, lr=0.05, epochs=None,
+                        iterations=40, warmup=0.0, eval_every=1.0, device="cpu"),
     # All 50,000 images (5,000 of them held out for choosing eta), 20,000 server iterations per run (14 epochs
     # of batch 32), strided-cnn: 2.9 ms per gradient on one core, so 168 runs fit in about 3 hours on 2 cores.
     # The grids span the stable range (found in pilot runs): gradients about K iterations stale keep
@@ -65,6 +77,11 @@ def eta_grid(variant: dict, method: str, workers: int) -> list[float]:
 
 
 def one_run(spec: dict) -> dict:
+    name = Path(spec["out"]).name
+    deadline = spec.get("deadline")
+    if deadline is not None and time.time() >= deadline:
+        return dict(name=name, accuracy=None, val_accuracy=None, loss=None, wall=0.0, diverged=False,
+                    status="not started")
     import torch
 
     torch.set_num_threads(1)
@@ -90,12 +107,22 @@ def one_run(spec: dict) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sim = Simulator(run, timing, dataset=dataset, out_dir=spec["out"], device=device,
-                    eval_every=spec.get("eval_every") or max(spec["epochs"] / 10, 1.0))
-    summary = sim.simulate().summary
+                    eval_every=spec.get("eval_every") or max(spec["epochs"] / 10, 1.0),
+                    batched=spec.get("batched"), batch_limit=spec.get("batch_limit"))
+    result = None
+    while result is None:  # an epoch at a time when there is a deadline, so a run stops near it
+        if deadline is not None and time.time() >= deadline:
+            return dict(name=name, accuracy=sim.evals[-1]["test_accuracy"] if sim.evals else None,
+                        val_accuracy=None, loss=None, wall=sim.wall_seconds, diverged=False,
+                        iterations=sim.core.iteration,
+                        status=f"unfinished at iteration {sim.core.iteration} of {sim.core.total_iterations}")
+        result = sim.simulate(None if deadline is None else sim.core.iteration + sim.iters_per_epoch)
+    summary = result.summary
     (Path(spec["out"]) / "final.pt").unlink(missing_ok=True)  # keep the committed results small: metrics only
-    return dict(name=Path(spec["out"]).name, accuracy=summary["final_test_accuracy"],
+    return dict(name=name, accuracy=summary["final_test_accuracy"],
                 val_accuracy=summary.get("final_val_accuracy"), loss=summary["final_train_loss"],
-                wall=summary["wall_seconds"], diverged=summary["diverged"])
+                wall=summary["wall_seconds"], diverged=summary["diverged"], iterations=summary["iterations"],
+                status="finished")
 
 
 def finished(out: str | Path) -> dict | None:
@@ -109,8 +136,10 @@ def finished(out: str | Path) -> dict | None:
     return None
 
 
-def run_all(specs: list[dict], jobs: int, label: str) -> list[dict]:
-    """Run the specs (skipping finished ones) `jobs` at a time; returns one result per spec, in order."""
+def run_all(specs: list[dict], jobs: int, label: str, deadline: float | None = None) -> list[dict]:
+    """Run the specs (skipping finished ones) `jobs` at a time; returns one result per spec, in order. With a
+    `deadline` (time.time()), runs stop there (see `one_run`), and processes that have not returned a minute
+    later are ended: their runs count as unfinished."""
     results: dict[str, dict] = {}
     todo = []
     for s in specs:
@@ -120,20 +149,40 @@ def run_all(specs: list[dict], jobs: int, label: str) -> list[dict]:
             continue
         results[s["out"]] = dict(name=Path(s["out"]).name, accuracy=done.get("final_test_accuracy"),
                                  val_accuracy=done.get("final_val_accuracy"), loss=done.get("final_train_loss"),
-                                 wall=done.get("wall_seconds") or 0.0, diverged=done.get("diverged"))
+                                 wall=done.get("wall_seconds") or 0.0, diverged=done.get("diverged"),
+                                 status="finished")
     print(f"{label}: {len(specs)} runs, {len(specs) - len(todo)} already done, {jobs} at a time", file=sys.stderr)
     t0 = time.monotonic()
-    with ProcessPoolExecutor(jobs) as pool:
-        futures = {pool.submit(one_run, s): s for s in todo}
-        for i, f in enumerate(as_completed(futures), 1):
-            r = f.result()
+    # CUDA cannot be used in a forked child of a process that touched it: start GPU runs' processes fresh.
+    context = multiprocessing.get_context("spawn" if any(s["device"] != "cpu" for s in todo) else None)
+    pool = ProcessPoolExecutor(jobs, mp_context=context)
+    futures = {pool.submit(one_run, dict(s, deadline=deadline)): s for s in todo}
+    try:
+        for i, f in enumerate(as_completed(futures, timeout=None if deadline is None
+                                           else max(deadline - time.time(), 0) + 60), 1):
+            try:
+                r = f.result()
+            except Exception as e:  # noqa: BLE001 -- one failed run (out of memory, ...) does not end the study
+                r = dict(name=Path(futures[f]["out"]).name, accuracy=None, val_accuracy=None, loss=None, wall=0.0,
+                         diverged=False, status=f"failed: {type(e).__name__}: {e}")
             results[futures[f]["out"]] = r
             acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
             val = "" if r.get("val_accuracy") is None else f" val {r['val_accuracy']:.4f}"
             left = (time.monotonic() - t0) / i * (len(todo) - i)
-            print(f"[{i}/{len(todo)}] {r['name']}: test accuracy {acc}{val} train loss {r['loss']} "
+            status = "" if r["status"] == "finished" else f" ({r['status']})"
+            print(f"[{i}/{len(todo)}] {r['name']}{status}: test accuracy {acc}{val} train loss {r['loss']} "
                   f"({r['wall']:.0f}s){' DIVERGED' if r['diverged'] else ''}; about {left / 60:.0f} min left",
                   file=sys.stderr)
+    except TimeoutError:
+        print("the deadline passed a minute ago: ending the runs still going", file=sys.stderr)
+        for process in list(getattr(pool, "_processes", {}).values()):  # the pool's own worker processes
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+    else:
+        pool.shutdown()
+    for s in specs:
+        results.setdefault(s["out"], dict(name=Path(s["out"]).name, accuracy=None, val_accuracy=None, loss=None,
+                                          wall=0.0, diverged=False, status="ended at the deadline"))
     return [results[s["out"]] for s in specs]
 
 
@@ -213,14 +262,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/convergence-VARIANT")
     p.add_argument("--iterations", type=int, default=None, help="override the variant's run length (smoke tests)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="override the variant's epochs; its warm-up is scaled by the same factor")
+    p.add_argument("--device", default=None, help="override the variant's device (cpu, cuda, auto)")
+    p.add_argument("--batched", choices=["auto", "on", "off"], default="auto",
+                   help="the simulators' batched gradients (auto: on a GPU)")
+    p.add_argument("--batch-limit", type=int, default=None, help="at most this many workers' gradients per batched call")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds from now: runs stop there, and the table is written with what there is")
     args = p.parse_args(argv)
-    v = VARIANTS[args.variant]
+    t0 = time.monotonic()
+    deadline = None if args.deadline is None else time.time() + args.deadline
+    v = dict(VARIANTS[args.variant], batched={"auto": None, "on": True, "off": False}[args.batched],
+             batch_limit=args.batch_limit)
     if args.iterations:
         v = dict(v, iterations=args.iterations)
+    if args.epochs and v.get("epochs"):
+        v = dict(v, epochs=args.epochs, warmup=v["warmup"] * args.epochs / v["epochs"], full_epochs=v["epochs"])
+    if args.device:
+        v = dict(v, device=args.device)
     if v["dataset"] == "cifar10" and not args.data_dir:
         p.error(f"--variant {args.variant} needs --data-dir (CIFAR-10)")
     out = args.out or harness.RESULTS / f"convergence-{args.variant}"
-    t0 = time.monotonic()
     tuning = None
     if "grid" in v:
         if args.methods == ",".join(METHODS):
@@ -236,17 +299,22 @@ def main(argv: list[str] | None = None) -> None:
                         specs.append(dict(v, algo=algo, workers=k, het=setting == "het", seed=seed,
                                           slow_factor=args.slow_factor, data_dir=args.data_dir,
                                           out=str(out / "runs" / name)))
-    run_all(specs, args.jobs, f"{len(specs)} runs into {out}")
+    specs.sort(key=lambda s: (s["workers"], s["het"]))  # column by column (stable: methods in order)
+    results = run_all(specs, args.jobs, f"{len(specs)} runs into {out}", deadline)
     from report.plots import write_figures
     from report.runs import find_runs
     from report.tables import paper_table
 
-    runs = find_runs([out / "runs"])
-    figures = write_figures(runs, out)
+    seconds = time.monotonic() - t0
+    done = sum(r.get("iterations") or 0 for r in results)
+    runs = find_runs([out / "runs"]) if any((out / "runs").rglob("metrics.jsonl")) else []
+    figures = write_figures(runs, out) if runs else []
     meta = harness.run_meta("convergence", argv) | dict(
-        seconds=round(time.monotonic() - t0, 1), variant=args.variant, seeds=args.seeds,
+        seconds=round(seconds, 1), variant=args.variant, seeds=args.seeds,
         recipe=v | ({"grid": {f"{f}, K={k}": g for (f, k), g in v["grid"].items()}} if "grid" in v else {}),
-        slow_factor=args.slow_factor)
+        slow_factor=args.slow_factor, jobs=args.jobs, deadline_s=args.deadline,
+        runs={r["name"]: r["status"] for r in results}, iterations_done=done,
+        images_per_second=round(done * v["batch_size"] / seconds, 1))
     harness.write_json(out / "meta.json", meta)
     data = f"{v['model']} on {v['dataset']}" + (f" (random {v['subset']}-image training subset)" if v["subset"]
                                                  else "")
@@ -254,8 +322,10 @@ def main(argv: list[str] | None = None) -> None:
         data += f" (all {v['validation']} held-out images excepted: the validation split)"
     grids = "; ".join(f"{f}, K={k}: {', '.join(map(str, g))}" for (f, k), g in v.get("grid", {}).items())
     eta = f"eta tuned per method and setting (grids: {grids})" if tuning else f"eta {v['lr']}"
-    length = f"{v['iterations']} server iterations" if v.get("iterations") else f"{v['epochs']} epochs"
-    recipe = (f"{data}, batch {v['batch_size']} per worker, {eta} (warm-up {v['warmup']} epochs, x0.1 at 50% and "
+    length = f"{v['iterations']} server iterations" if v.get("iterations") else f"{v['epochs']:g} epochs"
+    if v.get("full_epochs"):
+        length += f" (the recipe's {v['full_epochs']:g}, shortened to fit the time; warm-up scaled alike)"
+    recipe = (f"{data}, batch {v['batch_size']} per worker, {eta} (warm-up {v['warmup']:g} epochs, x0.1 at 50% and "
               f"75% of the run), beta 0.9, weight decay 1e-4, {length}; het.: a quarter of the workers "
               f"{args.slow_factor:g}x slower; compute-time jitter ±20%")
     tuned = [] if tuning is None else [
@@ -263,11 +333,20 @@ def main(argv: list[str] | None = None) -> None:
         eta_table(tuning), "", "## The eta grid: final validation accuracy (%), seed 0", "",
         "The chosen value is in bold. `diverged`: the training loss went non-finite or above ten times its "
         "first value; such a value is never chosen.", "", grid_table(tuning), ""]
+    device = v["device"] + (" (cuda where there is one)" if v["device"] == "auto" else "")
+    gradients = {None: "batched on a GPU, one at a time on the CPU", True: "batched", False: "one at a time"}
+    how = (f"Simulator on {device}, gradients {gradients[v['batched']]}, {args.jobs} runs at a time: "
+           f"{done:,} server iterations computed ({done * v['batch_size'] / seconds:,.0f} images/s overall).")
+    cut = [f"- {r['name']}: {r['status']}" for r in results if r["status"] != "finished"]
+    if cut:
+        cut = ["## Runs that did not finish", "",
+               "Their cells show the last evaluation, marked unfinished; runs never started have none.", "", *cut, ""]
+    tables = ["## Test accuracy (%)", "", paper_table(runs, "test_accuracy"), "",
+              "## Final training loss (mean mini-batch loss of the last epoch)", "", paper_table(runs, "train_loss"),
+              ""] if runs else ["No run got far enough to be tabled.", ""]
     harness.write_markdown(out / "README.md", [
         f"# The paper's comparison, variant `{args.variant}`", "",
-        *harness.meta_lines(meta), f"Recipe: {recipe}.", "",
-        "## Test accuracy (%)", "", paper_table(runs, "test_accuracy"), "",
-        "## Final training loss (mean mini-batch loss of the last epoch)", "", paper_table(runs, "train_loss"), "",
+        *harness.meta_lines(meta), f"Recipe: {recipe}.", "", how, "", *tables, *cut,
         *tuned, "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures]])
     print((out / "README.md").read_text())
 
