@@ -24,10 +24,10 @@ from typing import Any
 
 import grpc
 
-from bench import harness
+from bench import harness, processes
 from common.grpc_options import GRPC_MESSAGE_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from common.pb import parameter_server_pb2 as pb
-from server.cli import listening_port
+from server.cli import LISTENING_PATTERN
 from tests import small_disk
 from tests.freezable_proxy import FreezableProxy
 
@@ -43,15 +43,7 @@ class Proc:
                                      stderr=subprocess.STDOUT, text=True)
 
     def port(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log.read_text().splitlines():
-                if (port := listening_port(line)) is not None:
-                    return port
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.log.read_text()[-2000:])
-            time.sleep(0.1)
-        raise TimeoutError("no listening line")
+        return int(processes.wait_for_line(self.log, LISTENING_PATTERN, self.proc, timeout).group(2))
 
     def wait_for(self, text: str, timeout: float = 60) -> float:
         start = time.monotonic()

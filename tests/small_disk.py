@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from server.cli import listening_port
+from bench.processes import wait_for_line
+from server.cli import LISTENING_PATTERN
 
 
 def unavailable() -> str | None:
@@ -36,13 +37,7 @@ class ServerOnSmallDisk:
         self.disk = Path(f"/proc/{self.holder.pid}/root") / str(out).lstrip("/")  # the tmpfs, seen from here
 
     def port(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log.read_text().splitlines():
-                if (port := listening_port(line)) is not None:
-                    return port
-            time.sleep(0.1)
-        raise TimeoutError(f"no listening line: {self.log.read_text()[-2000:]}")
+        return int(wait_for_line(self.log, LISTENING_PATTERN, self.holder, timeout).group(2))
 
     def wait_for(self, text: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

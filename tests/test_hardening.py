@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.hostile import big_request
 from server.cli import listening_port
 
 pytestmark = pytest.mark.slow
@@ -109,21 +110,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
-
-
-def big_request(megabytes: int) -> bytes:
-    """A GetParametersRequest carrying `megabytes` MB in an unknown field (field 100, length-delimited)."""
-    size = megabytes << 20
-
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-            n >>= 7
-            if not n:
-                return bytes(out)
-
-    return varint(100 << 3 | 2) + varint(size) + bytes(size)
 
 
 def call_with(port: int, payload: bytes, token: str | None):
