@@ -231,7 +231,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"slowdown must be >= 0, got {reg.slowdown}")
         declared = self._check_layout(reg.layout) if reg.HasField("layout") else None  # the last refusal
         if declared is not None:
-            self._adopt_layout(declared, reg.name or peer)
+            self._adopt_layout(declared, shorten(reg.name or peer, 64))
         conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
                           new_slot=worker not in self.ever_assigned)
         self.connections[worker] = conn
