@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,10 +24,11 @@ from typing import Any
 
 import grpc
 
-from bench import harness
+from bench import harness, processes
 from common.grpc_options import GRPC_MESSAGE_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from common.pb import parameter_server_pb2 as pb
-from server.cli import listening_port
+from server.cli import LISTENING_PATTERN
+from tests import small_disk
 from tests.freezable_proxy import FreezableProxy
 
 ROOT = harness.REPO
@@ -44,15 +43,7 @@ class Proc:
                                      stderr=subprocess.STDOUT, text=True)
 
     def port(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log.read_text().splitlines():
-                if (port := listening_port(line)) is not None:
-                    return port
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.log.read_text()[-2000:])
-            time.sleep(0.1)
-        raise TimeoutError("no listening line")
+        return int(processes.wait_for_line(self.log, LISTENING_PATTERN, self.proc, timeout).group(2))
 
     def wait_for(self, text: str, timeout: float = 60) -> float:
         start = time.monotonic()
@@ -265,55 +256,34 @@ def probe_log_flood(work: Path) -> dict[str, Any]:
 
 
 def probe_disk_full(work: Path) -> dict[str, Any]:
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
-        return {"skipped": "needs unshare -m (root)"}
-    out = work / "disk"
-    out.mkdir()
-    log = work / "disk.log"
-    holder = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f'mount -t tmpfs -o size=4m tmpfs "{out}" && "$0" "$@"; echo "exit=$?"; exec sleep 120',
-         sys.executable, "-m", "server.cli", *RUN, "--iterations", "1000000", "--bind", "127.0.0.1:0",
-         "--out", str(out), "--checkpoint-every", "0.3", "--log-every", "20"],
-        cwd=ROOT, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+    if (why := small_disk.unavailable()) is not None:
+        return {"skipped": why}
+    (work / "disk").mkdir()
+    server_on_disk = small_disk.ServerOnSmallDisk(
+        work / "disk", work / "disk.log", [*RUN, "--iterations", "1000000", "--bind", "127.0.0.1:0",
+                                           "--checkpoint-every", "0.3", "--log-every", "20"], cwd=ROOT, env=ENV)
     workers = []
     try:
-        deadline = time.monotonic() + 60
-        while (port := next((listening_port(x) for x in log.read_text().splitlines() if listening_port(x)), None)) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no server")
-            time.sleep(0.1)
-        server_pid = int(Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()[0])
-        disk = Path(f"/proc/{holder.pid}/root") / str(out).lstrip("/")
+        port = server_on_disk.port()
         workers = [Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "3"],
                         work / f"disk-w{i}.log") for i in range(2)]
-        while "checkpoint at iteration" not in log.read_text():
-            time.sleep(0.2)
-        with open(disk / "filler", "wb") as filler:
-            try:
-                while True:
-                    filler.write(b"\0" * 65536)
-                    filler.flush()
-            except OSError:
-                pass
-        full_at = log.read_text().count("\n")
+        server_on_disk.wait_for("checkpoint at iteration")
+        server_on_disk.fill()
+        full_at = server_on_disk.log.read_text().count("\n")
         time.sleep(5)
-        after = log.read_text().splitlines()[full_at:]
+        after = server_on_disk.log.read_text().splitlines()[full_at:]
         iterations = [int(x.split("iter ")[1].split("/")[0]) for x in after if "server.service: iter " in x]
-        os.kill(server_pid, signal.SIGTERM)
-        while "exit=" not in log.read_text():
-            time.sleep(0.2)
-        text = log.read_text()
+        exit_code = server_on_disk.sigterm()
+        text = server_on_disk.log.read_text()
         return {"iterations_while_full": [iterations[0], iterations[-1]] if iterations else None,
                 "checkpoint_errors_logged": sum("cannot write the checkpoint" in x for x in after),
                 "metrics_errors_logged": sum("cannot write metrics" in x for x in after),
-                "sigterm_exit": text.split("exit=")[1].split()[0],
+                "sigterm_exit": exit_code,
                 "sigterm_error": [x for x in text.splitlines() if x.startswith("Error:")],
-                "tmp_files_left": [p.name for p in disk.glob(".*.tmp")],
+                "tmp_files_left": [p.name for p in server_on_disk.disk.glob(".*.tmp")],
                 "traceback": "Traceback" in text or "never retrieved" in text}
     finally:
-        holder.kill()
-        holder.wait(10)
+        server_on_disk.close()
         for p in workers:
             p.stop()
 

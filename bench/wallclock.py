@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from bench import harness
 from launcher.cli import main as launch

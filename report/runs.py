@@ -116,6 +116,9 @@ def load_run(metrics_path: Path) -> Run | None:
             resumed = r["resumed_from_iteration"]
             run.evals = [e for e in run.evals if e["iteration"] <= resumed]
             run.progress = [p for p in run.progress if p["iteration"] <= resumed]
+    if run.slow is None:  # a service run without launch.json (compose, k8s): the workers said it themselves
+        slow = [s for s in run.summary.get("worker_slowdowns") or () if s > 1]
+        run.slow = (len(slow), max(slow)) if slow else None
     return run
 
 

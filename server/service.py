@@ -105,6 +105,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.counters = Counters()
         self.connections: dict[int, Connection] = {}
         self.ever_assigned: set[int] = set()
+        self.worker_slowdowns: dict[int, float] = {}  # what each worker said of itself when it registered
         self.started = core.started
         self.finished = asyncio.Event()
         self.final_fetched = asyncio.Event()  # GetParameters has served the final parameters
@@ -230,10 +231,11 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"slowdown must be >= 0, got {reg.slowdown}")
         declared = self._check_layout(reg.layout) if reg.HasField("layout") else None  # the last refusal
         if declared is not None:
-            self._adopt_layout(declared, reg.name or peer)
+            self._adopt_layout(declared, shorten(reg.name or peer, 64))
         conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
                           new_slot=worker not in self.ever_assigned)
         self.connections[worker] = conn
+        self.worker_slowdowns[worker] = conn.slowdown
         self.ever_assigned.add(worker)
         logger.info("worker %d registered (%s, slowdown %.2f), %d/%d connected", worker, conn.name,
                     conn.slowdown, len(self.connections), k)
@@ -540,7 +542,8 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 self._failed_to_save("final.pt", e.strerror or str(e))
         self.recorder.summary(self.core.summary(), gradients_applied=self.counters.gradients_applied,
                               gradients_rejected=self.counters.gradients_rejected,
-                              rejected_by_reason=self.counters.rejected_by_reason)
+                              rejected_by_reason=self.counters.rejected_by_reason,
+                              worker_slowdowns=[self.worker_slowdowns.get(k, 1.0) for k in range(self.core.num_workers)])
         if self.diverged is None:
             logger.info("run finished at iteration %d", self.core.iteration)
         self.finished.set()  # set last: whoever waits for it finds the final files written

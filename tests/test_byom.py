@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import secrets
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator

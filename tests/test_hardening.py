@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.hostile import big_request
 from server.cli import listening_port
 
 pytestmark = pytest.mark.slow
@@ -111,22 +112,8 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def big_request(megabytes: int) -> bytes:
-    """A GetParametersRequest carrying `megabytes` MB in an unknown field (field 100, length-delimited)."""
-    size = megabytes << 20
-
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-            n >>= 7
-            if not n:
-                return bytes(out)
-
-    return varint(100 << 3 | 2) + varint(size) + bytes(size)
-
-
-def call_with(port: int, payload: bytes, token: str | None) -> "grpc.StatusCode":
+def call_with(port: int, payload: bytes, token: str | None):
+    """The status code of a raw GetParameters call carrying `payload`."""
     import grpc
 
     from common.grpc_options import GRPC_MESSAGE_OPTIONS
@@ -287,62 +274,39 @@ def test_a_full_disk_ends_no_stream_keeps_the_last_good_checkpoint_and_is_report
     """The server writes into a 4 MiB tmpfs of its own mount namespace; the test fills it mid-run (through
     /proc/PID/root). Training goes on, each kind of failure is logged once, SIGTERM exits with one error line
     and the last good checkpoint is intact."""
-    import shutil
-
     from server.checkpoint import load_checkpoint
+    from tests import small_disk
 
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
-        pytest.skip("needs `unshare -m` (root) to give the server a small tmpfs of its own")
-    out = tmp_path / "disk"
-    out.mkdir()
-    log = tmp_path / "server.log"
-    # sh mounts the tmpfs, runs the server, and keeps the namespace (and the disk) alive for a look afterwards.
-    holder = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f'mount -t tmpfs -o size=4m tmpfs "{out}" && "$0" "$@"; echo "exit=$?"; exec sleep 120',
-         sys.executable, "-m", "server.cli", *RUN, "--iterations", "1000000", "--bind", "127.0.0.1:0",
-         "--out", str(out), "--checkpoint-every", "0.3", "--log-every", "20"],
-        cwd=ROOT, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+    if (why := small_disk.unavailable()) is not None:
+        pytest.skip(why)
+    (tmp_path / "disk").mkdir()
+    server = small_disk.ServerOnSmallDisk(tmp_path / "disk", tmp_path / "server.log",
+                                          [*RUN, "--iterations", "1000000", "--bind", "127.0.0.1:0",
+                                           "--checkpoint-every", "0.3", "--log-every", "20"], cwd=ROOT, env=ENV)
     workers = []
     try:
-        port = port_of(holder, log)
-        server_pid = int(Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()[0])
-        disk = Path(f"/proc/{holder.pid}/root") / str(out).lstrip("/")
+        port = server.port()
         workers = [start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "3",
                          log=tmp_path / f"w{i}.log") for i in range(2)]
-        deadline = time.monotonic() + 60
-        while "checkpoint at iteration" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
-        with open(disk / "filler", "wb") as filler:  # fill the disk to the last byte
-            try:
-                while True:
-                    filler.write(b"\0" * 65536)
-                    filler.flush()
-            except OSError:
-                pass
-        full_at = log.read_text().count("\n")
+        server.wait_for("checkpoint at iteration")
+        server.fill()
+        full_at = server.log.read_text().count("\n")
         time.sleep(3.0)  # several periodic checkpoints and progress records fail meanwhile
-        after = log.read_text().splitlines()[full_at:]
+        after = server.log.read_text().splitlines()[full_at:]
         iterations = [int(line.split("iter ")[1].split("/")[0]) for line in after if "server.service: iter " in line]
         assert len(iterations) > 5 and iterations[-1] > iterations[0], "training must go on"  # streams live on
         assert sum("cannot write the checkpoint" in line for line in after) == 1, "\n".join(after[-30:])
         assert sum("cannot write metrics" in line for line in after) == 1
-        os.kill(server_pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while "exit=" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
-        text = log.read_text()
-        assert "exit=1" in text
+        assert server.sigterm() == 1
+        text = server.log.read_text()
         errors = [line for line in text.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and "could not write the checkpoint on shutdown" in errors[0], text[-2000:]
         assert "Traceback" not in text and "Task exception was never retrieved" not in text
         good = int(errors[0].split("the last good checkpoint (iteration ")[1].split(")")[0])
-        assert load_checkpoint(disk)["core"]["iteration"] == good  # intact, and the one named
-        assert not list(disk.glob(".*.tmp"))
+        assert load_checkpoint(server.disk)["core"]["iteration"] == good  # intact, and the one named
+        assert not list(server.disk.glob(".*.tmp"))
     finally:
-        stop(holder)
+        server.close()
         for w in workers:
             stop(w)
 

@@ -158,3 +158,16 @@ def test_a_resumed_run_draws_the_redone_part_once(tmp_path):
     run = load_run(tmp_path / "metrics.jsonl")
     assert [p["iteration"] for p in run.progress] == [10, 20, 30, 40] and run.progress[2]["train_loss"] == 0.9
     assert run.evals == []
+
+
+def test_a_service_run_whose_workers_said_they_are_slow_is_heterogeneous(tmp_path):
+    """A compose or Kubernetes run has no launch.json: the server's summary lists each worker's slowdown."""
+    import json
+
+    from report.runs import load_run
+
+    lines = [dict(event="start", source="server", config={"algo": "ormo", "workers": 4, "seed": 0}),
+             dict(event="summary", iterations=10, worker_slowdowns=[1.0, 1.0, 1.0, 4.0])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run = load_run(tmp_path / "metrics.jsonl")
+    assert run.setting == "het." and run.slow == (1, 4.0)

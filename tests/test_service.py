@@ -491,3 +491,11 @@ def test_checkpoints_asked_for_at_once_are_written_one_after_the_other(tmp_path)
 
     assert asyncio.run(many()) == [tmp_path / "checkpoint.pt"] * 8
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_server_keeps_what_each_worker_says_of_its_speed(server: LiveServer, raw_workers: MakeWorker):
+    fast, slow = raw_workers(), raw_workers()
+    fast.send(pb.WorkerMessage(register=pb.Register(name="fast")))
+    slow.send(pb.WorkerMessage(register=pb.Register(name="slow", slowdown=4.0)))
+    ids = {fast.recv().welcome.worker_id: 1.0, slow.recv().welcome.worker_id: 4.0}
+    assert server.on_loop(lambda: dict(server.service.worker_slowdowns)) == ids
