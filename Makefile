@@ -3,7 +3,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install install-test proto deploy-env test test-fast test-containers image launch sim bench-quick bench bench-stability
+.PHONY: help install install-test proto deploy-env test test-fast test-containers image launch sim bench-quick bench bench-stability paper-table
 
 help:
 	@echo "make install      install the package (pinned torch, grpc) in editable mode"
@@ -17,6 +17,7 @@ help:
 	@echo "make deploy-env   write the run's settings (server/config.py) into docker-compose.yml and deploy/k8s/run.env"
 	@echo "make bench-quick  the benchmarks in minutes (results in bench/results/)"
 	@echo "make bench        the longer benchmarks (CIFAR-10 from DATA_DIR, default ../shared/data extracted)"
+	@echo "make paper-table  the paper's CIFAR-10 table on one GPU in about 9 minutes (bench/paper_table.py)"
 
 install:
 	$(PIP) install -e .
@@ -53,6 +54,9 @@ sim: install
 
 DATA_DIR ?= /tmp/ormo-ps-cifar10
 
+paper-table:
+	$(PYTHON) -m bench.paper_table
+
 bench-stability:
 	$(PYTHON) -m bench.stability
 
@@ -71,6 +75,8 @@ bench: $(DATA_DIR)/train
 	$(PYTHON) -m bench.update_cost
 	$(PYTHON) -m bench.throughput
 	$(PYTHON) -m bench.convergence --variant cpu --data-dir $(DATA_DIR) --seeds 3
+	$(PYTHON) -m bench.convergence --variant k64 --data-dir $(DATA_DIR) --jobs 2
+	$(PYTHON) -m bench.batched_sim
 	$(PYTHON) -m bench.wallclock --dataset cifar10 --data-dir $(DATA_DIR) --model small-cnn --batch-size 32 --epochs 2 --lr 0.01 --momentum-lr 0.002 --warmup-epochs 0.2 --eval-every 0.25
 	$(PYTHON) -m bench.soak --seconds 120
 	$(PYTHON) -m bench.chaos

@@ -37,7 +37,7 @@ CONFIGS = [
 QUICK = [("mlp", 32, 16, 60, None), ("strided-cnn", 32, 16, 60, None), ("resnet20", 16, 16, 20, 8)]
 
 _MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 from common.data import make_synthetic, BatchStream, Draw
 from server.config import RunConfig
 from sim.batched import BatchedGradients
@@ -49,7 +49,9 @@ streams = [BatchStream(data, batch, k) for k in range(n)]
 x, y = streams[0].take(Draw.cat([s.draw() for s in streams]))
 BatchedGradients(flat.module, 1e-4).compute(flat.params.expand(n, -1).clone(), x.view(n, batch, 3, 32, 32),
                                             y.view(n, batch))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, the peak of this process's own memory: ru_maxrss would also count the copy of the (large) benchmark
+# process that the fork before exec made.
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 

@@ -150,7 +150,7 @@ def run_all(specs: list[dict], jobs: int, label: str, deadline: float | None = N
         results[s["out"]] = dict(name=Path(s["out"]).name, accuracy=done.get("final_test_accuracy"),
                                  val_accuracy=done.get("final_val_accuracy"), loss=done.get("final_train_loss"),
                                  wall=done.get("wall_seconds") or 0.0, diverged=done.get("diverged"),
-                                 status="finished")
+                                 iterations=done.get("iterations"), status="finished", earlier=True)
     print(f"{label}: {len(specs)} runs, {len(specs) - len(todo)} already done, {jobs} at a time", file=sys.stderr)
     t0 = time.monotonic()
     # CUDA cannot be used in a forked child of a process that touched it: start GPU runs' processes fresh.
@@ -306,15 +306,16 @@ def main(argv: list[str] | None = None) -> None:
     from report.tables import paper_table
 
     seconds = time.monotonic() - t0
-    done = sum(r.get("iterations") or 0 for r in results)
+    done = sum(r.get("iterations") or 0 for r in results if not r.get("earlier"))  # by this command
+    earlier = sum(r.get("iterations") or 0 for r in results if r.get("earlier"))  # by an earlier one (skipped now)
     runs = find_runs([out / "runs"]) if any((out / "runs").rglob("metrics.jsonl")) else []
     figures = write_figures(runs, out) if runs else []
     meta = harness.run_meta("convergence", argv) | dict(
         seconds=round(seconds, 1), variant=args.variant, seeds=args.seeds,
         recipe=v | ({"grid": {f"{f}, K={k}": g for (f, k), g in v["grid"].items()}} if "grid" in v else {}),
         slow_factor=args.slow_factor, jobs=args.jobs, deadline_s=args.deadline,
-        runs={r["name"]: r["status"] for r in results}, iterations_done=done,
-        images_per_second=round(done * v["batch_size"] / seconds, 1))
+        runs={r["name"]: r["status"] for r in results}, iterations_done=done, iterations_done_earlier=earlier,
+        images_per_second=round(done * v["batch_size"] / seconds, 1) if done else None)
     harness.write_json(out / "meta.json", meta)
     data = f"{v['model']} on {v['dataset']}" + (f" (random {v['subset']}-image training subset)" if v["subset"]
                                                  else "")
@@ -336,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
     device = v["device"] + (" (cuda where there is one)" if v["device"] == "auto" else "")
     gradients = {None: "batched on a GPU, one at a time on the CPU", True: "batched", False: "one at a time"}
     how = (f"Simulator on {device}, gradients {gradients[v['batched']]}, {args.jobs} runs at a time: "
-           f"{done:,} server iterations computed ({done * v['batch_size'] / seconds:,.0f} images/s overall).")
+           f"{done:,} server iterations computed"
+           + (f" ({done * v['batch_size'] / seconds:,.0f} images/s overall)" if done else "")
+           + (f", {earlier:,} more by earlier invocations of the command (finished runs are not redone)"
+              if earlier else "") + ".")
     cut = [f"- {r['name']}: {r['status']}" for r in results if r["status"] != "finished"]
     if cut:
         cut = ["## Runs that did not finish", "",
@@ -344,9 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     tables = ["## Test accuracy (%)", "", paper_table(runs, "test_accuracy"), "",
               "## Final training loss (mean mini-batch loss of the last epoch)", "", paper_table(runs, "train_loss"),
               ""] if runs else ["No run got far enough to be tabled.", ""]
+    # The hand-written reading of a committed study (bench/prose/convergence-VARIANT.md), in its own report only.
+    reading_name = f"convergence-{args.variant}"
+    reading = ([harness.prose(reading_name), ""] if (harness.PROSE / f"{reading_name}.md").exists()
+               and Path(out).resolve() == (harness.RESULTS / reading_name).resolve() else [])
     harness.write_markdown(out / "README.md", [
         f"# The paper's comparison, variant `{args.variant}`", "",
-        *harness.meta_lines(meta), f"Recipe: {recipe}.", "", how, "", *tables, *cut,
+        *harness.meta_lines(meta), f"Recipe: {recipe}.", "", how, "", *tables, *reading, *cut,
         *tuned, "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures]])
     print((out / "README.md").read_text())
 

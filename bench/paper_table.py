@@ -36,9 +36,9 @@ The estimate, and why the default is 16 epochs instead of the paper's 160 (the r
 - Concurrency. Six runs at a time (one per method of a column) share the GPU as separate processes: each
   alternates a batched call (the GPU's work) with the server updates of the iterations it makes possible
   (Python and small kernels, ~0.2-0.3 ms per iteration, ~15-20 ms after a 64-worker call), so one process
-  alone would leave the GPU idle between calls. Memory: a batched ResNet20 call holds about 4 MiB per image
-  (bench/results/batched_sim.md), so at most 32 workers x 128 images per call (`--batch-limit`) is ~16 GiB
-  per process, ~100 GiB for six, under the H200's 139 GiB. A process that fails (out of memory) loses its
+  alone would leave the GPU idle between calls. Memory: a batched ResNet20 call holds about 2.2 MiB per
+  image on the CPU (bench/results/batched_sim.md); planning for 4 on the GPU (cuDNN workspaces, the
+  allocator's cache), at most 32 workers x 128 images per call (`--batch-limit`) is ~16 GiB per process, ~100 GiB for six, under the H200's 139 GiB. A process that fails (out of memory) loses its
   run only; the table names it.
 - On a GPU the convolutions run in TF32 (PyTorch's default for cuDNN) and cuDNN's backward is not bit-
   deterministic: runs are reproducible to rounding, not bit for bit as on the CPU.

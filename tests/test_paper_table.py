@@ -42,6 +42,13 @@ def test_the_smoke_run_writes_the_whole_table_and_the_figures(tmp_path):
     summary = read_metrics(tmp_path / "runs" / "ormo-K64-het-s0" / "metrics.jsonl")[-1]
     assert summary["event"] == "summary" and summary["batched_calls"] < summary["iterations"] / 4
 
+    # Run again into the same folder: finished runs are not redone, the report is written again from them.
+    paper_table.main(["--smoke", "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["iterations_done"], meta["iterations_done_earlier"]) == (0, 24 * 40)
+    again = (tmp_path / "README.md").read_text()
+    assert _table(again, "Test accuracy (%)") == table and "960 more by earlier invocations" in again
+
 
 def test_a_run_past_its_deadline_stops_after_the_epoch_it_is_in(tmp_path):
     spec = dict(convergence.VARIANTS["paper-smoke"], iterations=20 * 93, algo="ormo", workers=4, het=False, seed=0,
