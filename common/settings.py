@@ -156,6 +156,18 @@ class _Parsed(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class _SettingOption(click.Option):
+    """A setting's option: an invalid value read from the environment is reported under the variable's name
+    as well as the flag's (`Invalid value for '--lr' (from PS_LR)`), since the user never typed the flag."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        hint = super().get_error_hint(ctx)
+        if ctx is None or ctx.get_parameter_source(self.name) is not click.core.ParameterSource.ENVIRONMENT:
+            return hint
+        envvar = self.envvar or (f"{ctx.auto_envvar_prefix}_{self.name.upper()}" if ctx.auto_envvar_prefix else None)
+        return f"{hint} (from {envvar})" if isinstance(envvar, str) else hint
+
+
 def click_options(cls: type) -> Decorator:
     """A decorator adding one click option per setting of `cls`, in field order (`--name`, from `PS_NAME`)."""
 
@@ -168,10 +180,10 @@ def click_options(cls: type) -> Decorator:
             if kind is bool:
                 two_way = rule.negatable or rule.off
                 decls = [f"{_flag(f.name)}/{_off_flag(f.name, rule)}"] if two_way else names
-                option = click.option(*decls, f.name, is_flag=True if not two_way else None,
+                option = click.option(*decls, f.name, cls=_SettingOption, is_flag=True if not two_way else None,
                                       default=bool(default), show_default=True, help=rule.help)
             else:
-                option = click.option(*names, f.name, type=_click_type(cls, f), default=default,
+                option = click.option(*names, f.name, cls=_SettingOption, type=_click_type(cls, f), default=default,
                                       show_default=default is not None, help=rule.help,
                                       metavar=rule.metavar)
             command = option(command)

@@ -70,8 +70,12 @@ def test_environment_variables_set_the_run(monkeypatch):
     run = settings.pop_settings(RunConfig, dict(ctx.params))
     assert (run.lr, run.lr_milestones, run.vanilla_sgd_step, run.momentum) == (0.25, (3.0, 6.0), True, 0.9)
     monkeypatch.setenv("PS_MOMENTUM", "2")
-    with pytest.raises(click.BadParameter):
+    with pytest.raises(click.BadParameter) as bad:  # named by the variable the user set, not only the flag
         server_cli.make_context("ps-server", [], auto_envvar_prefix="PS")
+    assert "'--momentum' (from PS_MOMENTUM)" in bad.value.format_message()
+    with pytest.raises(click.BadParameter) as bad:
+        server_cli.make_context("ps-server", ["--momentum", "2"], auto_envvar_prefix="PS")
+    assert "PS_MOMENTUM" not in bad.value.format_message()
 
 
 @pytest.mark.slow

@@ -37,7 +37,8 @@ def _checked(resolve: Callable[[str], Any]) -> Callable[[click.Context, click.Pa
 MODEL_OPTIONS = [
     click.option("--model", default=None, metavar="NAME|MODULE:CALLABLE", callback=_checked(resolve_model),
                  help="Build this model (a name or an import path) instead of the one the server names; needed when "
-                      "the server names none (--model client). The server checks its parameter layout."),
+                      "the server names none (--model client). The server checks a worker's parameter layout "
+                      "(tensor by tensor); ps-eval checks the number of values."),
     click.option("--dataset", default=None, metavar="NAME|MODULE:CALLABLE", callback=_checked(resolve_dataset),
                  help="Load this data set (a name or an import path) instead of the one the server names."),
 ]
