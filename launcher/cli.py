@@ -3,12 +3,15 @@
 It shows progress from the server's status, waits for the run to finish, and prints the final result;
 metrics, the checkpoint and the final parameters are left in the output directory. Ctrl-C, SIGTERM and SIGHUP
 stop everything: the signal is passed on to every process, which ps-launch waits for (the server checkpoints).
+On Linux a ps-launch that is killed outright (SIGKILL, the OOM killer) still takes its processes along: each
+gets SIGTERM from the kernel when ps-launch dies (PR_SET_PDEATHSIG), so none trains on as an orphan.
 A process that fails takes the run down, and its error line is shown here, not only in its log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -36,6 +39,29 @@ from server.cli import listening_port
 from server.config import RunConfig
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# libc, loaded before any fork (the child between fork and exec should only make system calls).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _child_setup(nice: int) -> Callable[[], None] | None:
+    """What a child runs between fork and exec: lower its priority by `nice`, and (Linux) ask the kernel for
+    SIGTERM when ps-launch dies, however it dies; if ps-launch died before that request took, SIGTERM now."""
+    if not nice and _LIBC is None:
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        if nice:
+            os.nice(nice)
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return setup
+
+
 class Processes:
     """The launched processes; all of them are stopped on exit, whatever happens."""
 
@@ -55,7 +81,7 @@ class Processes:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture_output else log,
                                 stderr=subprocess.STDOUT if capture_output else log,
                                 stdin=subprocess.DEVNULL, env=env, text=True,
-                                preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                preexec_fn=_child_setup(nice))
         self.procs[name] = proc
         return proc
 
