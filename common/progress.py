@@ -10,6 +10,7 @@ every `interval` seconds, each with the rate and the time left.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -32,8 +33,18 @@ def duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def _columns(stream: TextIO) -> int | None:
+    """The width of the terminal `stream` is, None when unknown. Some terminals (a pty nobody sized: `docker
+    run -t` from a script, `script`, CI runners) report 0 columns, on which tqdm draws nothing at all."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 class Progress:
-    """Counts iterations up to `total`; `bar` None: a bar when `stream` is a terminal, lines otherwise."""
+    """Counts iterations up to `total`; `bar` None: a bar when `stream` is a terminal with a width, lines
+    otherwise."""
 
     def __init__(self, total: int, *, stream: TextIO | None = None, interval: float = 10.0,
                  bar: bool | None = None, unit: str = "it", label: str = "iter") -> None:
@@ -50,7 +61,7 @@ class Progress:
         self._closed = False
         self._created = self._moved_at = time.monotonic()
         if bar is None:
-            bar = bool(getattr(self.stream, "isatty", lambda: False)())
+            bar = bool(getattr(self.stream, "isatty", lambda: False)()) and _columns(self.stream) != 0
         self._bar = tqdm(total=total, unit=unit, file=self.stream, dynamic_ncols=True, desc="train",
                          bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                     "[{elapsed}<{remaining}, {rate_fmt}]{postfix}") if bar else None

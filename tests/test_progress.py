@@ -83,6 +83,26 @@ def test_on_a_terminal_a_bar_and_messages_above_it():
     assert "200/200" in text and "test acc 0.9500" in text and "it/s" in text and "final evaluation" in text
 
 
+@pytest.mark.parametrize("columns", [0, 100])
+def test_a_terminal_of_no_width_gets_lines_not_an_invisible_bar(columns):
+    """A pty that reports 0 columns (nobody sized it) makes tqdm draw nothing: lines are written there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with open(side, "w", closefd=True) as stream:
+        meter = Progress(200, stream=stream)
+        assert (meter._bar is not None) == (columns > 0)
+        meter.update(100, loss=0.5)
+        meter.close()
+    text = os.read(main, 65536).decode()
+    os.close(main)
+    assert "100/200" in text and "loss 0.5000" in text
+
+
 def test_durations_read_as_a_clock():
     assert [duration(s) for s in (0, 42.4, 725, 3725)] == ["0:00", "0:42", "12:05", "1:02:05"]
 
