@@ -71,3 +71,15 @@ def test_every_benchmark_imports_as_a_module(name: str, monkeypatch: pytest.Monk
     before = list(sys.path)
     importlib.import_module(name)
     assert sys.path == before
+
+
+def test_the_transport_probe_echoes_whole_and_chunked_through_a_server_process(tmp_path: Path) -> None:
+    from bench import transport_probe
+
+    result = transport_probe.main(["--quick", "--out", str(tmp_path / "probe")])
+    cells = {(r["chunk"], r["options"]) for r in result["results"]}
+    assert cells == {(4_000_000, "defaults"), (4_000_000, "no BDP probing"), (1_000_000, "defaults")}
+    assert all(r["per_second"] > 0 for r in result["results"])
+    text = (tmp_path / "probe.md").read_text()
+    assert "| 4 MB | 1 |" in text and "| 4 MB | whole |" in text
+    assert not (tmp_path / "probe.server.log").exists()  # each echo server's log is removed after its cell
