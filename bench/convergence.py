@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -219,6 +220,13 @@ def tune(v: dict, args, out: Path) -> tuple[list[dict], dict]:
     return table_specs, {"grid": grid, "chosen": chosen}
 
 
+def collapsed(train_loss: float | None) -> bool:
+    """A run whose training loss ended at ln 10, an untrained 10-class model's (every variant's data set has
+    10 classes): its outputs went uniform, an instability the divergence rule (a loss above ten times its
+    first value) does not catch."""
+    return train_loss is not None and abs(train_loss - math.log(10)) < 0.005
+
+
 def grid_table(tuning: dict) -> str:
     """Validation accuracy (%) of every eta tried (seed 0); the chosen one in bold, divergence named."""
     def cell(m: str, k: int, s: str) -> str:
@@ -226,6 +234,8 @@ def grid_table(tuning: dict) -> str:
         for lr, r, _ in tuning["grid"].get((m, k, s), []):
             text = "diverged" if r["diverged"] else ("-" if r.get("val_accuracy") is None
                                                      else f"{100 * r['val_accuracy']:.1f}")
+            if not r["diverged"] and collapsed(r.get("loss")):
+                text += " (collapsed)"
             text = f"{lr:g}: {text}"
             parts.append(f"**{text}**" if lr == tuning["chosen"][(m, k, s)] else text)
         return "<br>".join(parts)
@@ -306,8 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     from report.tables import paper_table
 
     seconds = time.monotonic() - t0
-    done = sum(r.get("iterations") or 0 for r in results if not r.get("earlier"))  # by this command
-    earlier = sum(r.get("iterations") or 0 for r in results if r.get("earlier"))  # by an earlier one (skipped now)
+    # Every run once: the eta grid's, and the seeds' (a seed-0 run is the grid's chosen one, copied).
+    grid_runs = [r for tried in (tuning or {}).get("grid", {}).values() for _, r, _ in tried]
+    every_run = grid_runs + [r for r in results if not (grid_runs and r["name"].endswith("-s0"))]
+    done = sum(r.get("iterations") or 0 for r in every_run if not r.get("earlier"))  # by this command
+    earlier = sum(r.get("iterations") or 0 for r in every_run if r.get("earlier"))  # by an earlier one (skipped now)
+    run_hours = sum(r.get("wall") or 0.0 for r in every_run) / 3600
     runs = find_runs([out / "runs"]) if any((out / "runs").rglob("metrics.jsonl")) else []
     figures = write_figures(runs, out) if runs else []
     meta = harness.run_meta("convergence", argv) | dict(
@@ -333,14 +347,16 @@ def main(argv: list[str] | None = None) -> None:
         "## eta chosen per method and setting (best final validation accuracy of the grid, seed 0)", "",
         eta_table(tuning), "", "## The eta grid: final validation accuracy (%), seed 0", "",
         "The chosen value is in bold. `diverged`: the training loss went non-finite or above ten times its "
-        "first value; such a value is never chosen.", "", grid_table(tuning), ""]
+        "first value; such a value is never chosen. `collapsed`: the training loss ended at ln 10 = 2.303, an "
+        "untrained model's (its outputs went uniform): unstable too, though the loss stayed bounded.", "", grid_table(tuning), ""]
     device = v["device"] + (" (cuda where there is one)" if v["device"] == "auto" else "")
-    gradients = {None: "batched on a GPU, one at a time on the CPU", True: "batched", False: "one at a time"}
+    gradients = {None: {"cpu": "one at a time"}.get(v["device"], "batched on a GPU, one at a time on the CPU"),
+                 True: "batched", False: "one at a time"}
     how = (f"Simulator on {device}, gradients {gradients[v['batched']]}, {args.jobs} runs at a time: "
            f"{done:,} server iterations computed"
            + (f" ({done * v['batch_size'] / seconds:,.0f} images/s overall)" if done else "")
            + (f", {earlier:,} more by earlier invocations of the command (finished runs are not redone)"
-              if earlier else "") + ".")
+              if earlier else "") + f"; {len(every_run)} runs, whose own wall times add up to {run_hours:.1f} hours.")
     cut = [f"- {r['name']}: {r['status']}" for r in results if r["status"] != "finished"]
     if cut:
         cut = ["## Runs that did not finish", "",
