@@ -275,8 +275,8 @@ def cli(**kwargs) -> None:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
-    if service.save_failures:
-        raise click.ClickException("; ".join(service.save_failures))
+    if service.checkpoints.failures:
+        raise click.ClickException("; ".join(service.checkpoints.failures))
     if service.diverged is not None:
         click.echo(f"Error: {service.diverged}; the last finite parameters are in {options.out}", err=True)
         raise SystemExit(EXIT_DIVERGED)

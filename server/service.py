@@ -29,7 +29,8 @@ from common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.wire import Received, parse_worker_message, serialize_parameters, serialize_server_message
-from server.checkpoint import CHECKPOINT_NAME, save_checkpoint, save_final
+from server.checkpoint import save_final
+from server.checkpointer import Checkpointer
 from server.core import Dispatch, PushRejected, ServerCore
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.run = core.run
         self.num_classes = num_classes
         self.out_dir = out_dir
-        self.checkpoint_every = checkpoint_every
         self.wait_for_all_workers = wait_for_all_workers
         self.sync_timeout = sync_timeout
         self.ready_timeout = ready_timeout
@@ -114,12 +114,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self._rejections = LimitedLog(logger, "rejected messages", burst=30)
         self.recorder = RunRecorder(metrics, log_every=log_every, total_iterations=core.total_iterations,
                                     clock=self.uptime, say=logger.info, epoch=core.epoch)
-        self._last_checkpoint = time.monotonic()
-        self._checkpoint_task: asyncio.Task | None = None
-        self._checkpoint_lock = asyncio.Lock()
-        self._checkpoint_error: str | None = None  # why the last checkpoint could not be written
-        self.checkpoint_iteration: int | None = None  # the iteration of the last checkpoint written
-        self.save_failures: list[str] = []  # files the run could not write at its end or on shutdown
+        self.checkpoints = Checkpointer(out_dir, checkpoint_every, self.state_dict)
         self._finish_task: asyncio.Task | None = None
         self.diverged: str | None = None  # why the run diverged, once it has
         self._nonfinite_in_a_row = 0
@@ -454,10 +449,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         self.recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay,
                                workers_connected=len(self.connections),
                                gradients_rejected=self.counters.gradients_rejected)
-        if (self.out_dir and time.monotonic() - self._last_checkpoint >= self.checkpoint_every
-                and (self._checkpoint_task is None or self._checkpoint_task.done())):
-            self._last_checkpoint = time.monotonic()
-            self._checkpoint_task = asyncio.get_running_loop().create_task(self._try_checkpoint())
+        self.checkpoints.due()
 
     def state_dict(self) -> dict[str, Any]:
         """Snapshot of everything a resumed server needs (taken on the loop: consistent)."""
@@ -485,45 +477,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         if "recorder" in state:  # checkpoints of earlier versions have none
             self.recorder.load_state_dict(state["recorder"])
         self.started = self.core.started
-        self.checkpoint_iteration = self.core.iteration
+        self.checkpoints.iteration = self.core.iteration
         if self.core.started:
             self.core.deactivate_all()
 
     async def checkpoint(self) -> Path | None:
-        """Write checkpoint.pt. One at a time: a checkpoint asked for while another is being written (the
-        final one during a periodic one) waits for it, then snapshots the state as it is then."""
-        if self.out_dir is None:
-            return None
-        async with self._checkpoint_lock:
-            state = self.state_dict()  # on the loop; the write happens in a thread
-            path = await asyncio.to_thread(save_checkpoint, self.out_dir / CHECKPOINT_NAME, state)
-        self.checkpoint_iteration = state["core"]["iteration"]
-        logger.info("checkpoint at iteration %d written to %s", state["core"]["iteration"], path)
-        return path
-
-    async def _try_checkpoint(self) -> bool:
-        """A checkpoint whose failure (a full disk) is reported, once, instead of raised: the old checkpoint
-        stays as it was, and training goes on. False when it could not be written."""
-        try:
-            await self.checkpoint()
-        except OSError as e:
-            if self._checkpoint_error is None:
-                kept = (f"the last good one (iteration {self.checkpoint_iteration}) is kept"
-                        if self.checkpoint_iteration is not None else "there is none yet")
-                logger.error("cannot write the checkpoint to %s (%s): %s; training goes on", self.out_dir,
-                             e.strerror or e, kept)
-            self._checkpoint_error = e.strerror or str(e)
-            return False
-        if self._checkpoint_error is not None:
-            logger.warning("checkpoints are written again")
-            self._checkpoint_error = None
-        return True
-
-    def _failed_to_save(self, what: str, error: str) -> None:
-        kept = (f"; the last good checkpoint (iteration {self.checkpoint_iteration}) is kept"
-                if self.checkpoint_iteration is not None else "")
-        self.save_failures.append(f"could not write {what} to {self.out_dir} ({error}){kept}")
-        logger.error("%s", self.save_failures[-1])
+        """Write checkpoint.pt now (see `Checkpointer.write`)."""
+        return await self.checkpoints.write()
 
     async def _finish(self) -> None:
         """The run ended (its last iteration, or divergence): stop every worker, write the final state and
@@ -532,14 +492,13 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         for conn in self.connections.values():
             conn.outbox.put_nowait(stop)
         self.recorder.finish_epoch()
-        if not await self._try_checkpoint():
-            self._failed_to_save("the final checkpoint", self._checkpoint_error)
+        await self.checkpoints.write_or_fail("the final checkpoint")
         if self.out_dir:
             params = self.core.current_params().clone()
             try:
                 await asyncio.to_thread(self._save_final, params, self.core.iteration)
             except OSError as e:
-                self._failed_to_save("final.pt", e.strerror or str(e))
+                self.checkpoints.failed("final.pt", e.strerror or str(e))
         self.recorder.summary(self.core.summary(), gradients_applied=self.counters.gradients_applied,
                               gradients_rejected=self.counters.gradients_rejected,
                               rejected_by_reason=self.counters.rejected_by_reason,
@@ -554,15 +513,14 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
 
     async def aclose(self) -> None:
         """Wait for a checkpoint still being written and close the metrics (the server's last act)."""
-        if self._checkpoint_task is not None:
-            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
+        await self.checkpoints.aclose()
         if self.recorder.metrics is not None:
             self.recorder.metrics.close()
 
     async def shutdown(self, detail: str = "server shutting down") -> None:
         """Graceful stop before the end of the run: checkpoint, then tell the workers."""
-        if not self.finished.is_set() and not await self._try_checkpoint():
-            self._failed_to_save("the checkpoint on shutdown", self._checkpoint_error)
+        if not self.finished.is_set():
+            await self.checkpoints.write_or_fail("the checkpoint on shutdown")
         stop = pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_SHUTDOWN, detail=detail))
         for conn in list(self.connections.values()):
             conn.outbox.put_nowait(stop)
