@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from bench import harness, processes
-from server.cli import LISTENING_PATTERN
+from server.serving import LISTENING_PATTERN
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb

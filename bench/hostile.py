@@ -27,7 +27,7 @@ import grpc
 from bench import harness, processes
 from common.grpc_options import GRPC_MESSAGE_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from common.pb import parameter_server_pb2 as pb
-from server.cli import LISTENING_PATTERN
+from server.serving import LISTENING_PATTERN
 from tests import small_disk
 from tests.freezable_proxy import FreezableProxy
 

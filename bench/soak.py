@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from bench import harness, processes
-from server.cli import LISTENING_PATTERN
+from server.serving import LISTENING_PATTERN
 from common.codec import encode
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
 from common.pb import parameter_server_pb2 as pb

@@ -35,7 +35,7 @@ from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.progress import Progress
 from common.security import ClientSecurity
-from server.cli import listening_port
+from server.serving import listening_port
 from server.config import RunConfig
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.processes import wait_for_line
-from server.cli import LISTENING_PATTERN
+from server.serving import LISTENING_PATTERN
 
 
 def unavailable() -> str | None:

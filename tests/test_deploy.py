@@ -25,7 +25,7 @@ import click
 import pytest
 import yaml
 
-from server.cli import LISTENING_PATTERN
+from server.serving import LISTENING_PATTERN
 from tests.logged_process import LoggedProcess
 
 ROOT = Path(__file__).resolve().parents[1]

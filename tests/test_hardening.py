@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.hostile import big_request
-from server.cli import listening_port
+from server.serving import listening_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

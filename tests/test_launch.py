@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from server.cli import listening_port
+from server.serving import listening_port
 from server.config import RunConfig
 from common.metrics import read_metrics
 from common.pb import parameter_server_pb2 as pb

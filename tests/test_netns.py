@@ -25,7 +25,7 @@ import pytest
 
 from common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from server.checkpoint import CheckpointError, load_checkpoint
-from server.cli import LISTENING_PATTERN
+from server.serving import LISTENING_PATTERN
 from tests.logged_process import LoggedProcess
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.codec import decode, encode
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from server.cli import listening_port
+from server.serving import listening_port
 from server.config import RunConfig
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import processes
-from server.cli import LISTENING_PATTERN
+from server.serving import LISTENING_PATTERN
 from bench.grad_pusher import (
     APPLIED, COLUMNS, DONE, DOWN_BYTES, ERROR, FAILED, NUMEL, PAUSE, PAUSED, PID, READY, REPLIES, REPLY_NS_A,
     REPLY_NS_B, SENT, SERVER_PID, STATE, STOP, UP_BYTES,

@@ -1,0 +1,149 @@
+"""Serving a built service (server/cli.py's `build_service`): the gRPC server with health checks, the
+line that says where it listens, signals (a first SIGTERM/SIGINT checkpoints and stops, a second exits),
+a port already in use named in one line, and the end of the run (evaluators get `linger` seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import re
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import click
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.grpc_options import server_options
+from common.security import ServerSecurity, warn_if_exposed
+from server.service import SERVICE_NAME, ParameterServerService, add_to_server
+
+logger = logging.getLogger(__name__)
+
+# The line ps-server prints once it listens, and the one way to read it back (ps-launch, tests, benchmarks):
+# `listening_port(line)`, or LISTENING_PATTERN (groups: host, port) where a tool waits for a regex in a log.
+LISTENING = "ps-server listening on {host}:{port}"
+LISTENING_PATTERN = r"ps-server listening on (\S+):(\d+)"
+
+
+def listening_port(line: str) -> int | None:
+    """The port of a `ps-server listening on HOST:PORT` line, None for any other line."""
+    m = re.search(LISTENING_PATTERN, line)
+    return int(m.group(2)) if m else None
+
+
+@contextlib.asynccontextmanager
+async def graceful_exit(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> AsyncIterator[asyncio.Event]:
+    """An event the first SIGTERM/SIGINT sets (stop gracefully); a second signal exits at once (code 130).
+    Outside the main thread (a server embedded in a test) no handler can be installed: the event stays clear."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received = 0
+
+    def on_signal() -> None:
+        nonlocal received
+        received += 1
+        if received == 1:
+            logger.info("signal received: checkpointing and stopping (again to exit at once)")
+            stop.set()
+        else:
+            raise SystemExit(130)
+
+    installed = []
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+    try:
+        yield stop
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _first(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until one of `events` is set (or `timeout` seconds pass)."""
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in waits:
+            t.cancel()
+
+
+class PortInUse(OSError):
+    """The address ps-server was asked to listen on is taken."""
+
+
+def _split(bind: str) -> tuple[str, int]:
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--bind must be HOST:PORT, got {bind!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_port_free(bind: str) -> None:
+    """PortInUse when another process listens on `bind` (a ps-server, or any socket). gRPC's own bind sets
+    SO_REUSEPORT, with which a second server would start silently and take part of the connections; the
+    server is also told not to (grpc.so_reuseport = 0), this check only words the error first."""
+    host, port = _split(bind)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve {host!r}: {e.strerror}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are no owners
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise PortInUse(f"port {port} on {host} is in use (another ps-server?); pick another "
+                                    "with --bind, or port 0 for any free one") from None
+                raise
+
+
+async def serve(service: ParameterServerService, *, bind: str = "127.0.0.1:0",
+                security: ServerSecurity = ServerSecurity(), linger: float = 10.0, grace: float = 5.0,
+                on_started: Callable[[ParameterServerService, int], None] | None = None) -> None:
+    """Serve `service` on `bind` until its run finishes (then up to `linger` seconds more for evaluators)
+    or a signal arrives (then checkpoint and tell the workers)."""
+    check_port_free(bind)
+    server = grpc.aio.server(options=server_options(service.core.w.numel()), interceptors=security.interceptors())
+    add_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    credentials = security.credentials()
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise PortInUse(f"cannot listen on {bind} (in use, or not an address of this machine)")
+    warn_if_exposed(bind, security)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    click.echo(LISTENING.format(host=bind.rsplit(":", 1)[0], port=port))
+    if on_started is not None:
+        on_started(service, port)  # tests and embedders reach the live service, on the serving loop
+    async with graceful_exit() as stop:
+        watchdog = asyncio.create_task(service.watch_barrier())
+        try:
+            await _first(service.finished, stop)
+            if service.finished.is_set():
+                await _first(stop, service.final_fetched, timeout=linger)
+            else:
+                await service.shutdown()
+        finally:
+            watchdog.cancel()
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await server.stop(grace)
+            await service.aclose()
