@@ -3,7 +3,9 @@
 Each worker has one bidirectional `Train` stream. A reader task per stream decodes messages and calls
 `ServerCore.push` directly: code between two `await`s is atomic on one loop, so the core needs no lock,
 gradients are applied in arrival order, and the parameters a push returns are encoded before anything
-else can run. Answers go through a per-worker outbox that the stream's handler drains.
+else can run. Answers go through a per-worker outbox that the stream's handler drains. Who may join and
+with what (Register, layout, initial parameters, Ready) is server/admission.py; when checkpoints are
+written, server/checkpointer.py.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common import layout as layouts
-from common.codec import CodecError, check_finite, decode, encode
+from common.codec import CodecError, decode, encode
 from common.layout import Layout
 from common.log_limit import LimitedLog, shorten
 from common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.wire import Received, parse_worker_message, serialize_parameters, serialize_server_message
+from server.admission import END_STREAM, Admission, Connection, Rejected
 from server.checkpoint import save_final
 from server.checkpointer import Checkpointer
 from server.core import Dispatch, PushRejected, ServerCore
@@ -36,29 +39,8 @@ from server.core import Dispatch, PushRejected, ServerCore
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "ps.v1.ParameterServer"
 
-_END = object()  # outbox sentinel: close the stream normally
 # Rejections that say the run is diverging: enough of them in a row (no gradient applied between) end it.
 DIVERGING = ("nonfinite", "overflow")
-
-
-class Rejected(Exception):
-    """A message that ends its stream with a gRPC status; the server's state is unchanged."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class Connection:
-    worker: int
-    name: str
-    slowdown: float
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    error: Rejected | None = None
-    ready: bool = False
-    new_slot: bool = False  # its id had never been given out before (undone if its Ready is refused)
 
 
 @dataclass
@@ -73,7 +55,7 @@ class Counters:
         self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
 
 
-class ParameterServerService(pb_grpc.ParameterServerServicer):
+class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
     """The service of one run: its core, its workers' streams, its books (`recorder`) and its files."""
 
     def __init__(
@@ -153,7 +135,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         try:
             while True:
                 msg = await conn.outbox.get()
-                if msg is _END:
+                if msg is END_STREAM:
                     break
                 yield msg
                 if isinstance(msg, pb.ServerMessage) and msg.WhichOneof("payload") == "stop":
@@ -174,17 +156,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                 await reader
             self._disconnect(conn)
 
-    def _not_ready(self, conn: Connection) -> None:
-        """A registered worker that has not said Ready in time gives its slot back (a stream that registers
-        and then does nothing would hold it for ever, and a full run would refuse real workers)."""
-        if conn.ready or conn.error is not None:
-            return
-        logger.warning("worker %d (%s) sent no Ready within %.0fs: its slot is freed", conn.worker, conn.name,
-                       self.ready_timeout)
-        conn.error = Rejected(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"no Ready within {self.ready_timeout:g}s of the Welcome; the slot was given back")
-        conn.outbox.put_nowait(_END)
-
     @property
     def ended(self) -> bool:
         """The run is over: it reached its last iteration, or it diverged."""
@@ -195,129 +166,6 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
             return pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_DIVERGED, detail=self.diverged))
         return pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_DONE,
                                              detail=f"run finished after {self.core.iteration} iterations"))
-
-    def _admit(self, first: pb.WorkerMessage, peer: str) -> Connection:
-        """Register a worker: assign its id and welcome it. Atomic on the loop."""
-        if first.WhichOneof("payload") != "register":
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a Train stream must be Register")
-        reg = first.register
-        k = self.core.num_workers
-        free = [w for w in range(k) if w not in self.connections]
-        never = [w for w in free if w not in self.ever_assigned]
-        if reg.HasField("requested_worker_id"):
-            worker = reg.requested_worker_id
-            if not 0 <= worker < k:
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"requested worker id {worker} is out of range 0..{k - 1}")
-            if worker in self.connections:
-                # Its slot was taken meanwhile (a restarted worker with no id took it first, or this worker's
-                # own old stream is not closed yet): another free slot serves as well.
-                if not free:
-                    raise Rejected(grpc.StatusCode.ALREADY_EXISTS,
-                                   f"worker {worker} already has an open Train stream")
-                logger.info("worker id %d is taken; giving the worker that asked for it id %d", worker,
-                            (never or free)[0])
-                worker = (never or free)[0]
-        else:
-            if not free:
-                raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {k} worker slots are taken")
-            worker = (never or free)[0]
-        if not reg.slowdown >= 0:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"slowdown must be >= 0, got {reg.slowdown}")
-        declared = self._check_layout(reg.layout) if reg.HasField("layout") else None  # the last refusal
-        if declared is not None:
-            self._adopt_layout(declared, shorten(reg.name or peer, 64))
-        conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
-                          new_slot=worker not in self.ever_assigned)
-        self.connections[worker] = conn
-        self.worker_slowdowns[worker] = conn.slowdown
-        self.ever_assigned.add(worker)
-        logger.info("worker %d registered (%s, slowdown %.2f), %d/%d connected", worker, conn.name,
-                    conn.slowdown, len(self.connections), k)
-        welcome = pb.Welcome(worker_id=worker, config=self.pb_run_config(), data_seed=self.run.worker_seed(worker),
-                             parameters_wanted=not self.core.has_parameters)
-        if self.layout is not None:
-            welcome.layout.CopyFrom(layouts.to_pb(self.layout))
-        conn.outbox.put_nowait(pb.ServerMessage(welcome=welcome))
-        return conn
-
-    # ----- the parameter layout: checked for every client that declares one, adopted from the first --------
-    def _check_layout(self, message: pb.ParameterLayout) -> Layout | None:
-        """A client's declared layout against the run's: Rejected (FAILED_PRECONDITION) on a mismatch. Returns
-        the layout when the run has none yet (to be adopted once nothing else can refuse). Changes nothing."""
-        try:
-            declared = layouts.from_pb(message)
-        except ValueError as e:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad parameter layout: {e}") from None
-        if not declared:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the parameter layout lists no tensors")
-        if self.layout is not None:
-            problem = layouts.mismatch(self.layout, declared)
-            if problem is None:
-                return None
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"the client's model does not match the run's parameter layout (model {self.run.model_name}: "
-                           f"{len(self.layout)} tensors, {layouts.numel(self.layout)} values): {problem}")
-        wrong = [spec for spec in declared if spec.dtype != torch.float32]
-        if wrong:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"the server holds float32 parameters; {wrong[0].describe()} is not float32")
-        return declared
-
-    def _adopt_layout(self, declared: Layout, client: str) -> None:
-        self.layout = declared
-        logger.info("the run's parameter layout comes from client %s: %d tensors, %d values", client,
-                    len(declared), layouts.numel(declared))
-
-    def _initial_params(self, ready: pb.Ready, declared: Layout | None) -> torch.Tensor | None:
-        """The initial parameters a Ready carries, checked, when the run still needs them. Changes nothing."""
-        if not ready.HasField("parameters") or self.core.has_parameters:
-            return None
-        known = declared or self.layout
-        if known is None:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "initial parameters need a parameter layout")
-        try:
-            params = decode(ready.parameters, expected_numel=layouts.numel(known), expected_dtype=torch.float32)
-            check_finite(params, "initial parameters")
-        except CodecError as e:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad initial parameters: {e}") from None
-        return params
-
-    def _on_ready(self, conn: Connection, ready_msg: pb.Ready) -> None:
-        """The worker can compute: check what it declares, count it in the run and hand it parameters."""
-        try:
-            declared = self._check_layout(ready_msg.layout) if ready_msg.HasField("layout") else None
-            params0 = self._initial_params(ready_msg, declared)
-        except Rejected:
-            if conn.new_slot:
-                self.ever_assigned.discard(conn.worker)
-            raise
-        if declared is not None:
-            self._adopt_layout(declared, conn.name)
-        if params0 is not None:
-            self.core.set_initial_params(params0)
-            logger.info("w_0 (%d values) comes from worker %d (%s)", params0.numel(), conn.worker, conn.name)
-        conn.ready = True
-        k = self.core.num_workers
-        if not self.started:
-            ready = sorted(w for w, c in self.connections.items() if c.ready)
-            if self.wait_for_all_workers and len(ready) < k:
-                logger.info("%d/%d workers ready", len(ready), k)
-                return
-            if not self.core.has_parameters:
-                logger.info("%d workers ready; waiting for one that sends the initial parameters", len(ready))
-                return
-            self.started = True
-            dispatch = self.core.start()
-            for w in range(k):  # with --start-at-once, those not here yet join when they come
-                if w not in ready:
-                    self.core.deactivate(w)
-            self._route([Dispatch(tuple(ready), dispatch.params, dispatch.iteration_index)])
-            logger.info("run started with %d workers", len(ready))
-        else:
-            dispatch = self.core.rejoin(conn.worker)
-            if dispatch is not None:
-                self._route([dispatch])
 
     async def _read(self, conn: Connection, request_iterator: AsyncIterator[Received]) -> None:
         try:
@@ -330,7 +178,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
                         conn.outbox.put_nowait(self._stop_message())
                         return
                     conn.error = e
-                    conn.outbox.put_nowait(_END)
+                    conn.outbox.put_nowait(END_STREAM)
                     return
                 if self.ended and self._finish_task is None:
                     # Owned by the service, not this stream: a worker hanging up must not cut it short.
@@ -346,7 +194,7 @@ class ParameterServerService(pb_grpc.ParameterServerServicer):
         except Exception:  # a bug must end this stream with a status, not leave it hanging
             logger.exception("worker %d: unexpected error handling a message", conn.worker)
             conn.error = Rejected(grpc.StatusCode.INTERNAL, "internal error in the parameter server")
-        conn.outbox.put_nowait(_END)
+        conn.outbox.put_nowait(END_STREAM)
 
     def _on_message(self, conn: Connection, received: Received) -> None:
         """Decode and apply one gradient, then route the answers. No await: atomic on the loop."""
