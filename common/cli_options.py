@@ -1,5 +1,5 @@
-"""Click options and set-up shared by the command-line programs: logging, `PS_*` variables, the security
-and client-process options of ps-worker and ps-eval.
+"""Click options and set-up shared by the command-line programs: logging, `PS_*` variables, `--device`,
+the client-process options of ps-worker and ps-eval (TLS and token options: common/security_options.py).
 
 Every flag also reads an environment variable `PS_<NAME>` (e.g. `PS_SERVER`, `PS_TOKEN`): the entry
 points call click with `auto_envvar_prefix="PS"`, so containers configure by environment. The run's own
@@ -20,7 +20,8 @@ from typing import Any
 import click
 
 from common.malloc_tuning import tune_malloc
-from common.security import ClientSecurity, ServerSecurity
+from common.security import ClientSecurity
+from common.security_options import CLIENT_SECURITY_OPTIONS, apply_options, client_security_from
 from common.settings import ENV_PREFIX, env_name
 
 
@@ -110,59 +111,6 @@ def run_cli(command: click.Command, argv: Sequence[str] | None, prog_name: str) 
             raise
 
 
-_TOKEN_HELP = "Shared token: sent as 'authorization: Bearer TOKEN' on every call (checked on all but health)."
-SERVER_SECURITY_OPTIONS: list[Callable[[Any], Any]] = [
-    click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="Server certificate (PEM): TLS on."),
-    click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Server private key (PEM)."),
-    click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
-                 help="Require client certificates signed by this CA (mutual TLS)."),
-    click.option("--token", default=None, help=_TOKEN_HELP),
-    click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Read the token from a file."),
-]
-CLIENT_SECURITY_OPTIONS: list[Callable[[Any], Any]] = [
-    click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
-                 help="CA certificate (PEM) that signed the server's: TLS on."),
-    click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
-                 help="Client certificate (PEM), for mutual TLS."),
-    click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Client private key (PEM)."),
-    click.option("--tls-server-name", default=None, help="Expected name in the server's certificate (override)."),
-    click.option("--token", default=None, help=_TOKEN_HELP),
-    click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="Read the token from a file."),
-]
-
-
-def _apply(options: list[Callable[[Any], Any]], f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def server_security_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    return _apply(SERVER_SECURITY_OPTIONS, f)
-
-
-def client_security_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    return _apply(CLIENT_SECURITY_OPTIONS, f)
-
-
-def server_security_from(kwargs: dict[str, Any]) -> ServerSecurity:
-    try:
-        return ServerSecurity(tls_cert=kwargs.pop("tls_cert"), tls_key=kwargs.pop("tls_key"),
-                              tls_client_ca=kwargs.pop("tls_client_ca"), token=kwargs.pop("token"),
-                              token_file=kwargs.pop("token_file"))
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-
-
-def client_security_from(kwargs: dict[str, Any]) -> ClientSecurity:
-    try:
-        return ClientSecurity(tls_ca=kwargs.pop("tls_ca"), tls_cert=kwargs.pop("tls_cert"),
-                              tls_key=kwargs.pop("tls_key"), tls_server_name=kwargs.pop("tls_server_name"),
-                              token=kwargs.pop("token"), token_file=kwargs.pop("token_file"))
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-
-
 def resolve_device(name: str) -> str:
     """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA where there is one) as a device this machine has; a ValueError
     that says why otherwise."""
@@ -209,7 +157,7 @@ CLIENT_PROCESS_OPTIONS: list[Callable[[Any], Any]] = [
 
 def client_process_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """What every client process of a server takes: timeout, device, threads, TLS/token, logging."""
-    return _apply(CLIENT_PROCESS_OPTIONS, f)
+    return apply_options(CLIENT_PROCESS_OPTIONS, f)
 
 
 def setup_client_process(kwargs: dict[str, Any]) -> ClientSecurity:

@@ -16,13 +16,14 @@ import click
 import torch
 
 from common import settings
-from common.cli_options import run_cli, server_security_from, server_security_options, setup_logging
+from common.cli_options import run_cli, setup_logging
 from common.data import iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.layout import layout_of
 from common.malloc_tuning import tune_malloc
 from common.metrics import MetricsWriter
 from common.security import ServerSecurity
+from common.security_options import server_security_from, server_security_options
 from common.settings import setting
 from server.checkpoint import CheckpointError, load_checkpoint
 from server.config import RunConfig

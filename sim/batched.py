@@ -1,5 +1,13 @@
 """Many virtual workers' gradients in one call: each at its own parameter, on its own mini-batch.
 
+Why the simulator may compute them ahead (`Simulator(batched=True)`): the arrival order does not depend on
+gradient values, and every outstanding gradient is computed at a parameter already sent, so when an
+arrival's gradient is not computed yet, every outstanding worker's gradient is computed in one call
+(`compute_for`), each on that worker's next mini-batch, and kept until its arrival. A worker holds at most
+one outstanding gradient (the core sends it parameters only after its gradient arrived), so each kept
+gradient is the one its arrival applies: the same arrivals apply the same gradients in the same order as
+one at a time, equal up to float rounding.
+
 `BatchedGradients.compute(params, x, y)` takes n stacked flat parameter vectors `(n, P)` and n mini-batches
 `(n, B, ...)` and returns what `common.gradients.GradientComputer` returns for each of the n, computed
 together: the model's forward is `torch.func.vmap`-ed over the n parameter vectors (`functional_call`), so a
@@ -32,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
+
+from common.data import Draw
 
 
 class BatchedGradients:
@@ -86,3 +96,21 @@ class BatchedGradients:
         if not bool(rows_finite.all()):
             rows_finite = torch.isfinite(grads).all(dim=1)
         return grads, losses, torch.isfinite(losses) & rows_finite
+
+    def compute_for(self, workers: list[int], held: dict[int, tuple[torch.Tensor, int]], streams: list,
+                    into: dict[int, tuple[torch.Tensor, float, bool]], limit: int | None = None) -> int:
+        """The gradients of `workers`, each at the parameter it holds (`held[k][0]`) and on its stream's next
+        mini-batch, into `into[k]` = (gradient, loss, finite), in calls of at most `limit` workers (None: one
+        call); one copy to the host per call. Returns the number of calls."""
+        limit = limit or len(workers)
+        calls = 0
+        for start in range(0, len(workers), limit):
+            chunk = workers[start : start + limit]
+            # One gather over the shared training data for all of them (each stream draws its own batch).
+            x, y = streams[chunk[0]].take(Draw.cat([streams[k].draw() for k in chunk]))
+            params = torch.stack([held[k][0] for k in chunk])
+            grads, losses, finite = self.compute(params, x.view(len(chunk), -1, *x.shape[1:]), y.view(len(chunk), -1))
+            for k, grad, loss, ok in zip(chunk, grads, losses.tolist(), finite.tolist(), strict=True):
+                into[k] = (grad, loss, ok)
+            calls += 1
+        return calls

@@ -4,13 +4,8 @@ Each virtual worker holds the last (parameter, index) the core sent it. A priori
 decides which worker's gradient arrives next; that gradient is computed for real, at the parameter the
 worker holds, on the worker's own mini-batch stream. With a seed the run is reproducible bit for bit.
 
-Batched (`batched=True`, the default on a GPU): the arrival order does not depend on gradient values, and
-every outstanding gradient is computed at a parameter already sent, so when an arrival's gradient is not
-computed yet, every outstanding worker's gradient is computed in one call (sim/batched.py), each on that
-worker's next mini-batch, and kept until its arrival. A worker holds at most one outstanding gradient (the
-core sends it parameters only after its gradient arrived), so each kept gradient is the one its arrival
-applies. The same arrivals apply the same gradients in the same order as one at a time, equal up to float
-rounding (batched matmuls and convolutions sum in another order).
+Batched (`batched=True`, the default on a GPU): every outstanding gradient is computed in one call and
+kept until its arrival; the same run to float rounding (sim/batched.py says why).
 """
 
 from __future__ import annotations
@@ -27,46 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import settings
 from common.codec import all_finite
-from common.data import BatchStream, Dataset, Draw, iterations_per_epoch, load_dataset
+from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.gradients import GradientComputer
 from common.metrics import MetricsWriter, RunRecorder
 from common.progress import Progress
-from common.settings import setting
 from server.checkpoint import save_final
 from server.config import RunConfig
 from server.core import Dispatch, ServerCore
 from sim.batched import BatchedGradients
+from sim.timing import ComputeTimeModel
 
 logger = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class ComputeTimeModel:
-    """Virtual seconds one gradient takes: `compute_time * U(1 - jitter, 1 + jitter)`, times `slowdown` for
-    slow workers. Homogeneous: `slow_workers = 0`. Heterogeneous: the last `slow_workers` of the K workers are
-    slow (ps-launch's `--slow-workers N --slowdown F` make the same run with processes)."""
-
-    compute_time: float = setting(1.0, "Mean virtual seconds one gradient takes on a normal worker.",
-                                  min=0, min_open=True)
-    jitter: float = setting(0.1, "Relative spread of compute times: each is mean * U(1-jitter, 1+jitter).",
-                            min=0, max=1, max_open=True)
-    slow_workers: int = setting(0, "How many of the K workers are slow.", min=0)
-    slowdown: float = setting(4.0, "How many times slower a slow worker is.", min=1)
-
-    def __post_init__(self) -> None:
-        settings.validate(self)
-
-    def slow_worker_ids(self, num_workers: int) -> frozenset[int]:
-        if self.slow_workers > num_workers:
-            raise ValueError(f"slow_workers {self.slow_workers} is more than the {num_workers} workers")
-        return frozenset(range(num_workers - self.slow_workers, num_workers))
-
-    def duration(self, worker: int, num_workers: int, rng: np.random.Generator) -> float:
-        factor = self.slowdown if worker in self.slow_worker_ids(num_workers) else 1.0
-        return self.compute_time * factor * float(rng.uniform(1 - self.jitter, 1 + self.jitter))
-
 
 @dataclass
 class SimResult:
@@ -232,21 +200,11 @@ class Simulator:
         return grad, loss, math.isfinite(loss) and all_finite(grad)
 
     def _compute_outstanding(self) -> None:
-        """Every outstanding gradient not computed yet, each at the parameter its worker holds and on that
-        worker's next mini-batch, in calls of at most `batch_limit` workers; one copy to the host per call."""
+        """Every outstanding gradient not computed yet (see `BatchedGradients.compute_for`)."""
         todo = sorted(k for k in self.held if k not in self.computed)
-        limit = self.batch_limit or len(todo)
-        for start in range(0, len(todo), limit):
-            chunk = todo[start : start + limit]
-            # One gather over the shared training data for all of them (each stream draws its own batch).
-            x, y = self.streams[chunk[0]].take(Draw.cat([self.streams[k].draw() for k in chunk]))
-            params = torch.stack([self.held[k][0] for k in chunk])
-            grads, losses, finite = self.batched_gradients.compute(
-                params, x.view(len(chunk), -1, *x.shape[1:]), y.view(len(chunk), -1))
-            for k, grad, loss, ok in zip(chunk, grads, losses.tolist(), finite.tolist(), strict=True):
-                self.computed[k] = (grad, loss, ok)
-            self.batched_calls += 1
-            self.gradients_computed += len(chunk)
+        calls = self.batched_gradients.compute_for(todo, self.held, self.streams, self.computed, self.batch_limit)
+        self.batched_calls += calls
+        self.gradients_computed += len(todo)
 
     # ----- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from server.cli import ServeOptions, build_service
 from server.cli import cli as server_cli
 from server.cli import main as server_main
 from server.config import RunConfig
-from server.service import _END, Rejected
+from server.admission import END_STREAM, Rejected
 from sim.cli import cli as sim_cli
 from sim.cli import main as sim_main
 from sim.simulator import Simulator
@@ -366,7 +366,7 @@ def test_a_client_reconnects_when_its_stream_is_cut_and_says_so_when_the_server_
         def cut() -> None:  # the server ends the client's stream, as when a link breaks
             conn = live.service.connections[0]
             conn.error = Rejected(grpc.StatusCode.UNAVAILABLE, "cut by the test")
-            conn.outbox.put_nowait(_END)
+            conn.outbox.put_nowait(END_STREAM)
 
         live.on_loop(cut)
         user_loop(opt, model, 2, steps=5)
