@@ -77,12 +77,23 @@ def eta_grid(variant: dict, method: str, workers: int) -> list[float]:
     return variant["grid"][(family, min(ks, key=lambda k: abs(k - workers)))]
 
 
+def _unfinished(name: str, status: str, **known) -> dict:
+    """The result of a run that has no summary (not started, stopped at the deadline, failed)."""
+    return dict(name=name, accuracy=None, val_accuracy=None, loss=None, wall=0.0, diverged=False, status=status) | known
+
+
+def _from_summary(name: str, summary: dict, **extra) -> dict:
+    """The result of a finished run, from its summary record."""
+    return dict(name=name, accuracy=summary.get("final_test_accuracy"), val_accuracy=summary.get("final_val_accuracy"),
+                loss=summary.get("final_train_loss"), wall=summary.get("wall_seconds") or 0.0,
+                diverged=summary.get("diverged"), iterations=summary.get("iterations"), status="finished") | extra
+
+
 def one_run(spec: dict) -> dict:
     name = Path(spec["out"]).name
     deadline = spec.get("deadline")
     if deadline is not None and time.time() >= deadline:
-        return dict(name=name, accuracy=None, val_accuracy=None, loss=None, wall=0.0, diverged=False,
-                    status="not started")
+        return _unfinished(name, "not started")
     import torch
 
     torch.set_num_threads(1)
@@ -113,17 +124,13 @@ def one_run(spec: dict) -> dict:
     result = None
     while result is None:  # an epoch at a time when there is a deadline, so a run stops near it
         if deadline is not None and time.time() >= deadline:
-            return dict(name=name, accuracy=sim.evals[-1]["test_accuracy"] if sim.evals else None,
-                        val_accuracy=None, loss=None, wall=sim.wall_seconds, diverged=False,
-                        iterations=sim.core.iteration,
-                        status=f"unfinished at iteration {sim.core.iteration} of {sim.core.total_iterations}")
+            return _unfinished(name, f"unfinished at iteration {sim.core.iteration} of {sim.core.total_iterations}",
+                               accuracy=sim.evals[-1]["test_accuracy"] if sim.evals else None,
+                               wall=sim.wall_seconds, iterations=sim.core.iteration)
         result = sim.simulate(None if deadline is None else sim.core.iteration + sim.iters_per_epoch)
     summary = result.summary
     (Path(spec["out"]) / "final.pt").unlink(missing_ok=True)  # keep the committed results small: metrics only
-    return dict(name=name, accuracy=summary["final_test_accuracy"],
-                val_accuracy=summary.get("final_val_accuracy"), loss=summary["final_train_loss"],
-                wall=summary["wall_seconds"], diverged=summary["diverged"], iterations=summary["iterations"],
-                status="finished")
+    return _from_summary(name, summary)
 
 
 def finished(out: str | Path) -> dict | None:
@@ -148,10 +155,7 @@ def run_all(specs: list[dict], jobs: int, label: str, deadline: float | None = N
         if done is None:
             todo.append(s)
             continue
-        results[s["out"]] = dict(name=Path(s["out"]).name, accuracy=done.get("final_test_accuracy"),
-                                 val_accuracy=done.get("final_val_accuracy"), loss=done.get("final_train_loss"),
-                                 wall=done.get("wall_seconds") or 0.0, diverged=done.get("diverged"),
-                                 iterations=done.get("iterations"), status="finished", earlier=True)
+        results[s["out"]] = _from_summary(Path(s["out"]).name, done, earlier=True)
     print(f"{label}: {len(specs)} runs, {len(specs) - len(todo)} already done, {jobs} at a time", file=sys.stderr)
     t0 = time.monotonic()
     # CUDA cannot be used in a forked child of a process that touched it: start GPU runs' processes fresh.
@@ -164,8 +168,7 @@ def run_all(specs: list[dict], jobs: int, label: str, deadline: float | None = N
             try:
                 r = f.result()
             except Exception as e:  # noqa: BLE001 -- one failed run (out of memory, ...) does not end the study
-                r = dict(name=Path(futures[f]["out"]).name, accuracy=None, val_accuracy=None, loss=None, wall=0.0,
-                         diverged=False, status=f"failed: {type(e).__name__}: {e}")
+                r = _unfinished(Path(futures[f]["out"]).name, f"failed: {type(e).__name__}: {e}")
             results[futures[f]["out"]] = r
             acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
             val = "" if r.get("val_accuracy") is None else f" val {r['val_accuracy']:.4f}"
@@ -182,8 +185,7 @@ def run_all(specs: list[dict], jobs: int, label: str, deadline: float | None = N
     else:
         pool.shutdown()
     for s in specs:
-        results.setdefault(s["out"], dict(name=Path(s["out"]).name, accuracy=None, val_accuracy=None, loss=None,
-                                          wall=0.0, diverged=False, status="ended at the deadline"))
+        results.setdefault(s["out"], _unfinished(Path(s["out"]).name, "ended at the deadline"))
     return [results[s["out"]] for s in specs]
 
 

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=6, help="runs at a time (processes sharing the GPU)")
     p.add_argument("--batch-limit", type=int, default=32, help="at most this many workers' gradients per batched call")
     p.add_argument("--budget", type=float, default=500.0,
-                   help="seconds for the whole command: the runs stop 40 s before it ends and the table is written")
+                   help=f"seconds for the whole command: the runs stop {REPORT_RESERVE_S:g} s before it ends and the "
+                        "table is written")
     p.add_argument("--device", default="cuda", help="where the runs compute (cuda, cuda:N)")
     p.add_argument("--smoke", action="store_true",
                    help="the same code at a tiny scale on the CPU (strided-cnn on digits, 40 iterations per run)")
