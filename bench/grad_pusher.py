@@ -1,7 +1,8 @@
 """A synthetic gradient pusher for bench/throughput: one raw Train stream, no model, no compute.
 
 Registers, sends Ready, then loops: receive Parameters, at once send a Gradient of the announced size
-(float32, small values, the iteration index it received), until the orchestrator raises the stop flag,
+(float32, small values, the iteration index it received), both whole or chunked as ps-worker does (it
+says it reads chunks; the Welcome says above which size it sends them), until the orchestrator raises the stop flag,
 `--max-round-trips` replies came back, or `--max-seconds` passed. It only stops right after a reply, so
 a pusher that ends normally has nothing in flight. Live counters go to a shared control file (a small
 int64 memmap, see the column names below) that the orchestrator reads at the edges of a measurement
@@ -30,8 +31,9 @@ import numpy as np
 from bench import harness
 from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
+from common.chunks import Assembly
 from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
+from common.wire import gradient_messages, train_call
 
 
 # Columns of a pusher's row in the control file (int64). Shared with bench/throughput.
@@ -68,36 +70,30 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
     stop = control[-1]
     deadline = time.monotonic() + max_seconds
     async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
-        stub = pb_grpc.ParameterServerStub(channel)
         # The call's deadline bounds every read, also if the other side hangs.
-        call = stub.Train(timeout=max_seconds + 30.0)
+        call = train_call(channel)(timeout=max_seconds + 30.0)
         try:
-            await call.write(pb.WorkerMessage(register=pb.Register(name=f"pusher-{slot}")))
+            # As ps-worker: it reads chunked parameters, and sends its gradients as the Welcome says.
+            await call.write(pb.WorkerMessage(register=pb.Register(name=f"pusher-{slot}", accepts_chunks=True)))
             first = await call.read()
-            if first is grpc.aio.EOF or first.WhichOneof("payload") != "welcome":
+            if first is grpc.aio.EOF or first.message.WhichOneof("payload") != "welcome":
                 raise RuntimeError(f"expected a Welcome, got {first!r}")
-            numel = first.welcome.config.num_parameters
+            welcome = first.message.welcome
+            numel, chunk_bytes = welcome.config.num_parameters, welcome.chunk_bytes
             row[NUMEL] = numel
-            msg = pb.WorkerMessage(gradient=pb.Gradient(
-                tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, numel=numel, data=gradient_bytes(numel, slot)),
-                iteration_index=0, loss=0.0, sample_count=128))
-            grad = msg.gradient
-            row[UP_BYTES] = msg.ByteSize()
+            gradient = np.frombuffer(gradient_bytes(numel, slot), dtype="<f4")
+            row[UP_BYTES] = sum(map(len, gradient_messages(gradient, 0, 0.0, 128, chunk_bytes)))
             await call.write(pb.WorkerMessage(ready=pb.Ready()))
             row[STATE] = READY
             replies = -1  # the first Parameters answers Ready, not a gradient
             while True:
-                reply = await call.read()
-                if reply is grpc.aio.EOF:
+                got = await _parameters(call)
+                if got is None:
                     break
-                kind = reply.WhichOneof("payload")
-                if kind == "stop":
-                    break
-                if kind != "parameters":
-                    raise RuntimeError(f"unexpected {kind} on the Train stream")
+                iteration_index, nbytes = got
                 replies += 1
                 if replies == 0:
-                    row[DOWN_BYTES] = reply.ByteSize()
+                    row[DOWN_BYTES] = nbytes
                 record_reply(row, replies)
                 if stop[STOP] or replies >= max_round_trips or time.monotonic() > deadline:
                     break
@@ -108,14 +104,41 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
                     row[PAUSED] = 0
                     if stop[STOP] or time.monotonic() > deadline:
                         break
-                grad.iteration_index = reply.parameters.iteration_index
-                await call.write(msg)
+                # Built afresh each time, as a worker builds each gradient's messages (one copy of the tensor).
+                for message in gradient_messages(gradient, iteration_index, 0.0, 128, chunk_bytes):
+                    await call.write(message)
                 row[SENT] += 1
             await call.done_writing()
             row[STATE] = DONE
             return 0
         finally:
             call.cancel()
+
+
+async def _parameters(call: grpc.aio.StreamStreamCall) -> tuple[int, int] | None:
+    """Read the next Parameters, whole or chunked (its bytes put together as a worker does); its iteration index
+    and the bytes of its messages. None at the end of the stream (or a Stop)."""
+    received = await call.read()
+    if received is grpc.aio.EOF:
+        return None
+    msg = received.message
+    kind = msg.WhichOneof("payload")
+    if kind == "stop":
+        return None
+    if kind != "parameters":
+        raise RuntimeError(f"unexpected {kind} on the Train stream")
+    nbytes = msg.ByteSize() + (len(received.tensor_data) if received.tensor_data is not None else 0)
+    if msg.parameters.tensor.chunked:
+        if msg.parameters.tensor.dtype != pb.DTYPE_FLOAT32:  # (common.codec's checks need torch)
+            raise RuntimeError(f"expected float32 parameters, got {pb.DType.Name(msg.parameters.tensor.dtype)}")
+        assembly = Assembly(msg, 4 * msg.parameters.tensor.numel)
+        while not assembly.complete:
+            chunk = await call.read()
+            if chunk is grpc.aio.EOF or chunk.message.WhichOneof("payload") != "chunk":
+                raise RuntimeError(f"expected a chunk, got {chunk!r}")
+            assembly.add(chunk.message.chunk.offset, chunk.tensor_data)
+            nbytes += chunk.message.ByteSize() + len(chunk.tensor_data)
+    return msg.parameters.iteration_index, nbytes
 
 
 def main(argv: list[str] | None = None) -> int:

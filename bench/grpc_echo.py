@@ -5,7 +5,9 @@ and the same hand-framed Train (de)serializers (`common.wire`: the tensor's byte
 request without a copy and copied once into the reply), so the same pusher processes
 (bench/grad_pusher.py) drive it unchanged: Register -> Welcome (announcing `--numel`), Ready -> Parameters
 (a prebuilt zero tensor), then every Gradient is answered at once by a Parameters message carrying the
-gradient's own tensor back (same size) and the next iteration index.
+gradient's own tensor back (same size) and the next iteration index. Chunking as ps-server's (`--chunk-mib`,
+the same default): to a client that reads chunks, tensors above the size go chunked both ways; a chunked
+gradient is put together (one copy, as ps-server does) before its answer goes out.
 No checks, no update, no queue or reader task: one handler coroutine per stream. GetStatus reports the
 number of gradients echoed as `gradients_applied`, so the benchmark reads both servers alike.
 
@@ -26,45 +28,61 @@ from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.wire import serialize_parameters
+from common.chunks import DEFAULT_CHUNK_BYTES, MIB, Assembly
+from common.wire import Received, parameters_messages
 from server.service import add_to_server
 
 
 class EchoService(pb_grpc.ParameterServerServicer):
-    def __init__(self, numel: int) -> None:
+    def __init__(self, numel: int, chunk_bytes: int) -> None:
         self.numel = numel
+        self.chunk_bytes = chunk_bytes
         self.echoed = 0
         self.started = time.monotonic()
         self.config = pb.RunConfig(algorithm="echo", model=f"flat-{numel}", dataset="none", num_classes=1,
                                    batch_size=128, total_iterations=0, num_workers=0, num_parameters=numel)
-        self.initial = pb.ServerMessage(parameters=pb.Parameters(
-            tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, numel=numel, data=bytes(4 * numel)), iteration_index=0))
+        self.initial = np.zeros(numel, dtype=np.float32)
         self.next_id = 0
 
     async def Train(self, request_iterator, context):
+        chunk_bytes = 0
+        incoming: Assembly | None = None
         async for received in request_iterator:
             msg = received.message
             kind = msg.WhichOneof("payload")
+            if kind == "chunk":  # (no order checks beyond the assembly's own)
+                if not incoming.add(msg.chunk.offset, received.tensor_data):
+                    continue
+                received, incoming, kind = Received(incoming.header, incoming.data()), None, "gradient"
+                msg = received.message
             if kind == "gradient":
                 g = msg.gradient
+                if g.tensor.chunked and incoming is None and received.tensor_data is None:
+                    incoming = Assembly(msg, 4 * g.tensor.numel)
+                    continue
                 self.echoed += 1
                 # One copy of the tensor's bytes, as ps-server's reply costs (no dtype or length check).
                 data = received.tensor_data if received.tensor_data is not None else g.tensor.data
-                yield serialize_parameters(np.frombuffer(data, dtype=np.float32), g.iteration_index + 1, 0.0)
+                for reply in parameters_messages(np.frombuffer(data, dtype=np.float32), g.iteration_index + 1, 0.0,
+                                                 chunk_bytes):
+                    yield reply
             elif kind == "register":
                 self.next_id += 1
-                yield pb.ServerMessage(welcome=pb.Welcome(worker_id=self.next_id - 1, config=self.config))
+                chunk_bytes = self.chunk_bytes if msg.register.accepts_chunks else 0
+                yield pb.ServerMessage(welcome=pb.Welcome(worker_id=self.next_id - 1, config=self.config,
+                                                          chunk_bytes=chunk_bytes))
             elif kind == "ready":
-                yield self.initial
+                for reply in parameters_messages(self.initial, 0, 0.0, chunk_bytes):
+                    yield reply
 
     async def GetStatus(self, request, context):
         return pb.Status(iteration=self.echoed, gradients_applied=self.echoed, config=self.config,
                          uptime_seconds=time.monotonic() - self.started)
 
 
-async def serve(bind: str, numel: int) -> None:
+async def serve(bind: str, numel: int, chunk_bytes: int) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    add_to_server(EchoService(numel), server)  # ps-server's registration: the same Train serializers
+    add_to_server(EchoService(numel, chunk_bytes), server)  # ps-server's registration: the same Train serializers
     port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"could not bind {bind}")
@@ -82,11 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     p = harness.parser("grpc_echo", __doc__)
     p.add_argument("--bind", default="127.0.0.1:0")
     p.add_argument("--numel", type=int, required=True, help="parameters announced in the Welcome")
+    p.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_BYTES / MIB,
+                   help="chunk tensors larger than this (MiB) as ps-server --chunk-mib does; 0: whole")
     args = p.parse_args(argv)
     tune_malloc()  # as ps-server does: the ceiling gets the same allocator settings
     if not args.bind.startswith("127.0.0.1:"):
         p.error("the benchmark listens on 127.0.0.1 only")
-    asyncio.run(serve(args.bind, args.numel))
+    asyncio.run(serve(args.bind, args.numel, round(args.chunk_mib * MIB)))
 
 
 if __name__ == "__main__":

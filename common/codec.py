@@ -11,7 +11,7 @@ import torch
 
 from common.pb import parameter_server_pb2 as pb
 
-__all__ = ["CodecError", "all_finite", "check_finite", "decode", "dtype_from_pb", "dtype_to_pb", "encode",
+__all__ = ["CodecError", "all_finite", "check_finite", "chunked_nbytes", "decode", "dtype_from_pb", "dtype_to_pb", "encode",
            "max_magnitude"]
 
 class CodecError(ValueError):
@@ -153,21 +153,14 @@ def decode(
     (the server reading a gradient once may use it). Decoding to another device always copies.
 
     data, when given, stands for ``msg.data`` (which must then be empty): the bytes that
-    ``common.wire.parse_worker_message`` kept out of the message, as a view of the received buffer.
+    ``common.wire`` kept out of the message, as a view of the received buffer, or a chunked tensor's bytes
+    put back together (common.chunks). A chunked tensor (``msg.chunked``) must come with them.
     """
-    if not isinstance(msg, pb.Tensor):
-        raise TypeError(f"decode expects a ps.v1.Tensor message, got {type(msg).__name__}")
-    if msg.dtype == pb.DTYPE_UNSPECIFIED:
-        raise CodecError(f"tensor dtype is DTYPE_UNSPECIFIED; expected one of: {_ALLOWED}")
-    wire = _wire_for(msg.dtype)
-    if expected_dtype is not None:
-        want = _wire_for(expected_dtype)
-        if want is not wire:
-            raise CodecError(f"tensor dtype is {wire.name}, expected {want.name}")
+    wire = _checked_header(msg, expected_numel, expected_dtype)
     numel = msg.numel
-    if expected_numel is not None and numel != expected_numel:
-        raise CodecError(f"tensor numel is {numel}, expected {expected_numel}")
     if data is None:
+        if msg.chunked:
+            raise CodecError("the tensor is chunked: its bytes come in the chunks that follow it")
         data = msg.data  # upb hands out a fresh bytes copy on every access: read it once
     elif msg.data:
         raise CodecError("tensor data given twice (in the message and beside it)")
@@ -188,6 +181,36 @@ def decode(
     if wire.torch_dtype is torch.bfloat16:
         out = out.view(torch.bfloat16)
     return out.to(device)
+
+
+def _checked_header(msg: pb.Tensor, expected_numel: int | None, expected_dtype: object) -> _Wire:
+    if not isinstance(msg, pb.Tensor):
+        raise TypeError(f"decode expects a ps.v1.Tensor message, got {type(msg).__name__}")
+    if msg.dtype == pb.DTYPE_UNSPECIFIED:
+        raise CodecError(f"tensor dtype is DTYPE_UNSPECIFIED; expected one of: {_ALLOWED}")
+    wire = _wire_for(msg.dtype)
+    if expected_dtype is not None:
+        want = _wire_for(expected_dtype)
+        if want is not wire:
+            raise CodecError(f"tensor dtype is {wire.name}, expected {want.name}")
+    if expected_numel is not None and msg.numel != expected_numel:
+        raise CodecError(f"tensor numel is {msg.numel}, expected {expected_numel}")
+    return wire
+
+
+def chunked_nbytes(
+    msg: pb.Tensor, *, expected_numel: int | None = None, expected_dtype: torch.dtype | np.dtype | int | None = None
+) -> int:
+    """The number of bytes a chunked tensor's pieces must add up to (numel x itemsize), after the checks
+    `decode` makes of its header; CodecError as decode's, or when it is not chunked or holds data itself."""
+    wire = _checked_header(msg, expected_numel, expected_dtype)
+    if not msg.chunked:
+        raise CodecError("the tensor is not chunked")
+    if msg.data:
+        raise CodecError(f"a chunked tensor holds {len(msg.data)} bytes itself; its bytes belong in its chunks")
+    if msg.numel == 0:
+        raise CodecError("a chunked tensor of no elements")
+    return msg.numel * wire.np_dtype.itemsize
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -1,6 +1,7 @@
 """gRPC options of every server and channel of the project: `GRPC_OPTIONS` = message size + keepalive.
 
-Message size: tensors travel whole, so both ends raise gRPC's 4 MiB default.
+Message size: tensors may travel whole (GetParameters, a Ready's parameters, clients that do not read chunks,
+`--chunk-mib 0`), so both ends raise gRPC's 4 MiB default.
 Keepalive: both ends notice a dead peer (a cut link, a vanished host) within about 20 s. Without it a
 worker whose link is cut waits on its Train stream until TCP gives up (up to ~15 min, or forever when it
 had nothing left to send), and the server keeps the dead stream open, so the worker's reconnect is refused
@@ -13,7 +14,7 @@ from __future__ import annotations
 __all__ = ["GRPC_KEEPALIVE_OPTIONS", "GRPC_MESSAGE_OPTIONS", "GRPC_OPTIONS", "KEEPALIVE_TIMEOUT_MS",
            "KEEPALIVE_TIME_MS", "MAX_MESSAGE_BYTES", "grpc_message_options"]
 
-# Tensors travel as one whole message (no chunking, see the .proto header): a 100M-parameter float32
+# A tensor may travel as one whole message (see the .proto header on chunking): a 100M-parameter float32
 # vector is 400 MB, so both ends raise gRPC's 4 MiB default. 2**31 - 1 is the largest value gRPC's
 # int channel argument takes and protobuf's own ceiling for one message.
 MAX_MESSAGE_BYTES: int = 2**31 - 1

@@ -1,35 +1,48 @@
-"""Train-stream messages with their one big field (`Tensor.data`) framed by hand: fewer copies of it.
+"""Train-stream messages with their one big field (a tensor's bytes) framed by hand: fewer copies of it.
 
 The protobuf Python API copies a bytes field on every crossing: parsing copies it into the message,
 reading `tensor.data` copies it out again, `encode` copies the tensor into a bytes object and once more
 into the message, and serializing copies the whole message. For a megabyte tensor each copy costs about
 as much as the OrMo update itself (the server's profile in bench/results/throughput.md: memcpy was the
-largest single item). This module does the same messages with one copy of the tensor per direction:
+largest single item). This module does the Train messages with one copy of the tensor per direction:
 
-- `serialize_parameters(t, iteration_index, epoch)` → the bytes of a `ServerMessage{parameters}`: the
-  small fields serialized by protobuf, then a second `parameters{tensor{data}}` record written by hand
-  and spliced with the tensor's memory in one `join`. Protobuf parsers merge repeated occurrences of an
-  embedded message field, so any parser reads exactly the message `encode` would have built.
-- `parse_worker_message(buf)` → `Received(message, tensor_data)`: the tensor's bytes are found in the
-  wire format and handed out as a zero-copy memoryview of `buf`; the rest, with that field emptied, is
-  parsed by protobuf as usual (so malformed input raises the same DecodeError). Whenever the layout is
-  not the plain one (the field repeated, groups, anything unexpected) it falls back to a full protobuf
-  parse: the result is always the message `WorkerMessage.FromString(buf)` gives.
+- `parameters_messages(t, iteration_index, epoch, chunk_bytes)` and `gradient_messages(...)` -> the bytes
+  of the `ServerMessage{parameters}` / `WorkerMessage{gradient}` that carry `t`: the small fields serialized
+  by protobuf, the length-prefixed records around `tensor.data` written by hand, and the tensor's memory
+  spliced in with one `join` (the bytes are those protobuf writes, up to field order). A tensor larger than
+  `chunk_bytes` (> 0) comes out as that message with `tensor.chunked` set and no data, followed by its
+  TensorChunk messages (common/chunks.py).
+- `parse_worker_message(buf)` / `parse_server_message(buf)` -> `Received(message, tensor_data)`: the
+  tensor's bytes (a gradient's or parameters' `tensor.data`, or a chunk's `data`) are found in the wire
+  format and handed out as a zero-copy memoryview of `buf`; the rest, with that field emptied, is parsed
+  by protobuf as usual (so malformed input raises the same DecodeError). Whenever the layout is not the
+  plain one (the field repeated, groups, anything unexpected) it falls back to a full protobuf parse: the
+  result is always the message `FromString(buf)` gives.
 
-`server.service.add_to_server` registers them as the Train method's (de)serializers.
+`server.service.add_to_server` registers them as the server's Train (de)serializers, `train_call` as a
+client's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import grpc
 import numpy as np
-import torch
+from google.protobuf.message import Message
 
-from common.codec import wire_array
+from common.chunks import pieces
 from common.pb import parameter_server_pb2 as pb
 
-__all__ = ["Received", "parse_worker_message", "serialize_parameters", "serialize_server_message"]
+if TYPE_CHECKING:
+    import torch
+
+_FLOAT32 = np.dtype("<f4")
+
+__all__ = ["Received", "gradient_messages", "parameters_messages", "parse_server_message", "parse_worker_message",
+           "serialize_message", "serialize_parameters", "serialize_server_message", "train_call"]
 
 _LEN = 2  # wire types
 _VARINT, _I64, _I32 = 0, 1, 5
@@ -44,7 +57,16 @@ _PARAMETERS_TENSOR = _number(pb.Parameters, "tensor")
 _GRADIENT = _number(pb.WorkerMessage, "gradient")
 _GRADIENT_TENSOR = _number(pb.Gradient, "tensor")
 _TENSOR_DATA = _number(pb.Tensor, "data")
+_CHUNK_DATA = _number(pb.TensorChunk, "data")
+_WORKER_CHUNK = _number(pb.WorkerMessage, "chunk")
+_SERVER_CHUNK = _number(pb.ServerMessage, "chunk")
+assert _WORKER_CHUNK == _SERVER_CHUNK  # one chunk writer serves both directions
+_PARAMETERS_DATA_PATH = (_PARAMETERS, _PARAMETERS_TENSOR, _TENSOR_DATA)
 _GRADIENT_DATA_PATH = (_GRADIENT, _GRADIENT_TENSOR, _TENSOR_DATA)
+_CHUNK_DATA_PATH = (_WORKER_CHUNK, _CHUNK_DATA)
+# The fast path to try for a message, by its payload's field number (the first byte of a plain message).
+_WORKER_PATHS = {_GRADIENT: ("gradient", _GRADIENT_DATA_PATH), _WORKER_CHUNK: ("chunk", _CHUNK_DATA_PATH)}
+_SERVER_PATHS = {_PARAMETERS: ("parameters", _PARAMETERS_DATA_PATH), _SERVER_CHUNK: ("chunk", _CHUNK_DATA_PATH)}
 
 
 def _varint(n: int) -> bytes:
@@ -60,37 +82,97 @@ def _len_header(field: int, length: int) -> bytes:
     return _varint(field << 3 | _LEN) + _varint(length)
 
 
-def serialize_parameters(t: torch.Tensor | np.ndarray, iteration_index: int, epoch: float) -> bytes:
-    """The serialized `ServerMessage(parameters=Parameters(tensor=encode(t), iteration_index, epoch))`,
-    with one copy of the tensor's bytes."""
-    wire, array = wire_array(t)
-    head = pb.ServerMessage()
-    head.parameters.iteration_index = iteration_index
-    head.parameters.epoch = epoch
-    head.parameters.tensor.dtype = wire.pb_dtype
-    head.parameters.tensor.numel = array.size
+def _prefix(levels: list[bytes], path: tuple[int, ...], nbytes: int) -> bytes:
+    """The bytes before a payload of `nbytes` nested at `path`: at each depth i the message's other fields
+    (`levels[i]`, serialized) and then the one record of field path[i] that holds the next depth. One record
+    per field, so `_strip` finds the payload on the way back in."""
+    prefix = b""
+    for small, field in zip(reversed(levels), reversed(path)):
+        prefix = small + _len_header(field, len(prefix) + nbytes) + prefix
+    return prefix
+
+
+def _with_tensor(message: Message, body: Message, tensor: pb.Tensor, path: tuple[int, ...],
+                 t: torch.Tensor | np.ndarray, chunk_bytes: int) -> list[bytes]:
+    """The messages that send `message` (whose payload `body` holds `tensor`, at `path`) with `t` as that
+    tensor's data: one whole message, or its chunked header and the chunks."""
+    tensor.dtype, array = _flat(t)
+    tensor.numel = array.size
     nbytes = array.nbytes
-    data_header = _len_header(_TENSOR_DATA, nbytes)
-    tensor_len = len(data_header) + nbytes
-    tensor_header = _len_header(_PARAMETERS_TENSOR, tensor_len)
-    parameters_header = _len_header(_PARAMETERS, len(tensor_header) + tensor_len)
     payload = memoryview(array).cast("B") if nbytes else b""
-    return b"".join((head.SerializeToString(), parameters_header, tensor_header, data_header, payload))
+    spans = pieces(nbytes, chunk_bytes)
+    if len(spans) > 1:
+        tensor.chunked = True
+        return [message.SerializeToString(), *(_chunk(offset, payload[offset:end]) for offset, end in spans)]
+    small = type(body)()
+    small.CopyFrom(body)
+    small.ClearField(body.DESCRIPTOR.fields_by_number[path[1]].name)
+    levels = [b"", small.SerializeToString(), tensor.SerializeToString()]
+    return [b"".join((_prefix(levels, path, nbytes), payload))]
 
 
-def serialize_server_message(message: pb.ServerMessage | bytes) -> bytes:
-    """Train's response serializer: messages built by `serialize_parameters` pass through as they are."""
+def _flat(t: torch.Tensor | np.ndarray) -> tuple[int, np.ndarray]:
+    """The wire dtype of `t` and its elements as a flat little-endian array (`common.codec.wire_array`). A flat
+    float32 array needs no torch: the benchmark's pushers send those and import no torch (290 MB each)."""
+    if isinstance(t, np.ndarray) and t.dtype == _FLOAT32 and t.ndim == 1 and t.flags.c_contiguous:
+        return pb.DTYPE_FLOAT32, t
+    from common.codec import wire_array  # torch's tensors come with torch imported already
+
+    wire, array = wire_array(t)
+    return wire.pb_dtype, array
+
+
+def _chunk(offset: int, data: memoryview) -> bytes:
+    """A `{Worker,Server}Message{chunk{offset, data}}` (the same bytes in either direction)."""
+    levels = [b"", pb.TensorChunk(offset=offset).SerializeToString()]
+    return b"".join((_prefix(levels, _CHUNK_DATA_PATH, len(data)), data))
+
+
+def parameters_messages(t: torch.Tensor | np.ndarray, iteration_index: int, epoch: float,
+                        chunk_bytes: int = 0) -> list[bytes]:
+    """The serialized `ServerMessage(parameters=Parameters(tensor=encode(t), iteration_index, epoch))`, or,
+    when `t` is larger than `chunk_bytes` (> 0), its chunked header and chunks; one copy of the tensor."""
+    message = pb.ServerMessage()
+    body = message.parameters
+    body.iteration_index = iteration_index
+    body.epoch = epoch
+    return _with_tensor(message, body, body.tensor, _PARAMETERS_DATA_PATH, t, chunk_bytes)
+
+
+def serialize_parameters(t: torch.Tensor | np.ndarray, iteration_index: int, epoch: float) -> bytes:
+    """`parameters_messages` as one whole message."""
+    return parameters_messages(t, iteration_index, epoch)[0]
+
+
+def gradient_messages(t: torch.Tensor | np.ndarray, iteration_index: int, loss: float, sample_count: int = 0,
+                      chunk_bytes: int = 0) -> list[bytes]:
+    """The serialized `WorkerMessage(gradient=Gradient(tensor=encode(t), iteration_index, loss, sample_count))`,
+    chunked as `parameters_messages`; one copy of the tensor."""
+    message = pb.WorkerMessage()
+    body = message.gradient
+    body.iteration_index = iteration_index
+    body.loss = loss
+    body.sample_count = sample_count
+    return _with_tensor(message, body, body.tensor, _GRADIENT_DATA_PATH, t, chunk_bytes)
+
+
+def serialize_message(message: Message | bytes) -> bytes:
+    """Train's serializer, both ways: messages this module built pass through as they are."""
     if isinstance(message, bytes):
         return message
     return message.SerializeToString()
 
 
+serialize_server_message = serialize_message
+
+
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A parsed WorkerMessage; for a gradient, `tensor_data` holds `gradient.tensor.data` (a read-only view
-    of the received buffer) and the message's own field is empty. None when the bytes stayed in the message."""
+    """A parsed WorkerMessage or ServerMessage; for a gradient, parameters or chunk, `tensor_data` holds its
+    tensor's (or chunk's) `data` (a read-only view of the received buffer) and the message's own field is
+    empty. None when the bytes stayed in the message (the fallback parse)."""
 
-    message: pb.WorkerMessage
+    message: pb.WorkerMessage | pb.ServerMessage
     tensor_data: memoryview | None = None
 
 
@@ -154,13 +236,33 @@ def _strip(buf: bytes, start: int, end: int, path: tuple[int, ...]) -> tuple[lis
     return [buf[start:prefix], _varint(sum(map(len, inner))), *inner, buf[p1:end]], d0, d1
 
 
-def parse_worker_message(buf: bytes) -> Received:
-    """Train's request deserializer (see the module's docstring). Raises DecodeError as FromString does."""
+def _parse(buf: bytes, cls: type[Message], paths: dict[int, tuple[str, tuple[int, ...]]]) -> Received:
+    known = paths.get(buf[0] >> 3) if buf and buf[0] < 0x80 else None
+    if known is None:
+        return Received(cls.FromString(buf))
+    payload, path = known
     try:
-        pieces, d0, d1 = _strip(buf, 0, len(buf), _GRADIENT_DATA_PATH)
+        pieces_, d0, d1 = _strip(buf, 0, len(buf), path)
     except _Irregular:
-        return Received(pb.WorkerMessage.FromString(buf))
-    message = pb.WorkerMessage.FromString(b"".join(pieces))
-    if message.WhichOneof("payload") != "gradient":  # another payload came later and won the oneof
-        return Received(pb.WorkerMessage.FromString(buf))
+        return Received(cls.FromString(buf))
+    message = cls.FromString(b"".join(pieces_))
+    if message.WhichOneof("payload") != payload:  # another payload came later and won the oneof
+        return Received(cls.FromString(buf))
     return Received(message, memoryview(buf)[d0:d1])
+
+
+def parse_worker_message(buf: bytes) -> Received:
+    """The server's Train request deserializer (see the module's docstring). Raises DecodeError as FromString."""
+    return _parse(buf, pb.WorkerMessage, _WORKER_PATHS)
+
+
+def parse_server_message(buf: bytes) -> Received:
+    """A client's Train response deserializer (see the module's docstring). Raises DecodeError as FromString."""
+    return _parse(buf, pb.ServerMessage, _SERVER_PATHS)
+
+
+def train_call(channel: grpc.aio.Channel) -> Callable[..., grpc.aio.StreamStreamCall]:
+    """The Train method on `channel` with this module's framing: it writes WorkerMessages or the bytes of
+    `gradient_messages`, and reads `Received` ServerMessages."""
+    return channel.stream_stream("/ps.v1.ParameterServer/Train", request_serializer=serialize_message,
+                                 response_deserializer=parse_server_message)

@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from common import layout as layouts
+from common.chunks import Assembly
 from common.codec import CodecError, check_finite, decode
 from common.layout import Layout
 from common.log_limit import shorten
@@ -53,6 +54,8 @@ class Connection:
     error: Rejected | None = None
     ready: bool = False
     new_slot: bool = False  # its id had never been given out before (undone if its Ready is refused)
+    chunk_bytes: int = 0  # its parameters go chunked above this size (0: whole; it did not ask for chunks)
+    incoming: Assembly | None = None  # the chunked gradient being received
 
 
 class Admission:
@@ -68,6 +71,7 @@ class Admission:
     started: bool
     wait_for_all_workers: bool
     ready_timeout: float
+    chunk_bytes: int
 
     def _not_ready(self, conn: Connection) -> None:
         """A registered worker that has not said Ready in time gives its slot back (a stream that registers
@@ -112,14 +116,15 @@ class Admission:
         if declared is not None:
             self._adopt_layout(declared, shorten(reg.name or peer, 64))
         conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
-                          new_slot=worker not in self.ever_assigned)
+                          new_slot=worker not in self.ever_assigned,
+                          chunk_bytes=self.chunk_bytes if reg.accepts_chunks else 0)
         self.connections[worker] = conn
         self.worker_slowdowns[worker] = conn.slowdown
         self.ever_assigned.add(worker)
         logger.info("worker %d registered (%s, slowdown %.2f), %d/%d connected", worker, conn.name,
                     conn.slowdown, len(self.connections), k)
         welcome = pb.Welcome(worker_id=worker, config=self.pb_run_config(), data_seed=self.run.worker_seed(worker),
-                             parameters_wanted=not self.core.has_parameters)
+                             parameters_wanted=not self.core.has_parameters, chunk_bytes=conn.chunk_bytes)
         if self.layout is not None:
             welcome.layout.CopyFrom(layouts.to_pb(self.layout))
         conn.outbox.put_nowait(pb.ServerMessage(welcome=welcome))

@@ -16,6 +16,7 @@ import click
 import torch
 
 from common import settings
+from common.chunks import DEFAULT_CHUNK_BYTES, MIB
 from common.cli_options import run_cli, setup_logging
 from common.data import iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
@@ -60,12 +61,21 @@ class ServeOptions:
     start_when_all: bool = setting(
         True, "Send w_0 once all K workers registered (as Algorithm 1), or to each worker as it comes.",
         off="--start-at-once")
+    chunk_mib: float = setting(
+        DEFAULT_CHUNK_BYTES / MIB, "Send tensors larger than this (MiB) on the Train stream in pieces of this size: "
+        "parameters to clients that read chunks, and the clients' gradients likewise; 0 sends every tensor whole. "
+        "Pieces of a few MB cross gRPC 3-4x faster than one 45-100 MB message (bench/results/transport_probe.md).",
+        min=0)
     threads: int = setting(1, "torch CPU threads for the updates. One keeps a core free for gRPC and the event "
                               "loop (more threads only pay off for updates of tens of millions of parameters).",
                            min=1)
 
     def __post_init__(self) -> None:
         settings.validate(self)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return round(self.chunk_mib * MIB)
 
 
 def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)) -> ParameterServerService:
@@ -98,7 +108,7 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
         metrics=MetricsWriter(out / "metrics.jsonl", mode="a") if out else None, log_every=options.log_every,
         checkpoint_every=options.checkpoint_every, wait_for_all_workers=options.start_when_all,
         sync_timeout=options.sync_timeout, ready_timeout=options.ready_timeout, layout=layout,
-        model_state=None if run.model_from_client else model_state)
+        model_state=None if run.model_from_client else model_state, chunk_bytes=options.chunk_bytes)
     if state is not None:
         service.load_state_dict(state)
     # A resumed run writes a start record too: records past its iteration (lost with the crash) are superseded.

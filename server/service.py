@@ -24,13 +24,14 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common import layout as layouts
-from common.codec import CodecError, decode, encode
+from common.chunks import DEFAULT_CHUNK_BYTES, Assembly, ChunkError
+from common.codec import CodecError, chunked_nbytes, decode, encode
 from common.layout import Layout
 from common.log_limit import LimitedLog, shorten
 from common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.wire import Received, parse_worker_message, serialize_parameters, serialize_server_message
+from common.wire import Received, parameters_messages, parse_worker_message, serialize_message
 from server.admission import END_STREAM, Admission, Connection, Rejected
 from server.checkpoint import save_final
 from server.checkpointer import Checkpointer
@@ -72,6 +73,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         ready_timeout: float = 120.0,
         model_state: Callable[[torch.Tensor], dict[str, Any]] | None = None,
         layout: Layout | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.core = core
         self.model_state = model_state  # the model's state dict at given parameters, for final.pt
@@ -83,6 +85,9 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         self.wait_for_all_workers = wait_for_all_workers
         self.sync_timeout = sync_timeout
         self.ready_timeout = ready_timeout
+        if chunk_bytes < 0:
+            raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes  # parameters larger than this go chunked to clients that read chunks
         self._sent_at: dict[int, float] = {}  # when each worker was last sent parameters
         self.counters = Counters()
         self.connections: dict[int, Connection] = {}
@@ -197,9 +202,16 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         conn.outbox.put_nowait(END_STREAM)
 
     def _on_message(self, conn: Connection, received: Received) -> None:
-        """Decode and apply one gradient, then route the answers. No await: atomic on the loop."""
+        """Decode and apply one gradient (or take a piece of a chunked one), then route the answers. No await:
+        atomic on the loop."""
         msg = received.message
         kind = msg.WhichOneof("payload")
+        assembled = conn.incoming is not None or kind == "chunk"
+        if assembled:
+            received = self._on_chunk(conn, received)
+            if received is None:  # the gradient is not complete yet
+                return
+            msg, kind = received.message, "gradient"
         if kind == "ready" and not conn.ready:
             self._on_ready(conn, msg.ready)
             return
@@ -208,10 +220,20 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             expected = "a Gradient" if conn.ready else "Ready"
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"expected {expected} on the Train stream, got {kind or 'an empty message'}")
-        if self.ended:
-            return  # in flight when the run ended: dropped
         g = msg.gradient
         core = self.core
+        if g.tensor.chunked and not assembled:  # its header: the bytes follow in chunks
+            try:
+                if received.tensor_data is not None:
+                    raise CodecError("a chunked tensor holds bytes itself; its bytes belong in its chunks")
+                nbytes = chunked_nbytes(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype)
+            except CodecError as e:
+                self.counters.reject("tensor")
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
+            conn.incoming = Assembly(received, nbytes)
+            return
+        if self.ended:
+            return  # in flight when the run ended: dropped
         try:
             # copy=False: the core only reads the gradient, within this call (no await in between)
             grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype, copy=False,
@@ -238,6 +260,30 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             self._diverge(f"the training loss ran away (more than {DIVERGENCE_FACTOR:g}x that of the first "
                           "iterations)")
 
+    def _on_chunk(self, conn: Connection, received: Received) -> Received | None:
+        """Put the next piece of a chunked gradient in place; the whole gradient once it is complete."""
+        msg = received.message
+        kind = msg.WhichOneof("payload")
+        incoming = conn.incoming
+        if incoming is None or kind != "chunk":
+            self.counters.reject("malformed")
+            conn.incoming = None
+            what = (f"the next chunk of the gradient ({incoming.progress()})" if incoming is not None
+                    else "a chunked Gradient before its chunks")
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"expected {what} on the Train stream, got {kind or 'an empty message'}")
+        data = received.tensor_data if received.tensor_data is not None else msg.chunk.data
+        try:
+            complete = incoming.add(msg.chunk.offset, data)
+        except ChunkError as e:
+            self.counters.reject("malformed")
+            conn.incoming = None
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient chunk: {e}") from None
+        if not complete:
+            return None
+        conn.incoming = None
+        return Received(incoming.header.message, incoming.data())
+
     def _diverge(self, why: str) -> None:
         """End the run as diverged: the parameters stay the last finite ones; every worker is told."""
         self.diverged = f"the run diverged at iteration {self.core.iteration}: {why}"
@@ -248,14 +294,21 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             self._finish_task = asyncio.get_running_loop().create_task(self._finish())
 
     def _route(self, dispatches: list[Dispatch]) -> None:
-        """Serialize each dispatch once, now (its tensor is live), and queue the bytes for every receiver."""
+        """Serialize each dispatch now (its tensor is live), once per form its receivers read (whole, or
+        chunked), and queue the bytes for every receiver."""
         for d in dispatches:
-            msg = serialize_parameters(d.params, d.iteration_index, self.core.epoch)
+            forms: dict[int, list[bytes]] = {}
             now = time.monotonic()
             for w in d.workers:
                 self._sent_at[w] = now
                 conn = self.connections.get(w)
-                if conn is not None:
+                if conn is None:
+                    continue
+                messages = forms.get(conn.chunk_bytes)
+                if messages is None:
+                    messages = forms[conn.chunk_bytes] = parameters_messages(
+                        d.params, d.iteration_index, self.core.epoch, conn.chunk_bytes)
+                for msg in messages:
                     conn.outbox.put_nowait(msg)
 
     def _disconnect(self, conn: Connection) -> None:
@@ -404,7 +457,7 @@ def add_to_server(service: ParameterServerService, server: grpc.aio.Server) -> N
     of the tensor per direction instead of three or four), the unary calls as generated."""
     handlers = {
         "Train": grpc.stream_stream_rpc_method_handler(
-            service.Train, request_deserializer=parse_worker_message, response_serializer=serialize_server_message),
+            service.Train, request_deserializer=parse_worker_message, response_serializer=serialize_message),
         "GetParameters": grpc.unary_unary_rpc_method_handler(
             service.GetParameters, request_deserializer=pb.GetParametersRequest.FromString,
             response_serializer=pb.Parameters.SerializeToString),

@@ -32,21 +32,26 @@ def test_pusher_imports_no_torch() -> None:
 
 
 # The server case starts torch and builds the model in a subprocess (~4-5 s on 2 cores): slow.
-@pytest.mark.parametrize("system", [pytest.param("server", marks=pytest.mark.slow), "echo"])
-def test_counts_add_up(system: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("system,chunk_mib", [
+    pytest.param("server", None, marks=pytest.mark.slow), ("echo", None),
+    pytest.param("server", 0.01, marks=pytest.mark.slow, id="server-chunked"),
+    pytest.param("echo", 0.01, id="echo-chunked")])
+def test_counts_add_up(system: str, chunk_mib: float | None, tmp_path: Path) -> None:
     # The server runs the small mlp on the synthetic data (fast start-up); the echo announces the same size.
+    # Chunked at 0.01 MiB, its 104 kB tensors travel in ten pieces each way.
     numel = 192 * 128 + 128 + 128 * 10 + 10  # mlp on 3x8x8 inputs, 10 classes
     counts = run_counted(system, K, ROUND_TRIPS, size="resnet20", numel=numel, workdir=tmp_path, timeout=60.0,
-                         model="mlp")
+                         model="mlp", chunk_mib=chunk_mib)
     assert counts["numel"] == numel
     assert counts["pushers_done"] == K
     assert counts["replies"] == K * ROUND_TRIPS
     assert counts["sent"] == K * ROUND_TRIPS
     assert counts["in_flight"] == counts["sent"] - counts["replies"] == 0
     assert counts["applied"] == counts["sent"] - counts["in_flight"]
-    # message sizes: the tensor plus a few bytes of framing, both ways
-    assert 4 * numel < counts["up_bytes"] < 4 * numel + 64
-    assert 4 * numel < counts["down_bytes"] < 4 * numel + 64
+    # message sizes: the tensor plus a few bytes of framing (per piece), both ways
+    framing = 64 if chunk_mib is None else 64 + 16 * 10
+    assert 4 * numel < counts["up_bytes"] < 4 * numel + framing
+    assert 4 * numel < counts["down_bytes"] < 4 * numel + framing
 
 
 @pytest.mark.parametrize("name", ["throughput", "throughput_large_k16"])

@@ -257,16 +257,19 @@ def flat(model: nn.Module, of: Callable[[torch.Tensor], torch.Tensor] = lambda p
     return torch.cat([of(p).detach().reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize("weight_decay", [None, 0.0], ids=["the run's", "none"])
-def test_a_step_sends_the_gradient_plus_weight_decay_and_loads_the_answer(start_live_server, weight_decay):
+@pytest.mark.parametrize("weight_decay,chunk_mib", [(None, 4.0), (0.0, 4.0), (None, 0.01)],
+                         ids=["the run's", "none", "the run's, in 10 KiB chunks"])
+def test_a_step_sends_the_gradient_plus_weight_decay_and_loads_the_answer(start_live_server, weight_decay, chunk_mib):
     run = RunConfig(algo="asgd", workers=1, dataset="digits", model="mlp", batch_size=32, lr=0.1,
                     weight_decay=0.01, iterations=1000)
-    live, stop = start_live_server(run, bind="127.0.0.1:0", linger=0.0)
+    # chunk_mib 0.01: the MLP's 38 kB tensors travel as four chunks each way (tests/test_chunks.py has the rest)
+    live, stop = start_live_server(run, bind="127.0.0.1:0", linger=0.0, chunk_mib=chunk_mib)
     try:
         model = MLP((1, 8, 8), 10)
         with RemoteOptimizer(model, server=live.target, weight_decay=weight_decay) as opt:
             w0 = live.on_loop(lambda: live.service.core.w.clone())
             assert torch.equal(flat(model), w0) and opt.iteration == 0  # the run's w_0, not the model's own init
+            assert opt._client._chunk_bytes == round(chunk_mib * 2**20)  # it reads and sends chunks
             data = load_dataset("digits")
             loss = F.cross_entropy(model(data.normalize(data.train_x[:32])), data.train_y[:32])
             opt.zero_grad()

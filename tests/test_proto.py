@@ -168,12 +168,14 @@ def test_contract_shape() -> None:
     assert pb.Register.DESCRIPTOR.fields_by_name["requested_worker_id"].has_presence
     assert not pb.Register().HasField("requested_worker_id")
     assert pb.Register(requested_worker_id=0).HasField("requested_worker_id")
-    assert [f.name for f in pb.WorkerMessage.DESCRIPTOR.oneofs_by_name["payload"].fields] == ["register", "gradient", "ready"]
+    assert [f.name for f in pb.WorkerMessage.DESCRIPTOR.oneofs_by_name["payload"].fields] == [
+        "register", "gradient", "ready", "chunk"]
     assert [f.name for f in pb.ServerMessage.DESCRIPTOR.oneofs_by_name["payload"].fields] == [
-        "welcome",
-        "parameters",
-        "stop",
-    ]
+        "welcome", "parameters", "stop", "chunk"]
+    # A chunk has the same field number both ways: common.wire writes one chunk message for either direction.
+    assert pb.WorkerMessage.DESCRIPTOR.fields_by_name["chunk"].number == pb.ServerMessage.DESCRIPTOR.fields_by_name[
+        "chunk"].number
+    assert tensor["chunked"].type == tensor["chunked"].TYPE_BOOL
 
 
 def test_grpc_stub_imports_pb2_through_the_package() -> None:

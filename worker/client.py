@@ -14,20 +14,22 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import torch
 
-from common.codec import decode, encode
+from common.chunks import Assembly
+from common.codec import chunked_nbytes, decode, encode
 from common.data import BatchStream, Dataset, load_dataset, resolve_dataset
 from common.gradients import GradientComputer
 from common.grpc_options import GRPC_OPTIONS
 from common.layout import layout_of, to_pb
 from common.models import FROM_CLIENT, FlatModel, build_model, resolve_model
 from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.security import ClientSecurity
+from common.wire import Received, gradient_messages, train_call
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class Worker:
         self._stop_detail = ""  # the server's words with its last Stop
         self._welcomed = False  # a Welcome was handled: this worker did some work
         self._parameters_received = False  # in the current session
+        self._chunk_bytes = 0  # send gradients larger than this in chunks (the Welcome says; 0: whole)
 
     async def run(self) -> WorkerResult:
         """Train until the server says stop; reconnect (keeping the worker id) whenever a stream breaks, and
@@ -132,11 +135,11 @@ class Worker:
         shutdown_seen = False
         nonfinite_in_a_row = 0
         async with opts.security.aio_channel(opts.server, GRPC_OPTIONS) as channel:
-            stub = pb_grpc.ParameterServerStub(channel)
+            train = train_call(channel)
             while True:
                 sent_before = self.gradients_sent
                 try:
-                    reason = await self._session(stub)
+                    reason = await self._session(train)
                 except grpc.aio.AioRpcError as e:
                     code, details = e.code(), e.details() or ""
                     if (code in FATAL and not self._welcomed) or (
@@ -177,30 +180,48 @@ class Worker:
     def _who(self) -> str:
         return str(self.worker_id) if self.worker_id is not None else "(no id yet)"
 
-    async def _session(self, stub: pb_grpc.ParameterServerStub) -> str:
+    async def _session(self, train: Callable[..., grpc.aio.StreamStreamCall]) -> str:
         """One Train stream, from Register to Stop. Returns the stop reason."""
         opts = self.options
         # Not wait_for_ready: an unreachable server must fail fast so the retry loop can time it out.
-        call = stub.Train(wait_for_ready=False, timeout=None, metadata=opts.security.call_metadata())
+        call = train(wait_for_ready=False, timeout=None, metadata=opts.security.call_metadata())
         finished = False
         self._parameters_received = False
+        incoming: Assembly | None = None  # chunked parameters being received
         try:
             await _write(call, pb.WorkerMessage(register=self._register()))
             while True:
-                msg = await call.read()
-                if msg is grpc.aio.EOF:
+                received = await call.read()
+                if received is grpc.aio.EOF:
                     code = await call.code()
                     if code == grpc.StatusCode.OK:
                         return "stream closed"
                     raise await _ended(call)
+                msg = received.message
                 kind = msg.WhichOneof("payload")
+                owned = False  # the parameters' bytes are this worker's own buffer (no copy needed)
+                if incoming is not None or kind == "chunk":
+                    if incoming is None or kind != "chunk":
+                        where = incoming.progress() if incoming is not None else "none announced"
+                        raise RuntimeError(f"the server sent {kind} amid chunked parameters ({where})")
+                    data = received.tensor_data if received.tensor_data is not None else msg.chunk.data
+                    if not incoming.add(msg.chunk.offset, data):
+                        continue
+                    received, incoming = Received(incoming.header.message, incoming.data()), None
+                    msg, kind, owned = received.message, "parameters", True
+                elif kind == "parameters" and msg.parameters.tensor.chunked:
+                    incoming = Assembly(received, chunked_nbytes(msg.parameters.tensor))
+                    continue
                 if kind == "welcome":
+                    self._chunk_bytes = msg.welcome.chunk_bytes
                     ready = await asyncio.to_thread(self._on_welcome, msg.welcome)
                     self._welcomed = True
                     await _write(call, pb.WorkerMessage(ready=ready))
                 elif kind == "parameters":
                     self._parameters_received = True
-                    await _write(call, await self._gradient(msg.parameters))
+                    params = self._decode_parameters(msg.parameters.tensor, received.tensor_data, owned)
+                    for m in await self._gradient(params, msg.parameters.iteration_index):
+                        await _write(call, m)
                 elif kind == "stop":
                     finished = True
                     self._stop_detail = msg.stop.detail
@@ -210,9 +231,18 @@ class Worker:
             if not finished:
                 call.cancel()
 
+    def _decode_parameters(self, tensor: pb.Tensor, data: memoryview | None, owned: bool) -> torch.Tensor:
+        """The parameters a Parameters message brought (its bytes: `data`, kept out of the message by the wire
+        framing, or the chunks put back together in a buffer this worker `owned`), checked against its model."""
+        if self._model is None:
+            raise RuntimeError("parameters arrived before the Welcome")
+        return decode(tensor, expected_numel=self._model.numel, expected_dtype=torch.float32,
+                      device=self.options.device, data=data, copy=not owned)
+
     def _register(self) -> pb.Register:
         """The first message of each session."""
-        register = pb.Register(name=self.options.name or socket.gethostname(), slowdown=self.options.slowdown)
+        register = pb.Register(name=self.options.name or socket.gethostname(), slowdown=self.options.slowdown,
+                               accepts_chunks=True)
         if self.worker_id is not None:
             register.requested_worker_id = self.worker_id
         return register
@@ -253,26 +283,21 @@ class Worker:
             encode(self._model.params, out=ready.parameters)
         return ready
 
-    async def _gradient(self, params_msg: pb.Parameters) -> pb.WorkerMessage:
-        if self._model is None:
-            raise RuntimeError("parameters arrived before the Welcome")
-        params = decode(params_msg.tensor, expected_numel=self._model.numel, expected_dtype=torch.float32,
-                        device=self.options.device)
+    async def _gradient(self, params: torch.Tensor, iteration_index: int) -> list[bytes]:
+        """The messages of the gradient at `params` (whole, or chunked as the Welcome said)."""
         started = time.monotonic()
         # Off the event loop: gRPC keeps reading and answering pings meanwhile.
-        msg = await asyncio.to_thread(self._compute, params, params_msg.iteration_index)
+        messages = await asyncio.to_thread(self._compute, params, iteration_index)
         if self.options.slowdown > 1:
             # A slow worker: its gradient takes `slowdown` times as long as this machine needs.
             await asyncio.sleep((self.options.slowdown - 1) * (time.monotonic() - started))
         self.gradients_sent += 1
-        return msg
+        return messages
 
-    def _compute(self, params: torch.Tensor, iteration_index: int) -> pb.WorkerMessage:
+    def _compute(self, params: torch.Tensor, iteration_index: int) -> list[bytes]:
         x, y = next(self._stream)
         grad, loss = self._computer.compute(params, x, y)
-        msg = pb.WorkerMessage(gradient=pb.Gradient(iteration_index=iteration_index, loss=loss, sample_count=len(y)))
-        encode(grad, out=msg.gradient.tensor)
-        return msg
+        return gradient_messages(grad, iteration_index, loss, len(y), self._chunk_bytes)
 
 
 async def _ended(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
@@ -281,7 +306,7 @@ async def _ended(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
                                 await call.details())
 
 
-async def _write(call: grpc.aio.StreamStreamCall, message: pb.WorkerMessage) -> None:
+async def _write(call: grpc.aio.StreamStreamCall, message: pb.WorkerMessage | bytes) -> None:
     """Write to the stream; a stream that ended meanwhile (the server went away while this worker computed)
     raises its status as `AioRpcError`, like a read would, so the retry loop reconnects."""
     try:

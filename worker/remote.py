@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from common.codec import CodecError, check_finite, decode, encode
+from common.wire import gradient_messages
 from common.grpc_options import GRPC_OPTIONS
 from common.layout import layout_of, numel, to_pb
 from common.pb import parameter_server_pb2 as pb
@@ -123,13 +124,16 @@ class _ClientWorker(Worker):
             encode(owner._flat(lambda p: p), out=ready.parameters)
         return ready
 
-    async def _gradient(self, params_msg: pb.Parameters) -> pb.WorkerMessage:
+    def _decode_parameters(self, tensor: pb.Tensor, data: memoryview | None, owned: bool) -> torch.Tensor:
+        return decode(tensor, expected_numel=self.owner.numel, expected_dtype=torch.float32, data=data,
+                      copy=not owned)
+
+    async def _gradient(self, params: torch.Tensor, iteration_index: int) -> list[bytes]:
         owner = self.owner
-        params = decode(params_msg.tensor, expected_numel=owner.numel, expected_dtype=torch.float32)
-        owner._inbox.put(("params", params, params_msg.iteration_index))
-        message = await owner._gradients.get()
+        owner._inbox.put(("params", params, iteration_index))
+        messages = await owner._gradients.get()
         self.gradients_sent += 1
-        return message
+        return messages
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -224,9 +228,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         except CodecError as e:
             raise ValueError(f"{e}; nothing was sent and the model keeps its parameters") from None
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float("nan" if loss is None else loss)
-        message = pb.WorkerMessage(gradient=pb.Gradient(iteration_index=self.iteration, loss=loss_value))
-        encode(grad, out=message.gradient.tensor)
-        self._background.call(self._gradients.put_nowait, message)
+        messages = gradient_messages(grad, self.iteration, loss_value, chunk_bytes=self._client._chunk_bytes)
+        self._background.call(self._gradients.put_nowait, messages)
         self._receive()
         return result
 

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
                         "always, never (the default with --quick)")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable for the ps-server process only (diagnostics, e.g. OMP_NUM_THREADS=1)")
+    p.add_argument("--chunk-mib", type=float, default=None,
+                   help="ps-server's and the echo's --chunk-mib (default: theirs); 0 sends every tensor whole")
     p.add_argument("--out", type=Path, default=None,
                    help="results path without suffix (default: bench/results/throughput, "
                         "runs/bench/throughput_quick with --quick)")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows = []
             for k in ks:
                 row, prof = measure_k(size, SIZES[size], k, reps, window, args.settle, systems, Path(tmp), args.profile,
-                                      log, args.server_env)
+                                      log, args.server_env, args.chunk_mib)
                 rows.append(row)
                 profile_result = prof or profile_result
             sizes.append(dict(size=size, numel=SIZES[size], note=SIZE_NOTES[size], ks=list(ks), reps=reps,
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         git_begin=git_begin, git_end=git_state(),
         load_average_begin=[round(x, 2) for x in load_begin],
         load_average_end=[round(x, 2) for x in os.getloadavg()],
-        systems=list(systems), server_env=args.server_env, reps=args.reps or "per size",
+        systems=list(systems), server_env=args.server_env, chunk_mib=args.chunk_mib, reps=args.reps or "per size",
         window_s=f"{args.window} s" if args.window else "the size's seconds", settle_s=args.settle,
         seconds=time.monotonic() - t_begin)
     out = args.out

@@ -227,11 +227,18 @@ def _wait_ready(group: Group, timeout: float) -> None:
                        f"after {timeout:.0f}s")
 
 
-def server_command(size: str, numel: int, k: int, out_dir: Path, model: str | None = None) -> tuple[str, list[str]]:
+def chunk_flags(chunk_mib: float | None) -> list[str]:
+    """ps-server's and the echo's --chunk-mib, when the benchmark sets one (else their default)."""
+    return [] if chunk_mib is None else ["--chunk-mib", repr(chunk_mib)]
+
+
+def server_command(size: str, numel: int, k: int, out_dir: Path, model: str | None = None,
+                   chunk_mib: float | None = None) -> tuple[str, list[str]]:
     """ps-server for K workers, as (module, arguments): a registered model by name (ResNet20 by default), or
     flat-N for 11M/25M."""
     common = ["--bind", "127.0.0.1:0", "--workers", str(k), "--dataset", "synthetic", "--algo", "ormo",
-              "--iterations", "1000000000", "--out", str(out_dir), "--linger", "0", "--checkpoint-every", "1e9"]
+              "--iterations", "1000000000", "--out", str(out_dir), "--linger", "0", "--checkpoint-every", "1e9",
+              *chunk_flags(chunk_mib)]
     if model or size == "resnet20":
         return "server.cli", ["--model", model or "resnet20", *common]
     return "bench.ps_server_sized", ["--numel", str(numel), "--", "--model", f"flat-{numel}", *common]
@@ -239,7 +246,7 @@ def server_command(size: str, numel: int, k: int, out_dir: Path, model: str | No
 
 def start_group(system: str, size: str, numel: int, k: int, workdir: Path, *, max_round_trips: int = 10**9,
                 max_seconds: float = 900.0, server_env: dict[str, str] | None = None,
-                model: str | None = None) -> Group:
+                model: str | None = None, chunk_mib: float | None = None) -> Group:
     """Start one system with K pushers (or K torch ranks) and return once every one of them is ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     group = Group(system, k, numel, workdir, _new_control(workdir / "control.bin", k))
@@ -253,11 +260,12 @@ def start_group(system: str, size: str, numel: int, k: int, workdir: Path, *, ma
             _wait_ready(group, START_TIMEOUT)
             return group
         if system == "server":
-            group.server = group.spawn(*server_command(size, numel, k, workdir / "run", model), "server",
+            group.server = group.spawn(*server_command(size, numel, k, workdir / "run", model, chunk_mib), "server",
                                        env=server_env)
             group.target = group.wait_for_address("server", group.server, LISTENING_PATTERN, START_TIMEOUT)
         else:
-            group.server = group.spawn("bench.grpc_echo", ["--bind", "127.0.0.1:0", "--numel", str(numel)], "server")
+            group.server = group.spawn("bench.grpc_echo", ["--bind", "127.0.0.1:0", "--numel", str(numel),
+                                                           *chunk_flags(chunk_mib)], "server")
             group.target = group.wait_for_address("server", group.server, r"echo listening on ([\d.]+):(\d+)",
                                                   START_TIMEOUT)
         for i in range(k):
@@ -271,14 +279,15 @@ def start_group(system: str, size: str, numel: int, k: int, workdir: Path, *, ma
 
 
 def run_counted(system: str, k: int, round_trips: int, *, size: str = "resnet20", numel: int | None = None,
-                workdir: Path, timeout: float = 60.0, model: str | None = None) -> dict:
+                workdir: Path, timeout: float = 60.0, model: str | None = None,
+                chunk_mib: float | None = None) -> dict:
     """Each of K pushers does exactly `round_trips` round trips; returns the pushers' and the server's counts.
 
     The benchmark machinery at small scale, for the smoke test: pushers end by count, not by the stop flag.
     """
     numel = numel or SIZES[size]
     group = start_group(system, size, numel, k, workdir, max_round_trips=round_trips, max_seconds=timeout,
-                        model=model)
+                        model=model, chunk_mib=chunk_mib)
     try:
         group.resume()
         deadline = time.monotonic() + timeout

@@ -115,7 +115,8 @@ def summarize_k(k: int, systems: tuple[str, ...], groups: dict[str, Group], wind
 
 
 def measure_k(size: str, numel: int, k: int, reps: int, window: float, settle: float, systems: tuple[str, ...],
-              tmp: Path, profile: str, log, server_env: dict[str, str] | None = None  # noqa: ANN001
+              tmp: Path, profile: str, log, server_env: dict[str, str] | None = None,  # noqa: ANN001
+              chunk_mib: float | None = None
               ) -> tuple[dict, dict | None]:
     groups: dict[str, Group] = {}
     skipped: dict[str, str] = {}
@@ -133,7 +134,7 @@ def measure_k(size: str, numel: int, k: int, reps: int, window: float, settle: f
             t = time.monotonic()
             try:
                 groups[system] = start_group(system, size, numel, k, tmp / f"{size}-k{k}-{system}",
-                                             server_env=server_env)
+                                             server_env=server_env, chunk_mib=chunk_mib)
             except Exception as e:  # noqa: BLE001 - recorded in the results; the other systems still run
                 skipped[system] = f"failed to start: {type(e).__name__}: {str(e)[-600:]}"
                 log(f"  {size} K={k} {system}: {skipped[system]}")

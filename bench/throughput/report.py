@@ -58,6 +58,11 @@ def _header(meta: dict) -> list[str]:
         f"Python {meta['python']}; torch {meta['torch']}; grpcio {meta['grpc']}; numpy {meta['numpy']}."
         + (f"  \nps-server environment: {', '.join(f'{k}={v}' for k, v in meta['server_env'].items())}."
            if meta.get("server_env") else ""),
+        "Chunking (ps-server and echo alike): " + (
+            "their default `--chunk-mib` (tensors above 4 MiB in 4 MiB pieces; ResNet20's 1.1 MB go whole)."
+            if meta.get("chunk_mib") is None else
+            "off (`--chunk-mib 0`: every tensor whole)." if meta["chunk_mib"] == 0 else
+            f"`--chunk-mib {meta['chunk_mib']:g}`."),
     ]
 
 

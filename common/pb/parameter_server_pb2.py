@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n common/pb/parameter_server.proto\x12\x05ps.v1\"B\n\x06Tensor\x12\x1b\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0c.ps.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"I\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x1b\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0c.ps.v1.DType\";\n\x0fParameterLayout\x12(\n\nparameters\x18\x01 \x03(\x0b\x32\x14.ps.v1.ParameterSpec\"\x8c\x01\n\x08Register\x12 \n\x13requested_worker_id\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08slowdown\x18\x03 \x01(\x01\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.ps.v1.ParameterLayoutB\x16\n\x14_requested_worker_id\"\xd2\x01\n\tRunConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x18\n\x10total_iterations\x18\x08 \x01(\x03\x12\x13\n\x0bnum_workers\x18\t \x01(\x05\x12\x16\n\x0enum_parameters\x18\n \x01(\x04\"\x94\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12 \n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x10.ps.v1.RunConfig\x12\x11\n\tdata_seed\x18\x03 \x01(\x04\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12\x19\n\x11parameters_wanted\x18\x05 \x01(\x08\"f\n\x08Gradient\x12\x1d\n\x06tensor\x18\x01 \x01(\x0b\x32\r.ps.v1.Tensor\x12\x17\n\x0fiteration_index\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x14\n\x0csample_count\x18\x04 \x01(\r\"S\n\nParameters\x12\x1d\n\x06tensor\x18\x01 \x01(\x0b\x32\r.ps.v1.Tensor\x12\x17\n\x0fiteration_index\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\"9\n\x04Stop\x12!\n\x06reason\x18\x01 \x01(\x0e\x32\x11.ps.v1.StopReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"R\n\x05Ready\x12&\n\x06layout\x18\x01 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12!\n\nparameters\x18\x02 \x01(\x0b\x32\r.ps.v1.Tensor\"\x83\x01\n\rWorkerMessage\x12#\n\x08register\x18\x01 \x01(\x0b\x32\x0f.ps.v1.RegisterH\x00\x12#\n\x08gradient\x18\x02 \x01(\x0b\x32\x0f.ps.v1.GradientH\x00\x12\x1d\n\x05ready\x18\x03 \x01(\x0b\x32\x0c.ps.v1.ReadyH\x00\x42\t\n\x07payload\"\x83\x01\n\rServerMessage\x12!\n\x07welcome\x18\x01 \x01(\x0b\x32\x0e.ps.v1.WelcomeH\x00\x12\'\n\nparameters\x18\x02 \x01(\x0b\x32\x11.ps.v1.ParametersH\x00\x12\x1b\n\x04stop\x18\x03 \x01(\x0b\x32\x0b.ps.v1.StopH\x00\x42\t\n\x07payload\"/\n\x14GetParametersRequest\x12\x17\n\x0ftraining_client\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xea\x01\n\x06Status\x12\x11\n\titeration\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x01\x12\x19\n\x11workers_connected\x18\x03 \x01(\x05\x12\x19\n\x11gradients_applied\x18\x04 \x01(\x04\x12\x1a\n\x12gradients_rejected\x18\x05 \x01(\x04\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12 \n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x10.ps.v1.RunConfig\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x10\n\x08\x64iverged\x18\n \x01(\x08*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04*\x8d\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_DONE\x10\x01\x12\x18\n\x14STOP_REASON_SHUTDOWN\x10\x02\x12\x18\n\x14STOP_REASON_REJECTED\x10\x03\x12\x18\n\x14STOP_REASON_DIVERGED\x10\x04\x32\xc0\x01\n\x0fParameterServer\x12\x37\n\x05Train\x12\x14.ps.v1.WorkerMessage\x1a\x14.ps.v1.ServerMessage(\x01\x30\x01\x12?\n\rGetParameters\x12\x1b.ps.v1.GetParametersRequest\x1a\x11.ps.v1.Parameters\x12\x33\n\tGetStatus\x12\x17.ps.v1.GetStatusRequest\x1a\r.ps.v1.Statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n common/pb/parameter_server.proto\x12\x05ps.v1\"S\n\x06Tensor\x12\x1b\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0c.ps.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63hunked\x18\x04 \x01(\x08\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x1b\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0c.ps.v1.DType\";\n\x0fParameterLayout\x12(\n\nparameters\x18\x01 \x03(\x0b\x32\x14.ps.v1.ParameterSpec\"\xa4\x01\n\x08Register\x12 \n\x13requested_worker_id\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08slowdown\x18\x03 \x01(\x01\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12\x16\n\x0e\x61\x63\x63\x65pts_chunks\x18\x05 \x01(\x08\x42\x16\n\x14_requested_worker_id\"\xd2\x01\n\tRunConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x18\n\x10total_iterations\x18\x08 \x01(\x03\x12\x13\n\x0bnum_workers\x18\t \x01(\x05\x12\x16\n\x0enum_parameters\x18\n \x01(\x04\"\xa9\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12 \n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x10.ps.v1.RunConfig\x12\x11\n\tdata_seed\x18\x03 \x01(\x04\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12\x19\n\x11parameters_wanted\x18\x05 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x04\"f\n\x08Gradient\x12\x1d\n\x06tensor\x18\x01 \x01(\x0b\x32\r.ps.v1.Tensor\x12\x17\n\x0fiteration_index\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x14\n\x0csample_count\x18\x04 \x01(\r\"S\n\nParameters\x12\x1d\n\x06tensor\x18\x01 \x01(\x0b\x32\r.ps.v1.Tensor\x12\x17\n\x0fiteration_index\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\"9\n\x04Stop\x12!\n\x06reason\x18\x01 \x01(\x0e\x32\x11.ps.v1.StopReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"R\n\x05Ready\x12&\n\x06layout\x18\x01 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12!\n\nparameters\x18\x02 \x01(\x0b\x32\r.ps.v1.Tensor\"\xa8\x01\n\rWorkerMessage\x12#\n\x08register\x18\x01 \x01(\x0b\x32\x0f.ps.v1.RegisterH\x00\x12#\n\x08gradient\x18\x02 \x01(\x0b\x32\x0f.ps.v1.GradientH\x00\x12\x1d\n\x05ready\x18\x03 \x01(\x0b\x32\x0c.ps.v1.ReadyH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.ps.v1.TensorChunkH\x00\x42\t\n\x07payload\"\xa8\x01\n\rServerMessage\x12!\n\x07welcome\x18\x01 \x01(\x0b\x32\x0e.ps.v1.WelcomeH\x00\x12\'\n\nparameters\x18\x02 \x01(\x0b\x32\x11.ps.v1.ParametersH\x00\x12\x1b\n\x04stop\x18\x03 \x01(\x0b\x32\x0b.ps.v1.StopH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.ps.v1.TensorChunkH\x00\x42\t\n\x07payload\"/\n\x14GetParametersRequest\x12\x17\n\x0ftraining_client\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xea\x01\n\x06Status\x12\x11\n\titeration\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x01\x12\x19\n\x11workers_connected\x18\x03 \x01(\x05\x12\x19\n\x11gradients_applied\x18\x04 \x01(\x04\x12\x1a\n\x12gradients_rejected\x18\x05 \x01(\x04\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12 \n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x10.ps.v1.RunConfig\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x10\n\x08\x64iverged\x18\n \x01(\x08*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04*\x8d\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_DONE\x10\x01\x12\x18\n\x14STOP_REASON_SHUTDOWN\x10\x02\x12\x18\n\x14STOP_REASON_REJECTED\x10\x03\x12\x18\n\x14STOP_REASON_DIVERGED\x10\x04\x32\xc0\x01\n\x0fParameterServer\x12\x37\n\x05Train\x12\x14.ps.v1.WorkerMessage\x1a\x14.ps.v1.ServerMessage(\x01\x30\x01\x12?\n\rGetParameters\x12\x1b.ps.v1.GetParametersRequest\x1a\x11.ps.v1.Parameters\x12\x33\n\tGetStatus\x12\x17.ps.v1.GetStatusRequest\x1a\r.ps.v1.Statusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.pb.parameter_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1660
-  _globals['_DTYPE']._serialized_end=1767
-  _globals['_STOPREASON']._serialized_start=1770
-  _globals['_STOPREASON']._serialized_end=1911
+  _globals['_DTYPE']._serialized_start=1841
+  _globals['_DTYPE']._serialized_end=1948
+  _globals['_STOPREASON']._serialized_start=1951
+  _globals['_STOPREASON']._serialized_end=2092
   _globals['_TENSOR']._serialized_start=43
-  _globals['_TENSOR']._serialized_end=109
-  _globals['_PARAMETERSPEC']._serialized_start=111
-  _globals['_PARAMETERSPEC']._serialized_end=184
-  _globals['_PARAMETERLAYOUT']._serialized_start=186
-  _globals['_PARAMETERLAYOUT']._serialized_end=245
-  _globals['_REGISTER']._serialized_start=248
-  _globals['_REGISTER']._serialized_end=388
-  _globals['_RUNCONFIG']._serialized_start=391
-  _globals['_RUNCONFIG']._serialized_end=601
-  _globals['_WELCOME']._serialized_start=604
-  _globals['_WELCOME']._serialized_end=752
-  _globals['_GRADIENT']._serialized_start=754
-  _globals['_GRADIENT']._serialized_end=856
-  _globals['_PARAMETERS']._serialized_start=858
-  _globals['_PARAMETERS']._serialized_end=941
-  _globals['_STOP']._serialized_start=943
-  _globals['_STOP']._serialized_end=1000
-  _globals['_READY']._serialized_start=1002
-  _globals['_READY']._serialized_end=1084
-  _globals['_WORKERMESSAGE']._serialized_start=1087
-  _globals['_WORKERMESSAGE']._serialized_end=1218
-  _globals['_SERVERMESSAGE']._serialized_start=1221
-  _globals['_SERVERMESSAGE']._serialized_end=1352
-  _globals['_GETPARAMETERSREQUEST']._serialized_start=1354
-  _globals['_GETPARAMETERSREQUEST']._serialized_end=1401
-  _globals['_GETSTATUSREQUEST']._serialized_start=1403
-  _globals['_GETSTATUSREQUEST']._serialized_end=1421
-  _globals['_STATUS']._serialized_start=1424
-  _globals['_STATUS']._serialized_end=1658
-  _globals['_PARAMETERSERVER']._serialized_start=1914
-  _globals['_PARAMETERSERVER']._serialized_end=2106
+  _globals['_TENSOR']._serialized_end=126
+  _globals['_TENSORCHUNK']._serialized_start=128
+  _globals['_TENSORCHUNK']._serialized_end=171
+  _globals['_PARAMETERSPEC']._serialized_start=173
+  _globals['_PARAMETERSPEC']._serialized_end=246
+  _globals['_PARAMETERLAYOUT']._serialized_start=248
+  _globals['_PARAMETERLAYOUT']._serialized_end=307
+  _globals['_REGISTER']._serialized_start=310
+  _globals['_REGISTER']._serialized_end=474
+  _globals['_RUNCONFIG']._serialized_start=477
+  _globals['_RUNCONFIG']._serialized_end=687
+  _globals['_WELCOME']._serialized_start=690
+  _globals['_WELCOME']._serialized_end=859
+  _globals['_GRADIENT']._serialized_start=861
+  _globals['_GRADIENT']._serialized_end=963
+  _globals['_PARAMETERS']._serialized_start=965
+  _globals['_PARAMETERS']._serialized_end=1048
+  _globals['_STOP']._serialized_start=1050
+  _globals['_STOP']._serialized_end=1107
+  _globals['_READY']._serialized_start=1109
+  _globals['_READY']._serialized_end=1191
+  _globals['_WORKERMESSAGE']._serialized_start=1194
+  _globals['_WORKERMESSAGE']._serialized_end=1362
+  _globals['_SERVERMESSAGE']._serialized_start=1365
+  _globals['_SERVERMESSAGE']._serialized_end=1533
+  _globals['_GETPARAMETERSREQUEST']._serialized_start=1535
+  _globals['_GETPARAMETERSREQUEST']._serialized_end=1582
+  _globals['_GETSTATUSREQUEST']._serialized_start=1584
+  _globals['_GETSTATUSREQUEST']._serialized_end=1602
+  _globals['_STATUS']._serialized_start=1605
+  _globals['_STATUS']._serialized_end=1839
+  _globals['_PARAMETERSERVER']._serialized_start=2095
+  _globals['_PARAMETERSERVER']._serialized_end=2287
 # @@protoc_insertion_point(module_scope)

@@ -34,14 +34,24 @@ STOP_REASON_REJECTED: StopReason
 STOP_REASON_DIVERGED: StopReason
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "numel", "data")
+    __slots__ = ("dtype", "numel", "data", "chunked")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     numel: int
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    chunked: bool
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., numel: _Optional[int] = ..., data: _Optional[bytes] = ..., chunked: _Optional[bool] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ParameterSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")
@@ -60,16 +70,18 @@ class ParameterLayout(_message.Message):
     def __init__(self, parameters: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("requested_worker_id", "name", "slowdown", "layout")
+    __slots__ = ("requested_worker_id", "name", "slowdown", "layout", "accepts_chunks")
     REQUESTED_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     requested_worker_id: int
     name: str
     slowdown: float
     layout: ParameterLayout
-    def __init__(self, requested_worker_id: _Optional[int] = ..., name: _Optional[str] = ..., slowdown: _Optional[float] = ..., layout: _Optional[_Union[ParameterLayout, _Mapping]] = ...) -> None: ...
+    accepts_chunks: bool
+    def __init__(self, requested_worker_id: _Optional[int] = ..., name: _Optional[str] = ..., slowdown: _Optional[float] = ..., layout: _Optional[_Union[ParameterLayout, _Mapping]] = ..., accepts_chunks: _Optional[bool] = ...) -> None: ...
 
 class RunConfig(_message.Message):
     __slots__ = ("algorithm", "model", "dataset", "num_classes", "batch_size", "weight_decay", "seed", "total_iterations", "num_workers", "num_parameters")
@@ -96,18 +108,20 @@ class RunConfig(_message.Message):
     def __init__(self, algorithm: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., num_classes: _Optional[int] = ..., batch_size: _Optional[int] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., total_iterations: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_parameters: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("worker_id", "config", "data_seed", "layout", "parameters_wanted")
+    __slots__ = ("worker_id", "config", "data_seed", "layout", "parameters_wanted", "chunk_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DATA_SEED_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_WANTED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     config: RunConfig
     data_seed: int
     layout: ParameterLayout
     parameters_wanted: bool
-    def __init__(self, worker_id: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., data_seed: _Optional[int] = ..., layout: _Optional[_Union[ParameterLayout, _Mapping]] = ..., parameters_wanted: _Optional[bool] = ...) -> None: ...
+    chunk_bytes: int
+    def __init__(self, worker_id: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., data_seed: _Optional[int] = ..., layout: _Optional[_Union[ParameterLayout, _Mapping]] = ..., parameters_wanted: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class Gradient(_message.Message):
     __slots__ = ("tensor", "iteration_index", "loss", "sample_count")
@@ -148,24 +162,28 @@ class Ready(_message.Message):
     def __init__(self, layout: _Optional[_Union[ParameterLayout, _Mapping]] = ..., parameters: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("register", "gradient", "ready")
+    __slots__ = ("register", "gradient", "ready", "chunk")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     register: Register
     gradient: Gradient
     ready: Ready
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., gradient: _Optional[_Union[Gradient, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ...) -> None: ...
+    chunk: TensorChunk
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., gradient: _Optional[_Union[Gradient, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("welcome", "parameters", "stop")
+    __slots__ = ("welcome", "parameters", "stop", "chunk")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     parameters: Parameters
     stop: Stop
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ...) -> None: ...
+    chunk: TensorChunk
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., parameters: _Optional[_Union[Parameters, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
     __slots__ = ("training_client",)

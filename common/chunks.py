@@ -1,0 +1,74 @@
+"""Chunked tensors on the Train stream: the size rule, and putting a chunked tensor's bytes back together.
+
+A tensor larger than the chunk size travels as a header (the message that holds it, its Tensor with
+`chunked` set and no data) followed at once by TensorChunk messages of at most `chunk_bytes` bytes each,
+in order (proto/ps/v1/parameter_server.proto). Why: over gRPC a 45-100 MB message crosses loopback at
+about 400 MB/s whatever the HTTP/2 options, the same bytes in 1-8 MB messages 3-4x faster, even when the
+receiver waits for all of them before answering (bench/results/transport_probe.md); below a few MB one
+message is faster. `common.wire` writes the messages (one copy of the tensor's bytes) and reads a chunk's
+bytes as a view of the received buffer; an `Assembly` copies them into place, checking that they come in
+order and add up to the header's size exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "Assembly", "ChunkError", "MIB", "pieces"]
+
+MIB = 1 << 20
+DEFAULT_CHUNK_BYTES = 4 * MIB  # ps-server --chunk-mib's default: 1-8 MB measured alike, 4 MiB is gRPC's own size
+
+
+class ChunkError(ValueError):
+    """A chunk that does not continue the tensor being received: out of order, empty or past its end."""
+
+
+def pieces(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """(offset, end) of each chunk of a tensor of `nbytes` bytes; one piece when it is not larger than
+    `chunk_bytes` or chunking is off (0)."""
+    if chunk_bytes < 0:
+        raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
+    if chunk_bytes == 0 or nbytes <= chunk_bytes:
+        return [(0, nbytes)]
+    return [(o, min(o + chunk_bytes, nbytes)) for o in range(0, nbytes, chunk_bytes)]
+
+
+class Assembly:
+    """The bytes of one chunked tensor as its chunks arrive, in a buffer of its own (writable; the caller may
+    keep it). `header` is the message that announced the tensor, kept for whoever handles it when complete."""
+
+    def __init__(self, header: object, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise ChunkError(f"a chunked tensor must have bytes, got {nbytes}")
+        self.header = header
+        self.nbytes = nbytes
+        self.buffer = np.empty(nbytes, dtype=np.uint8)
+        self.filled = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.filled == self.nbytes
+
+    def add(self, offset: int, data: bytes | memoryview) -> bool:
+        """Copy the next chunk into place; True once the tensor is complete. ChunkError (nothing copied) for a
+        chunk that is empty, does not start where the last one ended, or runs past the tensor's end."""
+        n = len(data)
+        if offset != self.filled:
+            raise ChunkError(f"chunk at byte {offset}, expected the one at byte {self.filled} of {self.nbytes}")
+        if n == 0:
+            raise ChunkError(f"empty chunk at byte {offset} of {self.nbytes}")
+        if offset + n > self.nbytes:
+            raise ChunkError(f"chunk of {n} bytes at byte {offset} runs past the tensor's {self.nbytes} bytes")
+        self.buffer[offset:offset + n] = np.frombuffer(data, dtype=np.uint8)
+        self.filled += n
+        return self.complete
+
+    def data(self) -> memoryview:
+        """The tensor's bytes (only once complete)."""
+        if not self.complete:
+            raise ChunkError(f"only {self.filled} of the tensor's {self.nbytes} bytes arrived")
+        return memoryview(self.buffer)
+
+    def progress(self) -> str:
+        return f"byte {self.filled} of {self.nbytes}"
