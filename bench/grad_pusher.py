@@ -31,7 +31,7 @@ import numpy as np
 from bench import harness
 from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
-from common.chunks import Assembly
+from common.chunks import Assembly, BufferPool
 from common.pb import parameter_server_pb2 as pb
 from common.wire import gradient_messages, train_call
 
@@ -86,8 +86,9 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
             await call.write(pb.WorkerMessage(ready=pb.Ready()))
             row[STATE] = READY
             replies = -1  # the first Parameters answers Ready, not a gradient
+            buffers = BufferPool(max_bytes=1 << 62)  # one receive buffer, used again, as ps-worker's
             while True:
-                got = await _parameters(call)
+                got = await _parameters(call, buffers)
                 if got is None:
                     break
                 iteration_index, nbytes = got
@@ -115,7 +116,7 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
             call.cancel()
 
 
-async def _parameters(call: grpc.aio.StreamStreamCall) -> tuple[int, int] | None:
+async def _parameters(call: grpc.aio.StreamStreamCall, buffers: BufferPool) -> tuple[int, int] | None:
     """Read the next Parameters, whole or chunked (its bytes put together as a worker does); its iteration index
     and the bytes of its messages. None at the end of the stream (or a Stop)."""
     received = await call.read()
@@ -131,13 +132,14 @@ async def _parameters(call: grpc.aio.StreamStreamCall) -> tuple[int, int] | None
     if msg.parameters.tensor.chunked:
         if msg.parameters.tensor.dtype != pb.DTYPE_FLOAT32:  # (common.codec's checks need torch)
             raise RuntimeError(f"expected float32 parameters, got {pb.DType.Name(msg.parameters.tensor.dtype)}")
-        assembly = Assembly(msg, 4 * msg.parameters.tensor.numel)
+        assembly = Assembly(msg, 4 * msg.parameters.tensor.numel, buffers.take(4 * msg.parameters.tensor.numel))
         while not assembly.complete:
             chunk = await call.read()
             if chunk is grpc.aio.EOF or chunk.message.WhichOneof("payload") != "chunk":
                 raise RuntimeError(f"expected a chunk, got {chunk!r}")
             assembly.add(chunk.message.chunk.offset, chunk.tensor_data)
             nbytes += chunk.message.ByteSize() + len(chunk.tensor_data)
+        buffers.give(assembly.buffer)
     return msg.parameters.iteration_index, nbytes
 
 

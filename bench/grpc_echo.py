@@ -28,7 +28,7 @@ from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.chunks import DEFAULT_CHUNK_BYTES, MIB, Assembly
+from common.chunks import DEFAULT_CHUNK_BYTES, MIB, Assembly, BufferPool
 from common.wire import Received, parameters_messages
 from server.service import add_to_server
 
@@ -37,6 +37,7 @@ class EchoService(pb_grpc.ParameterServerServicer):
     def __init__(self, numel: int, chunk_bytes: int) -> None:
         self.numel = numel
         self.chunk_bytes = chunk_bytes
+        self.buffers = BufferPool()  # receive buffers used again, as ps-server's
         self.echoed = 0
         self.started = time.monotonic()
         self.config = pb.RunConfig(algorithm="echo", model=f"flat-{numel}", dataset="none", num_classes=1,
@@ -53,12 +54,13 @@ class EchoService(pb_grpc.ParameterServerServicer):
             if kind == "chunk":  # (no order checks beyond the assembly's own)
                 if not incoming.add(msg.chunk.offset, received.tensor_data):
                     continue
-                received, incoming, kind = Received(incoming.header, incoming.data()), None, "gradient"
-                msg = received.message
+                received, kind = Received(incoming.header, incoming.data()), "gradient"
+                self.buffers.give(incoming.buffer)  # (read below, before the next take: one task per stream)
+                msg, incoming = received.message, None
             if kind == "gradient":
                 g = msg.gradient
                 if g.tensor.chunked and incoming is None and received.tensor_data is None:
-                    incoming = Assembly(msg, 4 * g.tensor.numel)
+                    incoming = Assembly(msg, 4 * g.tensor.numel, self.buffers.take(4 * g.tensor.numel))
                     continue
                 self.echoed += 1
                 # One copy of the tensor's bytes, as ps-server's reply costs (no dtype or length check).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Assembly", "ChunkError", "MIB", "pieces"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "Assembly", "BufferPool", "ChunkError", "MIB", "pieces"]
 
 MIB = 1 << 20
 DEFAULT_CHUNK_BYTES = 4 * MIB  # ps-server --chunk-mib's default: 1-8 MB measured alike, 4 MiB is gRPC's own size
@@ -35,15 +35,18 @@ def pieces(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
 
 
 class Assembly:
-    """The bytes of one chunked tensor as its chunks arrive, in a buffer of its own (writable; the caller may
-    keep it). `header` is the message that announced the tensor, kept for whoever handles it when complete."""
+    """The bytes of one chunked tensor as its chunks arrive, in a writable buffer: `buffer` when given (of
+    exactly `nbytes` bytes: one used again, see BufferPool), else a new one. `header` is the message that
+    announced the tensor, kept for whoever handles it when complete."""
 
-    def __init__(self, header: object, nbytes: int) -> None:
+    def __init__(self, header: object, nbytes: int, buffer: np.ndarray | None = None) -> None:
         if nbytes <= 0:
             raise ChunkError(f"a chunked tensor must have bytes, got {nbytes}")
+        if buffer is not None and (buffer.dtype != np.uint8 or buffer.shape != (nbytes,)):
+            raise ValueError(f"the buffer must be {nbytes} uint8, got {buffer.dtype} {buffer.shape}")
         self.header = header
         self.nbytes = nbytes
-        self.buffer = np.empty(nbytes, dtype=np.uint8)
+        self.buffer = np.empty(nbytes, dtype=np.uint8) if buffer is None else buffer
         self.filled = 0
 
     @property
@@ -72,3 +75,24 @@ class Assembly:
 
     def progress(self) -> str:
         return f"byte {self.filled} of {self.nbytes}"
+
+
+class BufferPool:
+    """Receive buffers used again: a tensor above glibc's mmap threshold (32 MiB even with
+    common/malloc_tuning.py) gets fresh pages from the kernel on every allocation, and faulting in 45 MB costs
+    about as much as copying it twice (bench/results/step_cost.md). Keeps at most `max_bytes` of spare
+    buffers; a buffer given back must no longer be read by anyone."""
+
+    def __init__(self, max_bytes: int = 256 * MIB) -> None:
+        self.max_bytes = max_bytes
+        self._spare: list[np.ndarray] = []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        for i, b in enumerate(self._spare):
+            if b.nbytes == nbytes:
+                return self._spare.pop(i)
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def give(self, buffer: np.ndarray) -> None:
+        if buffer.nbytes + sum(b.nbytes for b in self._spare) <= self.max_bytes:
+            self._spare.append(buffer)

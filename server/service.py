@@ -24,7 +24,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common import layout as layouts
-from common.chunks import DEFAULT_CHUNK_BYTES, Assembly, ChunkError
+from common.chunks import DEFAULT_CHUNK_BYTES, Assembly, BufferPool, ChunkError
 from common.codec import CodecError, chunked_nbytes, decode, encode
 from common.layout import Layout
 from common.log_limit import LimitedLog, shorten
@@ -88,6 +88,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         if chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes  # parameters larger than this go chunked to clients that read chunks
+        self._buffers = BufferPool()  # for chunked gradients
         self._sent_at: dict[int, float] = {}  # when each worker was last sent parameters
         self.counters = Counters()
         self.connections: dict[int, Connection] = {}
@@ -204,14 +205,21 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
     def _on_message(self, conn: Connection, received: Received) -> None:
         """Decode and apply one gradient (or take a piece of a chunked one), then route the answers. No await:
         atomic on the loop."""
+        if conn.incoming is not None or received.message.WhichOneof("payload") == "chunk":
+            complete = self._on_chunk(conn, received)
+            if complete is not None:
+                try:
+                    self._on_whole(conn, Received(complete.header.message, complete.data()), assembled=True)
+                finally:
+                    self._buffers.give(complete.buffer)  # read by nobody any more: the core reads within the call
+            return
+        self._on_whole(conn, received, assembled=False)
+
+    def _on_whole(self, conn: Connection, received: Received, assembled: bool) -> None:
+        """A whole message: Ready, a gradient (sent whole, or `assembled` from its chunks), or a chunked
+        gradient's header."""
         msg = received.message
         kind = msg.WhichOneof("payload")
-        assembled = conn.incoming is not None or kind == "chunk"
-        if assembled:
-            received = self._on_chunk(conn, received)
-            if received is None:  # the gradient is not complete yet
-                return
-            msg, kind = received.message, "gradient"
         if kind == "ready" and not conn.ready:
             self._on_ready(conn, msg.ready)
             return
@@ -230,7 +238,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             except CodecError as e:
                 self.counters.reject("tensor")
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
-            conn.incoming = Assembly(received, nbytes)
+            conn.incoming = Assembly(received, nbytes, self._buffers.take(nbytes))
             return
         if self.ended:
             return  # in flight when the run ended: dropped
@@ -260,8 +268,8 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             self._diverge(f"the training loss ran away (more than {DIVERGENCE_FACTOR:g}x that of the first "
                           "iterations)")
 
-    def _on_chunk(self, conn: Connection, received: Received) -> Received | None:
-        """Put the next piece of a chunked gradient in place; the whole gradient once it is complete."""
+    def _on_chunk(self, conn: Connection, received: Received) -> Assembly | None:
+        """Put the next piece of a chunked gradient in place; its assembly once it is complete."""
         msg = received.message
         kind = msg.WhichOneof("payload")
         incoming = conn.incoming
@@ -282,7 +290,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         if not complete:
             return None
         conn.incoming = None
-        return Received(incoming.header.message, incoming.data())
+        return incoming
 
     def _diverge(self, why: str) -> None:
         """End the run as diverged: the parameters stay the last finite ones; every worker is told."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from common.chunks import Assembly
+from common.chunks import Assembly, BufferPool
 from common.codec import chunked_nbytes, decode, encode
 from common.data import BatchStream, Dataset, load_dataset, resolve_dataset
 from common.gradients import GradientComputer
@@ -124,6 +124,7 @@ class Worker:
         self._welcomed = False  # a Welcome was handled: this worker did some work
         self._parameters_received = False  # in the current session
         self._chunk_bytes = 0  # send gradients larger than this in chunks (the Welcome says; 0: whole)
+        self._buffers = BufferPool(max_bytes=1 << 62)  # one receive buffer, used again
 
     async def run(self) -> WorkerResult:
         """Train until the server says stop; reconnect (keeping the worker id) whenever a stream breaks, and
@@ -207,10 +208,15 @@ class Worker:
                     data = received.tensor_data if received.tensor_data is not None else msg.chunk.data
                     if not incoming.add(msg.chunk.offset, data):
                         continue
-                    received, incoming = Received(incoming.header.message, incoming.data()), None
+                    received = Received(incoming.header.message, incoming.data())
+                    self._buffers.give(incoming.buffer)  # for the next parameters (see above)
+                    incoming = None
                     msg, kind, owned = received.message, "parameters", True
                 elif kind == "parameters" and msg.parameters.tensor.chunked:
-                    incoming = Assembly(received, chunked_nbytes(msg.parameters.tensor))
+                    # One buffer, used again: the parameters in it were loaded into the model (copied) before
+                    # the gradient went out, and the next parameters come only after that.
+                    incoming = Assembly(received, chunked_nbytes(msg.parameters.tensor),
+                                        self._buffers.take(chunked_nbytes(msg.parameters.tensor)))
                     continue
                 if kind == "welcome":
                     self._chunk_bytes = msg.welcome.chunk_bytes

@@ -43,13 +43,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (0 once it is gone)."""
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process, or of its thread `tid` (0 once it is gone)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy so far (user, nice, system, interrupts, steal: everything but idle and
+    iowait), kernel work for loopback TCP included, which no process's own counters show."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -126,11 +135,13 @@ class Group:
     def column(self, col: int) -> int:
         return int(self.control[: self.k, col].sum())
 
-    def cpu(self) -> tuple[float, float]:
-        """CPU seconds of (the server process, all the pushers); the processes write their pids themselves."""
+    def cpu(self) -> tuple[float, float, float, float]:
+        """CPU seconds of (the server process, all the pushers, the server's main thread, the whole machine); the
+        processes write their pids themselves. The main thread of ps-server and the echo runs their event loop."""
         server = int(self.control[-1, SERVER_PID]) if self.system == "torch-rpc" else self.server.pid
         return (cpu_seconds(server) if server else 0.0,
-                sum(cpu_seconds(int(pid)) for pid in self.control[: self.k, PID] if pid))
+                sum(cpu_seconds(int(pid)) for pid in self.control[: self.k, PID] if pid),
+                cpu_seconds(server, server) if server else 0.0, machine_busy_seconds())
 
     def failures(self) -> list[str]:
         bad = [f"pusher {i} failed: {self.log_tail(f'pusher{i}', 3)}" for i in range(self.k)

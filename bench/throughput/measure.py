@@ -70,7 +70,8 @@ def measure_window(group: Group, settle: float, window: float, window_max: float
     else:
         rate, estimator = float(dn.sum() / dt), "count over the window"
     return dict(seconds=dt, round_trips=int(dn.sum()), round_trips_per_s=rate, estimator=estimator,
-                server_cpu_cores=(c1[0] - c0[0]) / dt, pushers_cpu_cores=(c1[1] - c0[1]) / dt)
+                server_cpu_cores=(c1[0] - c0[0]) / dt, pushers_cpu_cores=(c1[1] - c0[1]) / dt,
+                server_main_thread_cores=(c1[2] - c0[2]) / dt, machine_busy_cores=(c1[3] - c0[3]) / dt)
 
 
 def median(xs: list[float]) -> float:
@@ -102,7 +103,9 @@ def summarize_k(k: int, systems: tuple[str, ...], groups: dict[str, Group], wind
             updates_per_s=rts, round_trips_per_s=rts,
             up_bytes_per_msg=up, down_bytes_per_msg=down, up_mb_per_s=rts * up / 1e6, down_mb_per_s=rts * down / 1e6,
             server_cpu_cores=median([w["server_cpu_cores"] for w in ws]),
-            pushers_cpu_cores=median([w["pushers_cpu_cores"] for w in ws]), windows=ws)
+            pushers_cpu_cores=median([w["pushers_cpu_cores"] for w in ws]),
+            server_main_thread_cores=median([w["server_main_thread_cores"] for w in ws]),
+            machine_busy_cores=median([w["machine_busy_cores"] for w in ws]), windows=ws)
         if system in skipped:
             row["systems"][system]["note"] = skipped[system]
     s = row["systems"]

@@ -36,7 +36,7 @@ def py_spy_profile(pid: int, seconds: float, out: Path, mode: str) -> dict:
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     except FileNotFoundError:
-        return dict(error="py-spy not installed (pip install py-spy)")
+        return dict(error="py-spy not installed (pip install -e .[bench])")
     except subprocess.TimeoutExpired:
         return dict(error="py-spy did not finish in time")
     if res.returncode != 0 or not out.exists():

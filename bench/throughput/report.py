@@ -16,6 +16,14 @@ COLUMNS = ("K", "server updates/s", "echo round trips/s", "torch-rpc updates/s",
            "CPU cores, server process + pushers: server / echo / torch-rpc")
 
 
+def _columns(size: dict) -> tuple[str, ...]:
+    measured = any("machine_busy_cores" in v for r in size["rows"] for v in r["systems"].values())
+    if not measured:  # results from before the main thread and the whole machine were measured
+        return COLUMNS
+    return (*COLUMNS[:-1], "CPU cores, server process + pushers (server's main thread; whole machine busy): "
+                           "server / echo / torch-rpc")
+
+
 def notes() -> list[str]:
     """The hand-written notes (bench/prose/throughput_notes.md), one string per item of its list."""
     return [line[2:].strip() for line in harness.prose("throughput_notes").splitlines() if line.startswith("- ")]
@@ -79,7 +87,13 @@ def _row(r: dict) -> list[str]:
 
     def cpu(name: str) -> str:
         v = s.get(name, {})
-        return f"{v['server_cpu_cores']:.2f}+{v['pushers_cpu_cores']:.2f}" if "server_cpu_cores" in v else "-"
+        if "server_cpu_cores" not in v:
+            return "-"
+        cores = f"{v['server_cpu_cores']:.2f}+{v['pushers_cpu_cores']:.2f}"
+        if "machine_busy_cores" in v:  # results since the main thread and the machine were measured too
+            main = f"{v['server_main_thread_cores']:.2f}; " if name != "torch-rpc" else ""
+            cores += f" ({main}{v['machine_busy_cores']:.2f})"
+        return cores
 
     return [str(r["k"]), rate("server", "updates_per_s"), rate("echo", "round_trips_per_s"),
             rate("torch-rpc", "updates_per_s"), fmt(r.get("server_over_echo"), ".2f"),
@@ -91,7 +105,7 @@ def _size(size: dict) -> list[str]:
     lines = [f"## {size['size']}: {size['numel']:,} parameters ({size['numel'] * 4 / 1e6:.1f} MB per tensor)", "",
              f"{size['note']}. K = {', '.join(map(str, size['ks']))}; windows of at least {size['window_s']} s, "
              f"{size['reps']} per system.", "",
-             harness.table(COLUMNS, (_row(r) for r in size["rows"]))]
+             harness.table(_columns(size), (_row(r) for r in size["rows"]))]
     skipped = [f"K={r['k']} {name}: {v.get('skipped') or v.get('note')}" for r in size["rows"]
                for name, v in r["systems"].items() if v.get("skipped") or v.get("note")]
     if skipped:
