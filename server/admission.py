@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,15 +48,29 @@ class Rejected(Exception):
 
 @dataclass
 class Connection:
+    """One worker's Train stream: who it is, and what is to be sent to it (`send`)."""
+
     worker: int
     name: str
     slowdown: float
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    outbox: deque = field(default_factory=deque)  # messages to write, in order; END_STREAM closes the stream
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)  # the stream's handler has messages to write
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by whoever writes the outbox
+    reading: bool = False  # the stream's reader is handling one of its messages: it writes the answers itself
+    ending: str | None = None  # "stop" once a Stop was written, "end" once END_STREAM was reached
     error: Rejected | None = None
     ready: bool = False
     new_slot: bool = False  # its id had never been given out before (undone if its Ready is refused)
     chunk_bytes: int = 0  # its parameters go chunked above this size (0: whole; it did not ask for chunks)
     incoming: Assembly | None = None  # the chunked gradient being received
+
+    def send(self, message: object) -> None:
+        """Queue a message (bytes, a ServerMessage, or END_STREAM) for this worker. The stream's reader writes
+        the answers to a message it is handling right after (no hand-over to another task on the way); what
+        others queue (another worker's push, the run's end) wakes the stream's handler to write it."""
+        self.outbox.append(message)
+        if not self.reading:
+            self.wakeup.set()
 
 
 class Admission:
@@ -82,7 +97,7 @@ class Admission:
                        self.ready_timeout)
         conn.error = Rejected(grpc.StatusCode.DEADLINE_EXCEEDED,
                               f"no Ready within {self.ready_timeout:g}s of the Welcome; the slot was given back")
-        conn.outbox.put_nowait(END_STREAM)
+        conn.send(END_STREAM)
 
     def _admit(self, first: pb.WorkerMessage, peer: str) -> Connection:
         """Register a worker: assign its id and welcome it. Atomic on the loop."""
@@ -127,7 +142,7 @@ class Admission:
                              parameters_wanted=not self.core.has_parameters, chunk_bytes=conn.chunk_bytes)
         if self.layout is not None:
             welcome.layout.CopyFrom(layouts.to_pb(self.layout))
-        conn.outbox.put_nowait(pb.ServerMessage(welcome=welcome))
+        conn.send(pb.ServerMessage(welcome=welcome))
         return conn
 
     def _check_layout(self, message: pb.ParameterLayout) -> Layout | None:

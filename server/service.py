@@ -3,7 +3,10 @@
 Each worker has one bidirectional `Train` stream. A reader task per stream decodes messages and calls
 `ServerCore.push` directly: code between two `await`s is atomic on one loop, so the core needs no lock,
 gradients are applied in arrival order, and the parameters a push returns are encoded before anything
-else can run. Answers go through a per-worker outbox that the stream's handler drains. Who may join and
+else can run. Answers go into a per-worker outbox: the reader writes the answers to its own worker's
+message itself, right after it (no hand-over to another task: measured ~7 % of a ResNet20 round trip);
+what others queue for the worker (a synchronous round's end, the run's end) wakes the stream's handler,
+which writes it. One writer at a time per stream, in queue order. Who may join and
 with what (Register, layout, initial parameters, Ready) is server/admission.py; when checkpoints are
 written, server/checkpointer.py.
 """
@@ -118,7 +121,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         )
 
     # ----- Train: one stream per worker -----------------------------------------------------
-    async def Train(self, request_iterator: AsyncIterator[Received], context: grpc.aio.ServicerContext):
+    async def Train(self, request_iterator: AsyncIterator[Received], context: grpc.aio.ServicerContext) -> None:
         try:
             first = (await anext(aiter(request_iterator))).message
         except StopAsyncIteration:
@@ -128,7 +131,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
             return
         if self.ended:
-            yield self._stop_message()
+            await context.write(self._stop_message())
             return
         try:
             conn = self._admit(first, context.peer())
@@ -136,19 +139,17 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             self._refusals.warning("refused a worker from %s: %s", shorten(context.peer()), shorten(e.message, 200))
             await context.abort(e.code, e.message)
             return
-        reader = asyncio.create_task(self._read(conn, request_iterator), name=f"reader-{conn.worker}")
+        reader = asyncio.create_task(self._read(conn, request_iterator, context), name=f"reader-{conn.worker}")
         not_ready = asyncio.get_running_loop().call_later(self.ready_timeout, self._not_ready, conn)
         try:
-            while True:
-                msg = await conn.outbox.get()
-                if msg is END_STREAM:
-                    break
-                yield msg
-                if isinstance(msg, pb.ServerMessage) and msg.WhichOneof("payload") == "stop":
-                    # Let the worker read the Stop and close its side; gradients still in flight are dropped.
-                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(asyncio.shield(reader), timeout=5.0)
-                    break
+            while conn.ending is None:
+                await conn.wakeup.wait()
+                conn.wakeup.clear()
+                await self._write(conn, context)
+            if conn.ending == "stop":
+                # Let the worker read the Stop and close its side; gradients still in flight are dropped.
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(reader), timeout=5.0)
             if conn.error is not None:
                 # abort() sends the status at once: free the worker's slot first, so a worker that
                 # reconnects as soon as it reads the status is not refused with ALREADY_EXISTS.
@@ -162,6 +163,21 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
                 await reader
             self._disconnect(conn)
 
+    async def _write(self, conn: Connection, context: grpc.aio.ServicerContext) -> None:
+        """Write the worker's outbox, in order (one writer at a time), up to END_STREAM or a Stop, which end the
+        stream: the handler is woken to end it."""
+        async with conn.writing:
+            while conn.outbox and conn.ending is None:
+                msg = conn.outbox.popleft()
+                if msg is END_STREAM:
+                    conn.ending = "end"
+                else:
+                    await context.write(msg)
+                    if isinstance(msg, pb.ServerMessage) and msg.WhichOneof("payload") == "stop":
+                        conn.ending = "stop"
+        if conn.ending is not None:
+            conn.wakeup.set()
+
     @property
     def ended(self) -> bool:
         """The run is over: it reached its last iteration, or it diverged."""
@@ -173,22 +189,29 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         return pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_DONE,
                                              detail=f"run finished after {self.core.iteration} iterations"))
 
-    async def _read(self, conn: Connection, request_iterator: AsyncIterator[Received]) -> None:
+    async def _read(self, conn: Connection, request_iterator: AsyncIterator[Received],
+                    context: grpc.aio.ServicerContext) -> None:
         try:
             async for msg in request_iterator:
+                conn.reading = True  # the answers to this message are written below, by this task
                 try:
                     self._on_message(conn, msg)
                 except Rejected as e:
+                    conn.reading = False
                     self._rejections.warning("worker %d: %s (%s)", conn.worker, shorten(e.message, 300), e.code.name)
                     if self.diverged is not None:  # this refusal ended the run: say so, not only refuse
-                        conn.outbox.put_nowait(self._stop_message())
+                        conn.send(self._stop_message())
                         return
                     conn.error = e
-                    conn.outbox.put_nowait(END_STREAM)
+                    conn.send(END_STREAM)
                     return
+                finally:
+                    conn.reading = False
                 if self.ended and self._finish_task is None:
                     # Owned by the service, not this stream: a worker hanging up must not cut it short.
                     self._finish_task = asyncio.get_running_loop().create_task(self._finish())
+                if conn.outbox:
+                    await self._write(conn, context)
         except asyncio.CancelledError:
             raise
         except (grpc.aio.AioRpcError, grpc.aio.AbortError):  # the worker went away, or its stream was ended
@@ -200,7 +223,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         except Exception:  # a bug must end this stream with a status, not leave it hanging
             logger.exception("worker %d: unexpected error handling a message", conn.worker)
             conn.error = Rejected(grpc.StatusCode.INTERNAL, "internal error in the parameter server")
-        conn.outbox.put_nowait(END_STREAM)
+        conn.send(END_STREAM)
 
     def _on_message(self, conn: Connection, received: Received) -> None:
         """Decode and apply one gradient (or take a piece of a chunked one), then route the answers. No await:
@@ -317,7 +340,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
                     messages = forms[conn.chunk_bytes] = parameters_messages(
                         d.params, d.iteration_index, self.core.epoch, conn.chunk_bytes)
                 for msg in messages:
-                    conn.outbox.put_nowait(msg)
+                    conn.send(msg)
 
     def _disconnect(self, conn: Connection) -> None:
         if self.connections.get(conn.worker) is not conn:
@@ -399,7 +422,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         the summary."""
         stop = self._stop_message()
         for conn in self.connections.values():
-            conn.outbox.put_nowait(stop)
+            conn.send(stop)
         self.recorder.finish_epoch()
         await self.checkpoints.write_or_fail("the final checkpoint")
         if self.out_dir:
@@ -432,7 +455,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             await self.checkpoints.write_or_fail("the checkpoint on shutdown")
         stop = pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_SHUTDOWN, detail=detail))
         for conn in list(self.connections.values()):
-            conn.outbox.put_nowait(stop)
+            conn.send(stop)
 
     def uptime(self) -> float:
         return time.monotonic() - self._start_time

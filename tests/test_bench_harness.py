@@ -83,3 +83,14 @@ def test_the_transport_probe_echoes_whole_and_chunked_through_a_server_process(t
     text = (tmp_path / "probe.md").read_text()
     assert "| 4 MB | 1 |" in text and "| 4 MB | whole |" in text
     assert not (tmp_path / "probe.server.log").exists()  # each echo server's log is removed after its cell
+
+
+def test_the_step_cost_bench_times_every_step_of_the_servers_handling(tmp_path: Path) -> None:
+    from bench import step_cost
+
+    result = step_cost.main(["--sizes", "resnet20", "--repeats", "3", "--out", str(tmp_path / "steps")])
+    row, = result["results"]
+    assert set(row["ms"]) == set(step_cost.STEPS) and all(v > 0 for v in row["ms"].values())
+    assert row["server_ms"] == pytest.approx(sum(row["ms"].values()))
+    assert row["echo_ms"] == pytest.approx(row["ms"]["receive"] + row["ms"]["answer"])
+    assert "| resnet20 |" in (tmp_path / "steps.md").read_text()

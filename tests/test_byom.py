@@ -369,7 +369,7 @@ def test_a_client_reconnects_when_its_stream_is_cut_and_says_so_when_the_server_
         def cut() -> None:  # the server ends the client's stream, as when a link breaks
             conn = live.service.connections[0]
             conn.error = Rejected(grpc.StatusCode.UNAVAILABLE, "cut by the test")
-            conn.outbox.put_nowait(END_STREAM)
+            conn.send(END_STREAM)
 
         live.on_loop(cut)
         user_loop(opt, model, 2, steps=5)

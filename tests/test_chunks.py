@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.chunks import MIB, Assembly, ChunkError, pieces
+from common.chunks import MIB, Assembly, BufferPool, ChunkError, pieces
 from common.codec import CodecError, chunked_nbytes, decode, encode
 from common.pb import parameter_server_pb2 as pb
 from common.wire import gradient_messages, parameters_messages, parse_server_message, parse_worker_message
@@ -307,3 +307,21 @@ def test_ps_workers_training_in_chunks_reach_the_same_parameters_bit_for_bit(sta
     pieces_, applied_chunked = _final_parameters_of_a_k1_run(start_live_server, CHUNK_MIB)
     assert applied_whole == applied_chunked == 60
     assert torch.equal(whole, pieces_)
+
+
+def test_a_buffer_pool_hands_back_buffers_of_the_size_asked_and_keeps_few():
+    pool = BufferPool(max_bytes=100)
+    a = pool.take(40)
+    assert a.dtype == np.uint8 and a.shape == (40,)
+    pool.give(a)
+    assert pool.take(40) is a  # used again
+    assert pool.take(40) is not a  # (it was taken)
+    b, c, d = pool.take(60), pool.take(40), pool.take(40)
+    pool.give(b)
+    pool.give(c)
+    pool.give(d)  # over max_bytes: dropped
+    assert pool.take(60) is b and pool.take(40) is c and pool.take(40) is not d
+    assembly = Assembly("header", 60, b)
+    assert assembly.buffer is b
+    with pytest.raises(ValueError, match="must be 40 uint8"):
+        Assembly("header", 40, b)
