@@ -54,10 +54,10 @@ def test_counts_add_up(system: str, chunk_mib: float | None, tmp_path: Path) -> 
     assert 4 * numel < counts["down_bytes"] < 4 * numel + framing
 
 
-@pytest.mark.parametrize("name", ["throughput", "throughput_large_k16"])
+@pytest.mark.parametrize("name", ["throughput", "throughput_large_k16", "throughput_whole"])
 def test_report_redraws_the_committed_results(name: str) -> None:
     """From the first table on, the Markdown drawn from a committed JSON is the committed Markdown, and the
-    hand-written notes (bench/prose/throughput_notes.md) are the ones recorded with it."""
+    hand-written notes (bench/prose/throughput_notes.md) are the ones recorded with the latest full run."""
     result = json.loads((RESULTS / f"{name}.json").read_text())
     meta = result["meta"]  # written before bench/harness.py: its machine is a dict, and no commit field
     meta.update(machine=meta["machine"]["platform"], processor=meta["machine"]["processor"],
@@ -66,4 +66,5 @@ def test_report_redraws_the_committed_results(name: str) -> None:
     drawn = "\n".join(report.markdown(result)) + "\n"
     committed = (RESULTS / f"{name}.md").read_text()
     assert drawn[drawn.index("\n## "):] == committed[committed.index("\n## "):]
-    assert report.notes() == result["notes"]
+    if name == "throughput":  # the latest full run carries today's notes; older results keep theirs
+        assert report.notes() == result["notes"]
