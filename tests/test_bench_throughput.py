@@ -59,10 +59,11 @@ def test_report_redraws_the_committed_results(name: str) -> None:
     """From the first table on, the Markdown drawn from a committed JSON is the committed Markdown, and the
     hand-written notes (bench/prose/throughput_notes.md) are the ones recorded with the latest full run."""
     result = json.loads((RESULTS / f"{name}.json").read_text())
-    meta = result["meta"]  # written before bench/harness.py: its machine is a dict, and no commit field
-    meta.update(machine=meta["machine"]["platform"], processor=meta["machine"]["processor"],
-                cpus=meta["machine"]["cores"], memory_gib=meta["machine"]["memory_gib"],
-                commit=meta["git_begin"]["head"])
+    meta = result["meta"]
+    if isinstance(meta["machine"], dict):  # written before bench/harness.py: no commit field either
+        meta.update(machine=meta["machine"]["platform"], processor=meta["machine"]["processor"],
+                    cpus=meta["machine"]["cores"], memory_gib=meta["machine"]["memory_gib"],
+                    commit=meta["git_begin"]["head"])
     drawn = "\n".join(report.markdown(result)) + "\n"
     committed = (RESULTS / f"{name}.md").read_text()
     assert drawn[drawn.index("\n## "):] == committed[committed.index("\n## "):]
