@@ -54,7 +54,8 @@ def test_counts_add_up(system: str, chunk_mib: float | None, tmp_path: Path) -> 
     assert 4 * numel < counts["down_bytes"] < 4 * numel + framing
 
 
-@pytest.mark.parametrize("name", ["throughput", "throughput_large_k16", "throughput_whole"])
+@pytest.mark.parametrize("name", ["throughput", "throughput_large_k16", "throughput_whole",
+                                  "throughput_profile_11M_k4"])
 def test_report_redraws_the_committed_results(name: str) -> None:
     """From the first table on, the Markdown drawn from a committed JSON is the committed Markdown, and the
     hand-written notes (bench/prose/throughput_notes.md) are the ones recorded with the latest full run."""

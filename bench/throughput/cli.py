@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
     p.add_argument("--profile", choices=("auto", "always", "never"), default=None,
                    help=f"py-spy the server at {GOAL_SIZE} K={GOAL_K}: when a goal is missed (auto, the default), "
                         "always, never (the default with --quick)")
+    p.add_argument("--profile-at", default=f"{GOAL_SIZE}:{GOAL_K}", metavar="SIZE:K",
+                   help="the (size, K) point --profile applies to")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable for the ps-server process only (diagnostics, e.g. OMP_NUM_THREADS=1)")
     p.add_argument("--chunk-mib", type=float, default=None,
@@ -53,6 +55,10 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
     args.systems = tuple(s for s in SYSTEMS if s in args.systems.split(","))
     args.profile = args.profile or ("never" if args.quick else "auto")
     args.server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    size, _, k = args.profile_at.partition(":")
+    if size not in SIZES or not k.isdigit():
+        p.error(f"--profile-at must be SIZE:K with SIZE one of {list(SIZES)}, got {args.profile_at!r}")
+    args.profile_at = (size, int(k))
     args.out = args.out or (harness.REPO / "runs" / "bench" / "throughput_quick" if args.quick
                             else harness.RESULTS / "throughput")
     return args
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows = []
             for k in ks:
                 row, prof = measure_k(size, SIZES[size], k, reps, window, args.settle, systems, Path(tmp), args.profile,
-                                      log, args.server_env, args.chunk_mib)
+                                      log, args.server_env, args.chunk_mib, args.profile_at)
                 rows.append(row)
                 profile_result = prof or profile_result
             sizes.append(dict(size=size, numel=SIZES[size], note=SIZE_NOTES[size], ks=list(ks), reps=reps,

@@ -119,7 +119,7 @@ def summarize_k(k: int, systems: tuple[str, ...], groups: dict[str, Group], wind
 
 def measure_k(size: str, numel: int, k: int, reps: int, window: float, settle: float, systems: tuple[str, ...],
               tmp: Path, profile: str, log, server_env: dict[str, str] | None = None,  # noqa: ANN001
-              chunk_mib: float | None = None
+              chunk_mib: float | None = None, profile_at: tuple[str, int] = (GOAL_SIZE, GOAL_K)
               ) -> tuple[dict, dict | None]:
     groups: dict[str, Group] = {}
     skipped: dict[str, str] = {}
@@ -159,10 +159,10 @@ def measure_k(size: str, numel: int, k: int, reps: int, window: float, settle: f
         row = summarize_k(k, systems, groups, windows, skipped)
         missed = (row.get("server_over_echo", 1.0) < GOAL_ECHO_FRACTION
                   or row.get("server_over_torch_rpc", 2.0) <= 1.0)
-        at_goal = size == GOAL_SIZE and k == GOAL_K
+        at_goal = (size, k) == profile_at
         if "server" in groups and "server" not in skipped and (
                 profile == "always" and at_goal or profile == "auto" and at_goal and missed):
-            profile_result = profile_server(groups["server"], settle, tmp, log)
+            profile_result = profile_server(groups["server"], settle, tmp, log, size=size)
     finally:
         for system, g in groups.items():
             try:

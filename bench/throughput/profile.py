@@ -83,9 +83,10 @@ def _short_path(path: str) -> str:
     return m.group(1) if m else path
 
 
-def profile_server(g: Group, settle: float, tmp: Path, log, seconds: float = 5.0) -> dict:  # noqa: ANN001
+def profile_server(g: Group, settle: float, tmp: Path, log, seconds: float = 5.0,  # noqa: ANN001
+                   size: str = GOAL_SIZE) -> dict:
     """py-spy the server while its pushers push: Python frames (never pausing it), then native frames too."""
-    result: dict = dict(size=GOAL_SIZE, k=g.k)
+    result: dict = dict(size=size, k=g.k)
     g.resume()
     try:
         time.sleep(settle)
