@@ -66,8 +66,10 @@ class Connection:
 
     def send(self, message: object) -> None:
         """Queue a message (bytes, a ServerMessage, or END_STREAM) for this worker. The stream's reader writes
-        the answers to a message it is handling right after (no hand-over to another task on the way); what
-        others queue (another worker's push, the run's end) wakes the stream's handler to write it."""
+        the answers to a message it is handling right after (no hand-over to another task on the way), so it
+        reads the worker's next message once the worker has taken its answer (a worker reads its parameters
+        before it computes the next gradient); what others queue (another worker's push, the run's end) wakes
+        the stream's handler to write it."""
         self.outbox.append(message)
         if not self.reading:
             self.wakeup.set()

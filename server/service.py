@@ -165,16 +165,22 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
 
     async def _write(self, conn: Connection, context: grpc.aio.ServicerContext) -> None:
         """Write the worker's outbox, in order (one writer at a time), up to END_STREAM or a Stop, which end the
-        stream: the handler is woken to end it."""
+        stream: the handler is woken to end it. A worker that went away ends it too (nothing to write to)."""
         async with conn.writing:
             while conn.outbox and conn.ending is None:
                 msg = conn.outbox.popleft()
                 if msg is END_STREAM:
                     conn.ending = "end"
-                else:
+                    break
+                try:
                     await context.write(msg)
-                    if isinstance(msg, pb.ServerMessage) and msg.WhichOneof("payload") == "stop":
-                        conn.ending = "stop"
+                except (grpc.aio.InternalError, grpc.aio.UsageError) as e:  # the worker went away meanwhile
+                    logger.debug("worker %d: stream gone while writing to it: %r", conn.worker, e)
+                    conn.outbox.clear()
+                    conn.ending = "end"
+                    break
+                if isinstance(msg, pb.ServerMessage) and msg.WhichOneof("payload") == "stop":
+                    conn.ending = "stop"
         if conn.ending is not None:
             conn.wakeup.set()
 

@@ -10,7 +10,9 @@ ends its stream with INVALID_ARGUMENT, changes nothing, and the run goes on.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -325,3 +327,47 @@ def test_a_buffer_pool_hands_back_buffers_of_the_size_asked_and_keeps_few():
     assert assembly.buffer is b
     with pytest.raises(ValueError, match="must be 40 uint8"):
         Assembly("header", 40, b)
+
+
+BIG = 8_000_000  # 32 MB of parameters: more than HTTP/2's flow-control windows let through unread
+
+
+def big_flat(num_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """A model that is one flat vector of BIG parameters (its output is never computed here)."""
+    module = torch.nn.Module()
+    module.flat = torch.nn.Parameter(torch.zeros(BIG))
+    return module
+
+
+def test_a_worker_hanging_up_while_its_answer_is_written_is_no_error(start_live_server, caplog):
+    """A worker that does not read its answer (32 MB: the server's writes stop at HTTP/2's flow-control window)
+    and then hangs up: the server logs no error, its gradient counts as applied, and the slot is free for the
+    next worker."""
+    run = RunConfig(algo="asgd", workers=1, dataset="synthetic", model="tests.test_chunks:big_flat", batch_size=32,
+                    iterations=1_000_000)
+    live, stop = start_live_server(run, bind="127.0.0.1:0", linger=0.0)  # 4 MiB chunks
+    try:
+        for i in range(2):
+            w = RawWorker(live.stub())
+            assert register(w, f"w{i}", accepts_chunks=True).config.num_parameters == BIG
+            w.ready()
+            params = w.recv().parameters  # w_0, chunked, read to the end
+            assert params.tensor.chunked
+            for _ in range(-(-4 * BIG // (4 << 20))):
+                assert w.recv().WhichOneof("payload") == "chunk"
+            w.send(pb.WorkerMessage(gradient=pb.Gradient(tensor=encode(torch.full((BIG,), 1e-3)),
+                                                         iteration_index=params.iteration_index)))
+            deadline = time.monotonic() + 20
+            while counters(live)[0] < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert counters(live)[0] == i + 1
+            time.sleep(0.3)  # the answer is being written, and stalls: nobody reads it
+            w.close()
+            while live.on_loop(lambda: 0 in live.service.connections) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not live.on_loop(lambda: 0 in live.service.connections)
+        assert counters(live)[:2] == (2, 0)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, [r.getMessage() for r in errors]
+    finally:
+        stop()
