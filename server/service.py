@@ -131,7 +131,8 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
             return
         if self.ended:
-            await context.write(self._stop_message())
+            with contextlib.suppress(grpc.aio.InternalError, grpc.aio.UsageError):  # (already gone)
+                await context.write(self._stop_message())
             return
         try:
             conn = self._admit(first, context.peer())
