@@ -2,8 +2,8 @@
 
 Registers, sends Ready, then loops: receive Parameters, at once send a Gradient of the announced size
 (float32, small values, the iteration index it received), both whole or chunked as ps-worker does (it
-says it reads chunks; the Welcome says above which size it sends them), until the orchestrator raises the stop flag,
-`--max-round-trips` replies came back, or `--max-seconds` passed. It only stops right after a reply, so
+says it reads chunks; the Welcome says above which size it sends them), until the orchestrator raises the
+stop flag, `--max-round-trips` replies came back, or `--max-seconds` passed. It only stops right after a reply, so
 a pusher that ends normally has nothing in flight. Live counters go to a shared control file (a small
 int64 memmap, see the column names below) that the orchestrator reads at the edges of a measurement
 window. While the orchestrator's pause flag is up, the pusher holds its parameters and polls the flag
@@ -31,7 +31,7 @@ import numpy as np
 from bench import harness
 from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
-from common.chunks import Assembly, BufferPool
+from common.chunks import BufferPool, Reassembly
 from common.pb import parameter_server_pb2 as pb
 from common.wire import gradient_messages, train_call
 
@@ -86,9 +86,9 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
             await call.write(pb.WorkerMessage(ready=pb.Ready()))
             row[STATE] = READY
             replies = -1  # the first Parameters answers Ready, not a gradient
-            buffers = BufferPool(max_bytes=1 << 62)  # one receive buffer, used again, as ps-worker's
+            incoming = Reassembly(BufferPool(max_bytes=1 << 62))  # one receive buffer, used again, as ps-worker's
             while True:
-                got = await _parameters(call, buffers)
+                got = await _parameters(call, incoming)
                 if got is None:
                     break
                 iteration_index, nbytes = got
@@ -116,7 +116,7 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
             call.cancel()
 
 
-async def _parameters(call: grpc.aio.StreamStreamCall, buffers: BufferPool) -> tuple[int, int] | None:
+async def _parameters(call: grpc.aio.StreamStreamCall, incoming: Reassembly) -> tuple[int, int] | None:
     """Read the next Parameters, whole or chunked (its bytes put together as a worker does); its iteration index
     and the bytes of its messages. None at the end of the stream (or a Stop)."""
     received = await call.read()
@@ -132,14 +132,14 @@ async def _parameters(call: grpc.aio.StreamStreamCall, buffers: BufferPool) -> t
     if msg.parameters.tensor.chunked:
         if msg.parameters.tensor.dtype != pb.DTYPE_FLOAT32:  # (common.codec's checks need torch)
             raise RuntimeError(f"expected float32 parameters, got {pb.DType.Name(msg.parameters.tensor.dtype)}")
-        assembly = Assembly(msg, 4 * msg.parameters.tensor.numel, buffers.take(4 * msg.parameters.tensor.numel))
-        while not assembly.complete:
+        incoming.start(msg, 4 * msg.parameters.tensor.numel)
+        complete = None
+        while complete is None:
             chunk = await call.read()
             if chunk is grpc.aio.EOF or chunk.message.WhichOneof("payload") != "chunk":
                 raise RuntimeError(f"expected a chunk, got {chunk!r}")
-            assembly.add(chunk.message.chunk.offset, chunk.tensor_data)
+            complete = incoming.add(chunk.message.chunk.offset, chunk.tensor_data)
             nbytes += chunk.message.ByteSize() + len(chunk.tensor_data)
-        buffers.give(assembly.buffer)
     return msg.parameters.iteration_index, nbytes
 
 

@@ -28,7 +28,7 @@ from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.chunks import DEFAULT_CHUNK_BYTES, MIB, Assembly, BufferPool
+from common.chunks import DEFAULT_CHUNK_BYTES, MIB, BufferPool, Reassembly
 from common.wire import Received, parameters_messages
 from server.service import add_to_server
 
@@ -47,20 +47,20 @@ class EchoService(pb_grpc.ParameterServerServicer):
 
     async def Train(self, request_iterator, context):
         chunk_bytes = 0
-        incoming: Assembly | None = None
+        incoming = Reassembly(self.buffers)  # (its bytes are read below, before this loop takes another buffer)
         async for received in request_iterator:
             msg = received.message
             kind = msg.WhichOneof("payload")
             if kind == "chunk":  # (no order checks beyond the assembly's own)
-                if not incoming.add(msg.chunk.offset, received.tensor_data):
+                complete = incoming.add(msg.chunk.offset, received.tensor_data)
+                if complete is None:
                     continue
-                received, kind = Received(incoming.header, incoming.data()), "gradient"
-                self.buffers.give(incoming.buffer)  # (read below, before the next take: one task per stream)
-                msg, incoming = received.message, None
+                received, kind = Received(*complete), "gradient"
+                msg = received.message
             if kind == "gradient":
                 g = msg.gradient
-                if g.tensor.chunked and incoming is None and received.tensor_data is None:
-                    incoming = Assembly(msg, 4 * g.tensor.numel, self.buffers.take(4 * g.tensor.numel))
+                if g.tensor.chunked and received.tensor_data is None:
+                    incoming.start(msg, 4 * g.tensor.numel)
                     continue
                 self.echoed += 1
                 # One copy of the tensor's bytes, as ps-server's reply costs (no dtype or length check).

@@ -5,7 +5,7 @@ of each step the server's loop thread runs for one gradient, with the project's 
 process (no gRPC: what gRPC itself costs is the echo's share, measured end to end by bench/throughput):
 
 - receive: `common.wire.parse_worker_message` of the whole message (a view of the tensor, no copy), or for a
-  chunked tensor the pieces parsed and copied into place (`common.chunks.Assembly`, in a buffer used again);
+  chunked tensor the pieces parsed and copied into place (`common.chunks.Reassembly`, in a buffer used again);
 - decode: the checks and the zero-copy tensor (`common.codec.decode`);
 - push: `ServerCore.push`: validation with the NaN/Inf check (one read of the gradient) and the rule's
   update (for OrMo: two model-sized in-place updates, plus a group opening every K gradients);
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from common.chunks import DEFAULT_CHUNK_BYTES, Assembly, BufferPool
+from common.chunks import DEFAULT_CHUNK_BYTES, BufferPool, Reassembly
 from common.codec import decode
 from common.malloc_tuning import tune_malloc
 from common.metrics import RunRecorder
@@ -59,18 +59,16 @@ def measure(n: int, repeats: int, chunk_bytes: int) -> dict[str, float]:
     messages = gradient_messages(g, 0, 0.5, 128, chunk_bytes)
     chunked = len(messages) > 1
 
-    buffers = BufferPool()
+    incoming = Reassembly(BufferPool())  # as the server's streams
 
     def receive() -> object:
         if not chunked:
             return parse_worker_message(messages[0])
-        header = parse_worker_message(messages[0])
-        assembly = Assembly(header, 4 * n, buffers.take(4 * n))
+        incoming.start(parse_worker_message(messages[0]), 4 * n)
         for raw in messages[1:]:
             piece = parse_worker_message(raw)
-            assembly.add(piece.message.chunk.offset, piece.tensor_data)
-        buffers.give(assembly.buffer)
-        return header.message
+            complete = incoming.add(piece.message.chunk.offset, piece.tensor_data)
+        return complete
 
     whole = parse_worker_message(gradient_messages(g, 0, 0.5, 128)[0])
     state = {"i": 0}

@@ -7,14 +7,15 @@ about 400 MB/s whatever the HTTP/2 options, the same bytes in 1-8 MB messages 3-
 receiver waits for all of them before answering (bench/results/transport_probe.md); below a few MB one
 message is faster. `common.wire` writes the messages (one copy of the tensor's bytes) and reads a chunk's
 bytes as a view of the received buffer; an `Assembly` copies them into place, checking that they come in
-order and add up to the header's size exactly.
+order and add up to the header's size exactly; a `Reassembly` is a stream's receiving side (the server's
+streams, ps-worker's and the benchmark's clients), with its buffers used again (`BufferPool`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Assembly", "BufferPool", "ChunkError", "MIB", "pieces"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "Assembly", "BufferPool", "ChunkError", "MIB", "Reassembly", "pieces"]
 
 MIB = 1 << 20
 DEFAULT_CHUNK_BYTES = 4 * MIB  # ps-server --chunk-mib's default: 1-8 MB measured alike, 4 MiB is gRPC's own size
@@ -96,3 +97,38 @@ class BufferPool:
     def give(self, buffer: np.ndarray) -> None:
         if buffer.nbytes + sum(b.nbytes for b in self._spare) <= self.max_bytes:
             self._spare.append(buffer)
+
+
+class Reassembly:
+    """The chunked tensor a stream is receiving, if any (one at a time), put together in buffers from `pool`.
+    `add` hands the whole tensor's bytes out as a view of a buffer already given back to the pool: read them
+    before the pool's next `take` (every receiver here handles a tensor before it reads the next message)."""
+
+    def __init__(self, pool: BufferPool) -> None:
+        self.pool = pool
+        self.assembly: Assembly | None = None  # the tensor being received
+
+    def start(self, header: object, nbytes: int) -> None:
+        """A chunked tensor's header: its `nbytes` bytes follow in chunks."""
+        self.assembly = Assembly(header, nbytes, self.pool.take(nbytes))
+
+    def drop(self) -> None:
+        """Forget the tensor being received (its stream ends)."""
+        self.assembly = None
+
+    def add(self, offset: int, data: bytes | memoryview) -> tuple[object, memoryview] | None:
+        """The next chunk; once the tensor is complete, (its header, its bytes). ChunkError as `Assembly.add`
+        (the tensor is then dropped), or when no tensor is being received."""
+        assembly = self.assembly
+        if assembly is None:
+            raise ChunkError("a chunk with no chunked tensor announced before it")
+        try:
+            complete = assembly.add(offset, data)
+        except ChunkError:
+            self.assembly = None
+            raise
+        if not complete:
+            return None
+        self.assembly = None
+        self.pool.give(assembly.buffer)
+        return assembly.header, assembly.data()

@@ -11,8 +11,8 @@ import torch
 
 from common.pb import parameter_server_pb2 as pb
 
-__all__ = ["CodecError", "all_finite", "check_finite", "chunked_nbytes", "decode", "dtype_from_pb", "dtype_to_pb", "encode",
-           "max_magnitude"]
+__all__ = ["CodecError", "all_finite", "check_finite", "chunked_nbytes", "decode", "dtype_from_pb", "dtype_to_pb",
+           "encode", "max_magnitude"]
 
 class CodecError(ValueError):
     """A tensor message that cannot be encoded or decoded, or a tensor that fails a check."""

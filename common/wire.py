@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 _FLOAT32 = np.dtype("<f4")
 
 __all__ = ["Received", "gradient_messages", "parameters_messages", "parse_server_message", "parse_worker_message",
-           "serialize_message", "serialize_parameters", "serialize_server_message", "train_call"]
+           "serialize_message", "serialize_parameters", "train_call"]
 
 _LEN = 2  # wire types
 _VARINT, _I64, _I32 = 0, 1, 5
@@ -104,10 +104,9 @@ def _with_tensor(message: Message, body: Message, tensor: pb.Tensor, path: tuple
     if len(spans) > 1:
         tensor.chunked = True
         return [message.SerializeToString(), *(_chunk(offset, payload[offset:end]) for offset, end in spans)]
-    small = type(body)()
-    small.CopyFrom(body)
-    small.ClearField(body.DESCRIPTOR.fields_by_number[path[1]].name)
-    levels = [b"", small.SerializeToString(), tensor.SerializeToString()]
+    tensor_fields = tensor.SerializeToString()
+    body.ClearField(body.DESCRIPTOR.fields_by_number[path[1]].name)  # `message` is not used after this
+    levels = [b"", body.SerializeToString(), tensor_fields]
     return [b"".join((_prefix(levels, path, nbytes), payload))]
 
 
@@ -162,8 +161,6 @@ def serialize_message(message: Message | bytes) -> bytes:
         return message
     return message.SerializeToString()
 
-
-serialize_server_message = serialize_message
 
 
 @dataclass(frozen=True, slots=True)

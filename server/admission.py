@@ -20,7 +20,7 @@ import grpc
 import torch
 
 from common import layout as layouts
-from common.chunks import Assembly
+from common.chunks import BufferPool, Reassembly
 from common.codec import CodecError, check_finite, decode
 from common.layout import Layout
 from common.log_limit import shorten
@@ -62,7 +62,8 @@ class Connection:
     ready: bool = False
     new_slot: bool = False  # its id had never been given out before (undone if its Ready is refused)
     chunk_bytes: int = 0  # its parameters go chunked above this size (0: whole; it did not ask for chunks)
-    incoming: Assembly | None = None  # the chunked gradient being received
+    # The chunked gradient being received (in the service's buffers, given at Register).
+    incoming: Reassembly = field(default_factory=lambda: Reassembly(BufferPool()))
 
     def send(self, message: object) -> None:
         """Queue a message (bytes, a ServerMessage, or END_STREAM) for this worker. The stream's reader writes
@@ -89,6 +90,7 @@ class Admission:
     wait_for_all_workers: bool
     ready_timeout: float
     chunk_bytes: int
+    _buffers: BufferPool
 
     def _not_ready(self, conn: Connection) -> None:
         """A registered worker that has not said Ready in time gives its slot back (a stream that registers
@@ -134,7 +136,8 @@ class Admission:
             self._adopt_layout(declared, shorten(reg.name or peer, 64))
         conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
                           new_slot=worker not in self.ever_assigned,
-                          chunk_bytes=self.chunk_bytes if reg.accepts_chunks else 0)
+                          chunk_bytes=self.chunk_bytes if reg.accepts_chunks else 0,
+                          incoming=Reassembly(self._buffers))
         self.connections[worker] = conn
         self.worker_slowdowns[worker] = conn.slowdown
         self.ever_assigned.add(worker)

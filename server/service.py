@@ -27,7 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common import layout as layouts
-from common.chunks import DEFAULT_CHUNK_BYTES, Assembly, BufferPool, ChunkError
+from common.chunks import DEFAULT_CHUNK_BYTES, BufferPool, ChunkError
 from common.codec import CodecError, chunked_nbytes, decode, encode
 from common.layout import Layout
 from common.log_limit import LimitedLog, shorten
@@ -91,7 +91,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         if chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes  # parameters larger than this go chunked to clients that read chunks
-        self._buffers = BufferPool()  # for chunked gradients
+        self._buffers = BufferPool()  # for chunked gradients, every stream's
         self._sent_at: dict[int, float] = {}  # when each worker was last sent parameters
         self.counters = Counters()
         self.connections: dict[int, Connection] = {}
@@ -235,13 +235,11 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
     def _on_message(self, conn: Connection, received: Received) -> None:
         """Decode and apply one gradient (or take a piece of a chunked one), then route the answers. No await:
         atomic on the loop."""
-        if conn.incoming is not None or received.message.WhichOneof("payload") == "chunk":
+        if conn.incoming.assembly is not None or received.message.WhichOneof("payload") == "chunk":
             complete = self._on_chunk(conn, received)
-            if complete is not None:
-                try:
-                    self._on_whole(conn, Received(complete.header.message, complete.data()), assembled=True)
-                finally:
-                    self._buffers.give(complete.buffer)  # read by nobody any more: the core reads within the call
+            if complete is not None:  # its bytes are read within this call, before any other message's
+                header, data = complete
+                self._on_whole(conn, Received(header.message, data), assembled=True)
             return
         self._on_whole(conn, received, assembled=False)
 
@@ -268,7 +266,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             except CodecError as e:
                 self.counters.reject("tensor")
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
-            conn.incoming = Assembly(received, nbytes, self._buffers.take(nbytes))
+            conn.incoming.start(received, nbytes)
             return
         if self.ended:
             return  # in flight when the run ended: dropped
@@ -298,29 +296,24 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             self._diverge(f"the training loss ran away (more than {DIVERGENCE_FACTOR:g}x that of the first "
                           "iterations)")
 
-    def _on_chunk(self, conn: Connection, received: Received) -> Assembly | None:
-        """Put the next piece of a chunked gradient in place; its assembly once it is complete."""
+    def _on_chunk(self, conn: Connection, received: Received) -> tuple[Received, memoryview] | None:
+        """Put the next piece of a chunked gradient in place; (its header, its bytes) once it is complete."""
         msg = received.message
         kind = msg.WhichOneof("payload")
-        incoming = conn.incoming
-        if incoming is None or kind != "chunk":
+        assembly = conn.incoming.assembly
+        if assembly is None or kind != "chunk":
             self.counters.reject("malformed")
-            conn.incoming = None
-            what = (f"the next chunk of the gradient ({incoming.progress()})" if incoming is not None
+            conn.incoming.drop()
+            what = (f"the next chunk of the gradient ({assembly.progress()})" if assembly is not None
                     else "a chunked Gradient before its chunks")
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"expected {what} on the Train stream, got {kind or 'an empty message'}")
         data = received.tensor_data if received.tensor_data is not None else msg.chunk.data
         try:
-            complete = incoming.add(msg.chunk.offset, data)
-        except ChunkError as e:
+            return conn.incoming.add(msg.chunk.offset, data)
+        except ChunkError as e:  # (the gradient is dropped)
             self.counters.reject("malformed")
-            conn.incoming = None
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient chunk: {e}") from None
-        if not complete:
-            return None
-        conn.incoming = None
-        return incoming
 
     def _diverge(self, why: str) -> None:
         """End the run as diverged: the parameters stay the last finite ones; every worker is told."""

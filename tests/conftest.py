@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -199,16 +200,25 @@ def server() -> Iterator[LiveServer]:
         stop()
 
 
-@pytest.fixture
-def raw_workers(server: LiveServer) -> Iterator[Callable[[], RawWorker]]:
-    """A factory of RawWorker streams on the server; every stream is closed at teardown."""
+@contextlib.contextmanager
+def raw_worker_factory(live: LiveServer) -> Iterator[Callable[[], RawWorker]]:
+    """A factory of RawWorker streams on `live`; every stream it made is closed on exit."""
     made: list[RawWorker] = []
 
     def make() -> RawWorker:
-        w = RawWorker(server.stub())
+        w = RawWorker(live.stub())
         made.append(w)
         return w
 
-    yield make
-    for w in made:
-        w.close()
+    try:
+        yield make
+    finally:
+        for w in made:
+            w.close()
+
+
+@pytest.fixture
+def raw_workers(server: LiveServer) -> Iterator[Callable[[], RawWorker]]:
+    """A factory of RawWorker streams on the server; every stream is closed at teardown."""
+    with raw_worker_factory(server) as make:
+        yield make

@@ -25,7 +25,7 @@ from common.codec import CodecError, chunked_nbytes, decode, encode
 from common.pb import parameter_server_pb2 as pb
 from common.wire import gradient_messages, parameters_messages, parse_server_message, parse_worker_message
 from server.config import RunConfig
-from tests.conftest import LiveServer, RawWorker
+from tests.conftest import LiveServer, RawWorker, raw_worker_factory
 from tests.test_service import (NUM_PARAMETERS, RPC_TIMEOUT, assert_aborted, assert_same_state, counters,
                                 good_gradient, gradient_message, reference_core, snapshot)
 from worker.client import Worker, WorkerOptions
@@ -136,16 +136,8 @@ def chunky(start_live_server) -> Iterator[LiveServer]:
 
 @pytest.fixture
 def workers(chunky: LiveServer) -> Iterator[Callable[[], RawWorker]]:
-    made: list[RawWorker] = []
-
-    def make() -> RawWorker:
-        w = RawWorker(chunky.stub())
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.close()
+    with raw_worker_factory(chunky) as make:
+        yield make
 
 
 def register(worker: RawWorker, name: str, accepts_chunks: bool) -> pb.Welcome:
@@ -239,7 +231,8 @@ HOLDING_DATA.CopyFrom(GOOD[0])
 HOLDING_DATA.gradient.tensor.data = b"\0" * NBYTES
 # (id, what worker 0 sends while it holds index 0, the error's words, the rejection's reason)
 BAD_SEQUENCES = [
-    ("a chunk with no header", GOOD[1:], "expected a chunked Gradient before its chunks on the Train stream, got chunk", "malformed"),
+    ("a chunk with no header", GOOD[1:], "expected a chunked Gradient before its chunks on the Train stream, got chunk",
+     "malformed"),
     ("out of order", [GOOD[0], GOOD[2], GOOD[1], *GOOD[3:]],
      f"bad gradient chunk: chunk at byte {CHUNK}, expected the one at byte 0 of {NBYTES}", "malformed"),
     ("a chunk repeated", [*GOOD[:3], GOOD[2], *GOOD[3:]],

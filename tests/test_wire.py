@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from common.codec import decode, encode
 from common.pb import parameter_server_pb2 as pb
-from common.wire import Received, parse_worker_message, serialize_parameters, serialize_server_message
+from common.wire import Received, parse_worker_message, serialize_parameters, serialize_message
 from server.service import SERVICE_NAME, add_to_server
 
 
@@ -48,9 +48,9 @@ def test_serialized_parameters_are_a_snapshot() -> None:
 
 def test_server_message_serializer_passes_bytes_and_serializes_messages() -> None:
     stop = pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_DONE, detail="x"))
-    assert serialize_server_message(stop) == stop.SerializeToString()
+    assert serialize_message(stop) == stop.SerializeToString()
     raw = serialize_parameters(torch.ones(3), 1, 0.0)
-    assert serialize_server_message(raw) is raw
+    assert serialize_message(raw) is raw
 
 
 def test_a_plain_gradient_is_split_without_copying_its_tensor() -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from common.chunks import Assembly, BufferPool
+from common.chunks import BufferPool, Reassembly
 from common.codec import chunked_nbytes, decode, encode
 from common.data import BatchStream, Dataset, load_dataset, resolve_dataset
 from common.gradients import GradientComputer
@@ -188,7 +188,9 @@ class Worker:
         call = train(wait_for_ready=False, timeout=None, metadata=opts.security.call_metadata())
         finished = False
         self._parameters_received = False
-        incoming: Assembly | None = None  # chunked parameters being received
+        # Chunked parameters being received, in one buffer used again: the parameters in it are loaded into the
+        # model (copied) before the gradient goes out, and the next parameters come only after that.
+        incoming = Reassembly(self._buffers)
         try:
             await _write(call, pb.WorkerMessage(register=self._register()))
             while True:
@@ -201,22 +203,18 @@ class Worker:
                 msg = received.message
                 kind = msg.WhichOneof("payload")
                 owned = False  # the parameters' bytes are this worker's own buffer (no copy needed)
-                if incoming is not None or kind == "chunk":
-                    if incoming is None or kind != "chunk":
-                        where = incoming.progress() if incoming is not None else "none announced"
+                if incoming.assembly is not None or kind == "chunk":
+                    if incoming.assembly is None or kind != "chunk":
+                        where = incoming.assembly.progress() if incoming.assembly is not None else "none announced"
                         raise RuntimeError(f"the server sent {kind} amid chunked parameters ({where})")
                     data = received.tensor_data if received.tensor_data is not None else msg.chunk.data
-                    if not incoming.add(msg.chunk.offset, data):
+                    complete = incoming.add(msg.chunk.offset, data)
+                    if complete is None:
                         continue
-                    received = Received(incoming.header.message, incoming.data())
-                    self._buffers.give(incoming.buffer)  # for the next parameters (see above)
-                    incoming = None
+                    received = Received(complete[0].message, complete[1])
                     msg, kind, owned = received.message, "parameters", True
                 elif kind == "parameters" and msg.parameters.tensor.chunked:
-                    # One buffer, used again: the parameters in it were loaded into the model (copied) before
-                    # the gradient went out, and the next parameters come only after that.
-                    incoming = Assembly(received, chunked_nbytes(msg.parameters.tensor),
-                                        self._buffers.take(chunked_nbytes(msg.parameters.tensor)))
+                    incoming.start(received, chunked_nbytes(msg.parameters.tensor))
                     continue
                 if kind == "welcome":
                     self._chunk_bytes = msg.welcome.chunk_bytes
