@@ -51,8 +51,15 @@ VARIANTS = {
     # model while ASGD trained (bench/results/convergence-cpu-eta0.01/README.md).
     "cpu": dict(dataset="cifar10", model="small-cnn", subset=5000, batch_size=32, lr=0.002, epochs=6, warmup=0.5,
                 device="cpu"),
-    "paper": dict(dataset="cifar10", model="resnet20", subset=None, batch_size=128, lr=0.1, epochs=160, warmup=5.0,
-                  device="auto"),
+    # eta per family and K, not one for all: at eta 0.1 for every method (the first GPU table,
+    # bench/results/paper_table_eta0.1/) each momentum method (effective step eta/(1-beta) = 1.0) diverged or
+    # stalled and every K=64 run diverged or collapsed, ASGD's too. The values are the k64 study's
+    # validation-chosen ones (batch 32: ASGD 0.03 / 0.003, momentum 0.003 / 0.0003 at K=16 / 64) scaled by
+    # the batch (x4 for 128) and rounded to a decade: ASGD's eta is ten times the momentum methods' (the same
+    # effective step) and K=64's a tenth of K=16's.
+    "paper": dict(dataset="cifar10", model="resnet20", subset=None, batch_size=128, lr=None, epochs=160, warmup=5.0,
+                  device="auto", eta={("asgd", 16): 0.1, ("asgd", 64): 0.01, ("momentum", 16): 0.01,
+                                      ("momentum", 64): 0.001}),
     # bench/paper_table.py's smoke run: the paper variant's code at a size a CPU runs in seconds (ResNet20's
     # BatchNorm recalibration alone would take a minute per evaluation set of 24 runs on 2 cores).
     "paper-smoke": dict(dataset="digits", model="strided-cnn", subset=None, batch_size=16, lr=0.05, epochs=None,
@@ -70,11 +77,17 @@ VARIANTS = {
 }
 
 
-def eta_grid(variant: dict, method: str, workers: int) -> list[float]:
-    """The eta values tried for `method` with K=`workers` (the nearest K the grid names)."""
+def eta_grid(variant: dict, method: str, workers: int, key: str = "grid") -> list[float]:
+    """The eta values tried for `method` with K=`workers` (the nearest K the grid names); with key="eta",
+    the variant's one eta for them."""
     family = "asgd" if method == "asgd" else "momentum"
-    ks = sorted(k for f, k in variant["grid"] if f == family)
-    return variant["grid"][(family, min(ks, key=lambda k: abs(k - workers)))]
+    ks = sorted(k for f, k in variant[key] if f == family)
+    return variant[key][(family, min(ks, key=lambda k: abs(k - workers)))]
+
+
+def eta_for(variant: dict, method: str, workers: int) -> float:
+    """The eta of a variant without a grid: its per-family `eta` where it has one, else its `lr`."""
+    return eta_grid(variant, method, workers, "eta") if "eta" in variant else variant["lr"]
 
 
 def _unfinished(name: str, status: str, **known) -> dict:
@@ -309,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                     for seed in range(args.seeds):
                         name = f"{algo}-K{k}-{setting}-s{seed}"
                         specs.append(dict(v, algo=algo, workers=k, het=setting == "het", seed=seed,
-                                          slow_factor=args.slow_factor, data_dir=args.data_dir,
+                                          lr=eta_for(v, algo, k), slow_factor=args.slow_factor, data_dir=args.data_dir,
                                           out=str(out / "runs" / name)))
     specs.sort(key=lambda s: (s["workers"], s["het"]))  # column by column (stable: methods in order)
     results = run_all(specs, args.jobs, f"{len(specs)} runs into {out}", deadline)
@@ -328,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     figures = write_figures(runs, out) if runs else []
     meta = harness.run_meta("convergence", argv) | dict(
         seconds=round(seconds, 1), variant=args.variant, seeds=args.seeds,
-        recipe=v | ({"grid": {f"{f}, K={k}": g for (f, k), g in v["grid"].items()}} if "grid" in v else {}),
+        recipe=v | {key: {f"{f}, K={k}": g for (f, k), g in v[key].items()} for key in ("grid", "eta") if key in v},
         slow_factor=args.slow_factor, jobs=args.jobs, deadline_s=args.deadline,
         runs={r["name"]: r["status"] for r in results}, iterations_done=done, iterations_done_earlier=earlier,
         images_per_second=round(done * v["batch_size"] / seconds, 1) if done else None)
@@ -338,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     if v.get("validation"):
         data += f" (all {v['validation']} held-out images excepted: the validation split)"
     grids = "; ".join(f"{f}, K={k}: {', '.join(map(str, g))}" for (f, k), g in v.get("grid", {}).items())
-    eta = f"eta tuned per method and setting (grids: {grids})" if tuning else f"eta {v['lr']}"
+    etas = "; ".join(f"{f}, K={k}: {e:g}" for (f, k), e in v.get("eta", {}).items())
+    eta = (f"eta tuned per method and setting (grids: {grids})" if tuning
+           else f"eta per method family and K ({etas})" if etas else f"eta {v['lr']}")
     length = f"{v['iterations']} server iterations" if v.get("iterations") else f"{v['epochs']:g} epochs"
     if v.get("full_epochs"):
         length += f" (the recipe's {v['full_epochs']:g}, shortened to fit the time; warm-up scaled alike)"
