@@ -63,11 +63,12 @@ def processor() -> str:
 
 
 def run_meta(name: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """What every result records: the command line, the UTC date, the machine, its CPUs, the commit (from git,
-    else $ORMO_PS_COMMIT: a copy of the tree without .git, as on a lent GPU machine)."""
+    """What every result records: the command line, the UTC date, the machine, its CPUs, the commit
+    ($ORMO_PS_COMMIT where set, else git's HEAD: a lent GPU machine's copy of the tree carries a .git of the
+    session's start, whose HEAD is not the commit that ran)."""
     return dict(command=command_line(name, argv), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 machine=platform.platform(), processor=processor(), cpus=os.cpu_count(),
-                commit=git("rev-parse", "--short", "HEAD") or os.environ.get("ORMO_PS_COMMIT", ""))
+                commit=os.environ.get("ORMO_PS_COMMIT") or git("rev-parse", "--short", "HEAD"))
 
 
 def meta_lines(meta: dict[str, Any]) -> list[str]:

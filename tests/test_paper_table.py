@@ -69,3 +69,25 @@ def test_a_study_whose_deadline_has_passed_still_writes_its_report(tmp_path):
     assert "No run got far enough to be tabled." in readme
     assert readme.count(": not started") == 24
     assert json.loads((tmp_path / "meta.json").read_text())["iterations_done"] == 0
+
+
+def test_the_paper_variant_gives_each_method_family_its_own_eta():
+    """One eta of 0.1 for all diverged on the GPU (bench/results/paper_table_eta0.1): ASGD's eta is ten
+    times the momentum methods' (the same step eta / (1 - beta)), K=64's a tenth of K=16's."""
+    v = convergence.VARIANTS["paper"]
+    assert [convergence.eta_for(v, "asgd", k) for k in (16, 64)] == [0.1, 0.01]
+    for method in convergence.METHODS[1:]:
+        assert [convergence.eta_for(v, method, k) for k in (16, 64)] == [0.01, 0.001]
+    assert convergence.eta_for(convergence.VARIANTS["quick"], "ormo", 16) == convergence.VARIANTS["quick"]["lr"]
+
+
+def test_the_cuda_smoke_check_passes_on_the_cpu(tmp_path):
+    """bench/cuda_smoke.py's checks (batched gradients against one at a time in float64 and float32, a run's
+    arrivals batched and one at a time) hold on the CPU, at a tiny size."""
+    from bench import cuda_smoke
+
+    result = cuda_smoke.main(["--device", "cpu", "--iterations", "12", "--workers", "4", "--batch-size", "8",
+                              "--out", str(tmp_path / "smoke")])
+    assert result["passed"] and len(result["checks"]) == 7
+    assert result["gradients_relative_difference"]["float64"] < 1e-12
+    assert "pass: same staleness_histogram" in (tmp_path / "smoke.md").read_text()
