@@ -288,6 +288,241 @@ def probe_disk_full(work: Path) -> dict[str, Any]:
             p.stop()
 
 
+# ----- issue #21: one worker's faults, chunks, streams that never register -----------------------------------
+TOKEN = (("authorization", "Bearer s3cret"),)
+
+
+class RunEnded(Exception):
+    """The server answered a Register with Stop."""
+
+
+class Stream:
+    """A hand-driven Train stream with the token (synchronous gRPC; requests through a queue)."""
+
+    def __init__(self, target: str, deadline: float = 60.0, channel: grpc.Channel | None = None) -> None:
+        import queue
+
+        self._own = channel is None  # a stream of its own connection, closed with it
+        self.channel = channel or grpc.insecure_channel(target, options=GRPC_MESSAGE_OPTIONS)
+        self._requests: queue.Queue = queue.Queue()
+        train = self.channel.stream_stream("/ps.v1.ParameterServer/Train", request_serializer=lambda m: m
+                                           if isinstance(m, bytes) else m.SerializeToString(),
+                                           response_deserializer=pb.ServerMessage.FromString)
+        self.call = train(iter(self._requests.get, None), timeout=deadline, metadata=TOKEN)
+
+    def send(self, message: pb.WorkerMessage | bytes) -> None:
+        self._requests.put(message)
+
+    def recv(self) -> pb.ServerMessage:
+        return next(self.call)
+
+    def parameters(self) -> pb.Parameters:
+        """The next parameters (reading their chunks, if any)."""
+        msg = self.recv()
+        while msg.WhichOneof("payload") == "chunk":
+            msg = self.recv()
+        params = msg.parameters
+        for _ in range(-(-params.tensor.numel * 4 // max(1, self.chunk)) if params.tensor.chunked else 0):
+            self.recv()
+        return params
+
+    def join(self, worker: int | None = None, accepts_chunks: bool = False) -> int:
+        """Register (asking for `worker`), say Ready, take w_0 or the current parameters; their index."""
+        reg = pb.Register(name="hostile", accepts_chunks=accepts_chunks)
+        if worker is not None:
+            reg.requested_worker_id = worker
+        self.send(pb.WorkerMessage(register=reg))
+        first = self.recv()
+        if first.WhichOneof("payload") == "stop":  # the run is over: a newcomer is told why
+            raise RunEnded(f"Stop {pb.StopReason.Name(first.stop.reason)}: {first.stop.detail}")
+        welcome = first.welcome
+        self.chunk, self.numel, self.worker = welcome.chunk_bytes, welcome.config.num_parameters, welcome.worker_id
+        self.send(pb.WorkerMessage(ready=pb.Ready()))
+        return self.parameters().iteration_index
+
+    def outcome(self) -> str:
+        """How the stream went on: the next message's kind, or the status it ended with."""
+        try:
+            return self.recv().WhichOneof("payload")
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self.call.cancel()
+        if self._own:
+            self.channel.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def probe_nan_worker(work: Path) -> dict[str, Any]:
+    """Three NaN gradients from one client, reconnecting between them, while an honest worker trains."""
+    import numpy as np
+
+    from common.wire import gradient_messages
+
+    s = server(work, "nan", "--iterations", "100", "--token", "s3cret", "--linger", "5")
+    try:
+        port = s.port()
+        # The honest worker computes each gradient 50x slower than it could (~50-100 ms): the faulty client's
+        # reconnects (one connection, a stream each) fit between two of its gradients, as on a real model.
+        honest = Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--token", "s3cret",
+                       "--slowdown", "50"], work / "nan-honest.log")
+        outcomes, worker, started = [], None, time.monotonic()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS)
+        for _ in range(6):
+            stream = Stream(f"127.0.0.1:{port}", channel=channel)
+            try:
+                held = stream.join(worker)
+                worker = stream.worker
+                stream.send(gradient_messages(np.full(stream.numel, np.nan, dtype=np.float32), held, 1.0)[0])
+                outcomes.append(stream.outcome())
+            except grpc.RpcError as e:
+                outcomes.append(f"{e.code().name}: {e.details()}")
+            except RunEnded as e:
+                outcomes.append(f"the run had ended: {e}")
+            finally:
+                stream.close()
+            if any(w in outcomes[-1] for w in ("dropped", "diverged", "UNAVAILABLE", "ended")):
+                break
+        seconds = round(time.monotonic() - started, 2)
+        channel.close()
+        server_exit = s.proc.wait(120)
+        log = s.log.read_text()
+        return {"nan_client_outcomes": [o[:160] for o in outcomes], "seconds": seconds, "server_exit": server_exit,
+                "server_error": s.errors(), "run_finished": "run finished at iteration 100" in log,
+                "honest_worker_exit": honest.proc.wait(60)}
+    finally:
+        s.stop()
+
+
+def probe_chunks(work: Path) -> dict[str, Any]:
+    """A gradient in 1-byte chunks, a chunk larger than negotiated, and chunks a client did not negotiate."""
+    import numpy as np
+
+    from common.chunks import MIB
+    from common.wire import gradient_messages
+
+    result: dict[str, Any] = {}
+    s = server(work, "chunks", "--iterations", "100000", "--token", "s3cret", "--chunk-mib", "0.01",
+               "--workers", "1")
+    try:
+        port = s.port()
+        stream = Stream(f"127.0.0.1:{port}")
+        held = stream.join(accepts_chunks=True)
+        header = gradient_messages(np.zeros(stream.numel, dtype=np.float32), held, 1.0, 0, stream.chunk)[0]
+        tiny = [pb.WorkerMessage(chunk=pb.TensorChunk(offset=i, data=b"\0")) for i in range(2000)]
+        before = cpu_seconds(s.proc.pid)
+        stream.send(header)
+        for m in tiny:
+            stream.send(m)
+        time.sleep(3.0)  # bounded: 2000 chunks, then look
+        used = cpu_seconds(s.proc.pid) - before
+        status = s.log.read_text().count("bad gradient chunk")
+        result["1-byte chunks"] = {"sent": len(tiny), "server_cpu_seconds": round(used, 3),
+                                   "cpu_us_per_chunk": round(1e6 * used / len(tiny), 1),
+                                   "refused_in_the_log": status > 0,
+                                   "a 4.9 MB gradient in 1-byte chunks, server minutes": round(
+                                       used / len(tiny) * 4.9e6 / 60, 1)}
+        stream.close()
+        stream = Stream(f"127.0.0.1:{port}")
+        held = stream.join(0, accepts_chunks=True)
+        stream.send(header)
+        stream.send(pb.WorkerMessage(chunk=pb.TensorChunk(offset=0, data=bytes(2 * stream.chunk))))
+        stream.send(pb.WorkerMessage(chunk=pb.TensorChunk(offset=2 * stream.chunk,
+                                                          data=bytes(4 * stream.numel - 2 * stream.chunk))))
+        result["a chunk twice the chunk size (then the rest)"] = stream.outcome()[:200]
+        stream.close()
+    finally:
+        s.stop()
+    for flags, accepts in ((("--chunk-mib", "4"), False), (("--chunk-mib", "0"), True)):
+        s = server(work, "unnegotiated", "--iterations", "100000", "--token", "s3cret", "--workers", "1", *flags)
+        try:
+            stream = Stream(f"127.0.0.1:{s.port()}")
+            held = stream.join(accepts_chunks=accepts)
+            for m in gradient_messages(np.zeros(stream.numel, dtype=np.float32), held, 1.0, 0, round(0.01 * MIB)):
+                stream.send(m)
+            who = "a client that did not set accepts_chunks" if not accepts else "--chunk-mib 0"
+            result[f"chunked gradient from {who}"] = stream.outcome()[:200]
+            stream.close()
+        finally:
+            s.stop()
+    return result
+
+
+def probe_pending(work: Path) -> dict[str, Any]:
+    """Train streams that never send Register; streams that send 8 MiB of a first message and stop."""
+    supported = "--first-message-timeout" in ps_server("--help").stdout
+    deadline = ("--first-message-timeout", "3") if supported else ()
+    s = server(work, "pending", "--iterations", "100000", "--token", "s3cret", *deadline)
+    streams: list[Any] = []
+    try:
+        port = s.port()
+        rss = {"idle": s.rss_mib()}
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS)
+        train = channel.stream_stream("/ps.v1.ParameterServer/Train", request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+        hold = threading.Event()
+
+        def silent():
+            hold.wait(60)
+            yield from ()
+
+        streams = [train(silent(), timeout=60, metadata=TOKEN) for _ in range(300)]
+        time.sleep(1.0)
+        refused_at_once = sum(1 for c in streams if c.done())
+        time.sleep(6.0)  # past the deadline
+        open_after_7s = sum(1 for c in streams if not c.done())
+        codes = sorted({c.code().name for c in streams if c.done()})
+        hold.set()
+        channel.close()
+    finally:
+        s.stop()
+    # Waves of 20 streams, each sending 8 MiB of a 9 MB first message through a proxy that forwards no more
+    # (the model has 11M parameters, so the receive limit, 89 MB, lets such a message in); each wave's client
+    # side is closed after 5 s, then the next comes.
+    s = Proc(["server.cli", "--workers", "2", "--dataset", "digits", "--model", "tests.big_models:wide",
+              "--batch-size", "32", "--iterations", "100000", "--bind", "127.0.0.1:0", "--out", str(work / "big"),
+              "--token", "s3cret", *deadline], work / "big.log")
+    waves = []
+    try:
+        port = s.port(timeout=120)
+        idle = s.rss_mib()
+        first = pb.WorkerMessage(register=pb.Register(name="x" * (9 << 20))).SerializeToString()
+        for _ in range(6):
+            proxies, calls = [], []
+            for _ in range(20):
+                proxy = FreezableProxy(("127.0.0.1", port), upstream_budget=8 << 20)
+                proxies.append(proxy)
+                ch = grpc.insecure_channel(f"127.0.0.1:{proxy.port}", options=GRPC_MESSAGE_OPTIONS)
+                call = ch.stream_stream("/ps.v1.ParameterServer/Train", request_serializer=lambda b: b,
+                                        response_deserializer=lambda b: b)(iter([first]), timeout=60,
+                                                                           metadata=TOKEN)
+                calls.append((ch, call))
+            time.sleep(2.5)
+            holding = s.rss_mib()
+            time.sleep(2.5)
+            waves.append({"rss_mib_holding": holding, "ended_by_the_server_within_5s": sum(
+                1 for _, c in calls if c.done())})
+            for ch, _ in calls:
+                ch.close()
+            for proxy in proxies:
+                proxy.close()
+            time.sleep(1.0)
+        after = s.rss_mib()
+    finally:
+        s.stop()
+    return {"first_message_deadline": deadline[1] + " s" if deadline else "none",
+            "300 silent streams": {"refused_at_once": refused_at_once, "still_open_after_7s": open_after_7s,
+                                   "codes": codes},
+            "rss_mib": rss, "waves of 20 streams, 8 MiB of a first message each": {
+                "rss_mib_idle": idle, "waves": waves, "rss_mib_after": after}}
+
+
 PROBES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "1 memory before authentication": probe_memory,
     "2 a second server on the same port": probe_port_in_use,
@@ -297,6 +532,9 @@ PROBES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "6 a full disk mid-run": probe_disk_full,
     "7, 8 mistakes on the command line": probe_cli_mistakes,
     "9 log flooding and two authorization headers": probe_log_flood,
+    "10 one worker's NaN gradients (K=2, an honest worker training)": probe_nan_worker,
+    "11 chunks: 1-byte, oversized, not negotiated": probe_chunks,
+    "12 streams that never register": probe_pending,
 }
 
 

@@ -38,11 +38,17 @@ def pieces(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
 class Assembly:
     """The bytes of one chunked tensor as its chunks arrive, in a writable buffer: `buffer` when given (of
     exactly `nbytes` bytes: one used again, see BufferPool), else a new one. `header` is the message that
-    announced the tensor, kept for whoever handles it when complete."""
+    announced the tensor, kept for whoever handles it when complete. With `piece_bytes` (the negotiated chunk
+    size), every chunk but the last must be exactly that long and the last the rest (`pieces`): a sender
+    cannot make the receiver handle a tensor in a million 1-byte pieces, nor in larger ones than agreed."""
 
-    def __init__(self, header: object, nbytes: int, buffer: np.ndarray | None = None) -> None:
+    def __init__(self, header: object, nbytes: int, buffer: np.ndarray | None = None,
+                 piece_bytes: int | None = None) -> None:
         if nbytes <= 0:
             raise ChunkError(f"a chunked tensor must have bytes, got {nbytes}")
+        if piece_bytes is not None and piece_bytes <= 0:
+            raise ValueError(f"piece_bytes must be > 0, got {piece_bytes}")
+        self.piece_bytes = piece_bytes
         if buffer is not None and (buffer.dtype != np.uint8 or buffer.shape != (nbytes,)):
             raise ValueError(f"the buffer must be {nbytes} uint8, got {buffer.dtype} {buffer.shape}")
         self.header = header
@@ -64,6 +70,9 @@ class Assembly:
             raise ChunkError(f"empty chunk at byte {offset} of {self.nbytes}")
         if offset + n > self.nbytes:
             raise ChunkError(f"chunk of {n} bytes at byte {offset} runs past the tensor's {self.nbytes} bytes")
+        if self.piece_bytes is not None and n != min(self.piece_bytes, self.nbytes - offset):
+            raise ChunkError(f"chunk of {n} bytes at byte {offset} of {self.nbytes}: the chunk size is "
+                             f"{self.piece_bytes} bytes (every chunk but the last is that long, the last the rest)")
         self.buffer[offset:offset + n] = np.frombuffer(data, dtype=np.uint8)
         self.filled += n
         return self.complete
@@ -108,9 +117,10 @@ class Reassembly:
         self.pool = pool
         self.assembly: Assembly | None = None  # the tensor being received
 
-    def start(self, header: object, nbytes: int) -> None:
-        """A chunked tensor's header: its `nbytes` bytes follow in chunks."""
-        self.assembly = Assembly(header, nbytes, self.pool.take(nbytes))
+    def start(self, header: object, nbytes: int, piece_bytes: int | None = None) -> None:
+        """A chunked tensor's header: its `nbytes` bytes follow in chunks (of exactly `piece_bytes`, the last
+        the rest, when given)."""
+        self.assembly = Assembly(header, nbytes, self.pool.take(nbytes), piece_bytes)
 
     def drop(self) -> None:
         """Forget the tensor being received (its stream ends)."""

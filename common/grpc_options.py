@@ -40,10 +40,19 @@ def receive_limit(numel: int) -> int:
     return min(MAX_MESSAGE_BYTES, numel * 8 + (1 << 20))
 
 
-def server_options(numel: int) -> list[tuple[str, int]]:
-    """A ps-server's gRPC options: GRPC_OPTIONS with the receive limit of its model, and no SO_REUSEPORT (a
-    second server on the same port must fail, not share the port silently)."""
-    options = dict(GRPC_OPTIONS) | {"grpc.max_receive_message_length": receive_limit(numel), "grpc.so_reuseport": 0}
+def client_model_receive_limit(chunk_bytes: int) -> int:
+    """The receive limit of a server whose clients bring the model (`--model client`: its size is not known
+    when the server starts): a chunk and 1 MiB for the rest, so a client's w_0 and gradients of any size come
+    in chunks (RemoteOptimizer sends them so); with chunking off (`--chunk-mib 0`) every tensor is one
+    message, up to gRPC's ceiling (2 GiB - 1: ~500M float32 parameters)."""
+    return MAX_MESSAGE_BYTES if chunk_bytes == 0 else min(MAX_MESSAGE_BYTES, chunk_bytes + (1 << 20))
+
+
+def server_options(numel: int, limit: int | None = None) -> list[tuple[str, int]]:
+    """A ps-server's gRPC options: GRPC_OPTIONS with the receive limit of its model (or `limit`), and no
+    SO_REUSEPORT (a second server on the same port must fail, not share the port silently)."""
+    options = dict(GRPC_OPTIONS) | {"grpc.max_receive_message_length": limit or receive_limit(numel),
+                                    "grpc.so_reuseport": 0}
     return list(options.items())
 
 KEEPALIVE_TIME_MS: int = 10_000  # ping the peer after this long without hearing from it

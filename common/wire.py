@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 _FLOAT32 = np.dtype("<f4")
 
 __all__ = ["Received", "gradient_messages", "parameters_messages", "parse_server_message", "parse_worker_message",
-           "serialize_message", "serialize_parameters", "train_call"]
+           "ready_messages", "serialize_message", "serialize_parameters", "train_call"]
 
 _LEN = 2  # wire types
 _VARINT, _I64, _I32 = 0, 1, 5
@@ -56,6 +56,8 @@ _PARAMETERS = _number(pb.ServerMessage, "parameters")
 _PARAMETERS_TENSOR = _number(pb.Parameters, "tensor")
 _GRADIENT = _number(pb.WorkerMessage, "gradient")
 _GRADIENT_TENSOR = _number(pb.Gradient, "tensor")
+_READY = _number(pb.WorkerMessage, "ready")
+_READY_PARAMETERS = _number(pb.Ready, "parameters")
 _TENSOR_DATA = _number(pb.Tensor, "data")
 _CHUNK_DATA = _number(pb.TensorChunk, "data")
 _WORKER_CHUNK = _number(pb.WorkerMessage, "chunk")
@@ -63,6 +65,7 @@ _SERVER_CHUNK = _number(pb.ServerMessage, "chunk")
 assert _WORKER_CHUNK == _SERVER_CHUNK  # one chunk writer serves both directions
 _PARAMETERS_DATA_PATH = (_PARAMETERS, _PARAMETERS_TENSOR, _TENSOR_DATA)
 _GRADIENT_DATA_PATH = (_GRADIENT, _GRADIENT_TENSOR, _TENSOR_DATA)
+_READY_DATA_PATH = (_READY, _READY_PARAMETERS, _TENSOR_DATA)
 _CHUNK_DATA_PATH = (_WORKER_CHUNK, _CHUNK_DATA)
 # The fast path to try for a message, by its payload's field number (the first byte of a plain message).
 _WORKER_PATHS = {_GRADIENT: ("gradient", _GRADIENT_DATA_PATH), _WORKER_CHUNK: ("chunk", _CHUNK_DATA_PATH)}
@@ -153,6 +156,15 @@ def gradient_messages(t: torch.Tensor | np.ndarray, iteration_index: int, loss: 
     body.loss = loss
     body.sample_count = sample_count
     return _with_tensor(message, body, body.tensor, _GRADIENT_DATA_PATH, t, chunk_bytes)
+
+
+def ready_messages(ready: pb.Ready, t: torch.Tensor | np.ndarray, chunk_bytes: int = 0) -> list[bytes]:
+    """The serialized `WorkerMessage(ready=ready)` with `t` as its initial parameters, chunked as
+    `parameters_messages` (a client model's w_0 of any size, under the server's receive limit)."""
+    message = pb.WorkerMessage()
+    body = message.ready
+    body.CopyFrom(ready)
+    return _with_tensor(message, body, body.parameters, _READY_DATA_PATH, t, chunk_bytes)
 
 
 def serialize_message(message: Message | bytes) -> bytes:

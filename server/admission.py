@@ -177,25 +177,43 @@ class Admission:
         logger.info("the run's parameter layout comes from client %s: %d tensors, %d values", client,
                     len(declared), layouts.numel(declared))
 
-    def _initial_params(self, ready: pb.Ready, declared: Layout | None) -> torch.Tensor | None:
-        """The initial parameters a Ready carries, checked, when the run still needs them. Changes nothing."""
+    def _initial_numel(self, conn: Connection, ready: pb.Ready) -> int:
+        """How many initial parameters a Ready announces in chunks may have: its layout's (checked now, before
+        the bytes come) or the run's. Changes nothing (a refusal frees a new slot's id as `_on_ready` does)."""
+        try:
+            declared = self._check_layout(ready.layout) if ready.HasField("layout") else None
+            known = declared or self.layout
+            if known is None:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "initial parameters need a parameter layout")
+        except Rejected:
+            if conn.new_slot:
+                self.ever_assigned.discard(conn.worker)
+            raise
+        return layouts.numel(known)
+
+    def _initial_params(self, ready: pb.Ready, declared: Layout | None,
+                        data: memoryview | None = None) -> torch.Tensor | None:
+        """The initial parameters a Ready carries (their bytes in `data` when they came in chunks), checked, when
+        the run still needs them. Changes nothing."""
         if not ready.HasField("parameters") or self.core.has_parameters:
             return None
         known = declared or self.layout
         if known is None:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "initial parameters need a parameter layout")
         try:
-            params = decode(ready.parameters, expected_numel=layouts.numel(known), expected_dtype=torch.float32)
+            params = decode(ready.parameters, expected_numel=layouts.numel(known), expected_dtype=torch.float32,
+                            data=data)
             check_finite(params, "initial parameters")
         except CodecError as e:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad initial parameters: {e}") from None
         return params
 
-    def _on_ready(self, conn: Connection, ready_msg: pb.Ready) -> None:
-        """The worker can compute: check what it declares, count it in the run and hand it parameters."""
+    def _on_ready(self, conn: Connection, ready_msg: pb.Ready, data: memoryview | None = None) -> None:
+        """The worker can compute: check what it declares, count it in the run and hand it parameters (`data`:
+        the bytes of its initial parameters, when they came in chunks)."""
         try:
             declared = self._check_layout(ready_msg.layout) if ready_msg.HasField("layout") else None
-            params0 = self._initial_params(ready_msg, declared)
+            params0 = self._initial_params(ready_msg, declared, data)
         except Rejected:
             if conn.new_slot:
                 self.ever_assigned.discard(conn.worker)

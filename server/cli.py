@@ -58,12 +58,21 @@ class ServeOptions:
     ready_timeout: float = setting(
         120.0, "Seconds a registered worker has to load its data and say Ready; then its slot is given back.",
         min=0, min_open=True)
+    first_message_timeout: float = setting(
+        30.0, "Seconds a new Train stream has to send its Register; then it is closed (DEADLINE_EXCEEDED).",
+        min=0, min_open=True)
+    max_pending: int = setting(
+        16, "Train streams open at once that have not registered yet; more are refused at once "
+        "(RESOURCE_EXHAUSTED). Until it registers, a stream holds at most one message of the receive limit "
+        "(8 bytes per parameter + 1 MiB; the chunk size + 1 MiB for --model client) for at most "
+        "--first-message-timeout seconds.", min=1)
     start_when_all: bool = setting(
         True, "Send w_0 once all K workers registered (as Algorithm 1), or to each worker as it comes.",
         off="--start-at-once")
     chunk_mib: float = setting(
-        DEFAULT_CHUNK_BYTES / MIB, "Send tensors larger than this (MiB) on the Train stream in pieces of this size: "
-        "parameters to clients that read chunks, and the clients' gradients likewise; 0 sends every tensor whole. "
+        DEFAULT_CHUNK_BYTES / MIB, "Send tensors larger than this (MiB) on the Train stream in pieces of exactly this size (the last: the rest): "
+        "parameters to clients that read chunks, and the clients' gradients likewise; 0 sends and reads every tensor "
+        "whole (chunked ones are refused). "
         "Pieces of a few MB cross gRPC 3-4x faster than one 45-100 MB message (bench/results/transport_probe.md).",
         min=0)
     threads: int = setting(1, "torch CPU threads for the updates. One keeps a core free for gRPC and the event "
@@ -108,6 +117,7 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
         metrics=MetricsWriter(out / "metrics.jsonl", mode="a") if out else None, log_every=options.log_every,
         checkpoint_every=options.checkpoint_every, wait_for_all_workers=options.start_when_all,
         sync_timeout=options.sync_timeout, ready_timeout=options.ready_timeout, layout=layout,
+        first_message_timeout=options.first_message_timeout, max_pending=options.max_pending,
         model_state=None if run.model_from_client else model_state, chunk_bytes=options.chunk_bytes)
     if state is not None:
         service.load_state_dict(state)

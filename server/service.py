@@ -39,11 +39,13 @@ from server.admission import END_STREAM, Admission, Connection, Rejected
 from server.checkpoint import save_final
 from server.checkpointer import Checkpointer
 from server.core import Dispatch, PushRejected, ServerCore
+from server.faults import FaultBook
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "ps.v1.ParameterServer"
 
-# Rejections that say the run is diverging: enough of them in a row (no gradient applied between) end it.
+# Rejections counted as a worker's non-finite gradients (server/faults.py: they drop the worker, or, from
+# more than half of the workers, end the run as diverged).
 DIVERGING = ("nonfinite", "overflow")
 
 
@@ -77,6 +79,8 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         model_state: Callable[[torch.Tensor], dict[str, Any]] | None = None,
         layout: Layout | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        first_message_timeout: float = 30.0,
+        max_pending: int = 16,
     ) -> None:
         self.core = core
         self.model_state = model_state  # the model's state dict at given parameters, for final.pt
@@ -88,6 +92,9 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         self.wait_for_all_workers = wait_for_all_workers
         self.sync_timeout = sync_timeout
         self.ready_timeout = ready_timeout
+        self.first_message_timeout = first_message_timeout  # a new stream's Register must come this soon
+        self.max_pending = max_pending  # streams open at once that have not registered yet
+        self._pending = 0
         if chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes  # parameters larger than this go chunked to clients that read chunks
@@ -108,7 +115,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         self.checkpoints = Checkpointer(out_dir, checkpoint_every, self.state_dict)
         self._finish_task: asyncio.Task | None = None
         self.diverged: str | None = None  # why the run diverged, once it has
-        self._nonfinite_in_a_row = 0
+        self.faults = FaultBook(core.num_workers)  # non-finite gradients per worker id
 
     # ----- the run's configuration as workers see it --------------------------------------
     def pb_run_config(self) -> pb.RunConfig:
@@ -122,14 +129,32 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
 
     # ----- Train: one stream per worker -----------------------------------------------------
     async def Train(self, request_iterator: AsyncIterator[Received], context: grpc.aio.ServicerContext) -> None:
+        # Until it registers, a stream is anyone's: at most `max_pending` of them at once, each for at most
+        # `first_message_timeout` seconds (what gRPC holds of its first message is bounded by the receive limit).
+        if self._pending >= self.max_pending:
+            self._refusals.warning("refused a stream from %s: %d streams have not registered yet",
+                                   shorten(context.peer()), self._pending)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self._pending} Train streams have not registered yet (at most {self.max_pending} "
+                                "at once); try again")
+            return
+        self._pending += 1
         try:
-            first = (await anext(aiter(request_iterator))).message
+            first = (await asyncio.wait_for(anext(aiter(request_iterator)), self.first_message_timeout)).message
         except StopAsyncIteration:
+            return
+        except TimeoutError:
+            self._refusals.warning("no Register from %s within %gs: stream closed", shorten(context.peer()),
+                                   self.first_message_timeout)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no Register within {self.first_message_timeout:g}s of opening the stream")
             return
         except DecodeError as e:
             self._refusals.warning("malformed first message from %s: %s", shorten(context.peer()), shorten(e, 200))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
             return
+        finally:
+            self._pending -= 1
         if self.ended:
             with contextlib.suppress(grpc.aio.InternalError, grpc.aio.UsageError):  # (already gone)
                 await context.write(self._stop_message())
@@ -249,7 +274,13 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         msg = received.message
         kind = msg.WhichOneof("payload")
         if kind == "ready" and not conn.ready:
-            self._on_ready(conn, msg.ready)
+            ready = msg.ready
+            if ready.parameters.chunked and not assembled:  # a client model's w_0: its bytes follow in chunks
+                numel = self._initial_numel(conn, ready)
+                conn.incoming.start(received, self._chunked_header(conn, received, ready.parameters, numel,
+                                                                   "initial parameters"), conn.chunk_bytes)
+                return
+            self._on_ready(conn, ready, received.tensor_data)
             return
         if kind != "gradient" or not conn.ready:
             self.counters.reject("malformed")
@@ -259,14 +290,8 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         g = msg.gradient
         core = self.core
         if g.tensor.chunked and not assembled:  # its header: the bytes follow in chunks
-            try:
-                if received.tensor_data is not None:
-                    raise CodecError("a chunked tensor holds bytes itself; its bytes belong in its chunks")
-                nbytes = chunked_nbytes(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype)
-            except CodecError as e:
-                self.counters.reject("tensor")
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
-            conn.incoming.start(received, nbytes)
+            nbytes = self._chunked_header(conn, received, g.tensor, core.w.numel(), "gradient")
+            conn.incoming.start(received, nbytes, conn.chunk_bytes)
             return
         if self.ended:
             return  # in flight when the run ended: dropped
@@ -283,18 +308,48 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         except PushRejected as e:
             self.counters.reject(e.reason)
             if e.reason in DIVERGING:
-                self._nonfinite_in_a_row += 1
-                if self._nonfinite_in_a_row >= max(3, core.num_workers):
-                    self._diverge(f"{self._nonfinite_in_a_row} gradients in a row were non-finite or would have "
-                                  f"made the parameters non-finite (the last: {e})")
+                verdict = self.faults.nonfinite(conn.worker)
+                if verdict.run_diverged:
+                    self._diverge(f"{self.faults.describe()}; the last, from worker {conn.worker}: {e}")
+                elif verdict.drop_worker:
+                    self.counters.dropped_workers += 1
+                    streak = self.faults.streaks[conn.worker]
+                    logger.warning("worker %d (%s) dropped: %d gradients in a row from it were non-finite or would "
+                                   "have made the parameters non-finite (the last: %s); the run goes on",
+                                   conn.worker, conn.name, streak, shorten(e, 200))
+                    raise Rejected(grpc.StatusCode.ABORTED,
+                                   f"worker {conn.worker} dropped: {streak} gradients in a row from it were "
+                                   f"non-finite or would have made the parameters non-finite (the last: {e}); "
+                                   "the run goes on without it") from None
             raise Rejected(getattr(grpc.StatusCode, e.code), str(e)) from None
-        self._nonfinite_in_a_row = 0
+        self.faults.applied(conn.worker)
         self.counters.gradients_applied += 1
         self._route(dispatches)
         self._record(g.loss, core.iteration - 1 - ite)
         if self.recorder.diverged_at is not None and self.diverged is None:
             self._diverge(f"the training loss ran away (more than {DIVERGENCE_FACTOR:g}x that of the first "
                           "iterations)")
+
+    def _chunked_header(self, conn: Connection, received: Received, tensor: pb.Tensor, numel: int,
+                        what: str) -> int:
+        """The size of the chunked tensor `tensor` announces (a gradient's, or a Ready's initial parameters),
+        when the stream may send it chunked: the Welcome gave it a chunk size (it asked for chunks and the
+        server chunks: `--chunk-mib` > 0) and the tensor is larger than that. Rejected otherwise."""
+        try:
+            if received.tensor_data is not None:
+                raise CodecError("a chunked tensor holds bytes itself; its bytes belong in its chunks")
+            nbytes = chunked_nbytes(tensor, expected_numel=numel, expected_dtype=self.core.w.dtype)
+            if conn.chunk_bytes == 0:
+                why = ("the server sends and reads every tensor whole (--chunk-mib 0)" if self.chunk_bytes == 0
+                       else "the client's Register did not set accepts_chunks")
+                raise CodecError(f"chunked tensors were not negotiated on this stream ({why}): send it whole")
+            if nbytes <= conn.chunk_bytes:
+                raise CodecError(f"a tensor of {nbytes} bytes travels whole (the chunk size is "
+                                 f"{conn.chunk_bytes} bytes)")
+        except CodecError as e:
+            self.counters.reject("tensor")
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad {what} tensor: {e}") from None
+        return nbytes
 
     def _on_chunk(self, conn: Connection, received: Received) -> tuple[Received, memoryview] | None:
         """Put the next piece of a chunked gradient in place; (its header, its bytes) once it is complete."""
@@ -304,7 +359,9 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         if assembly is None or kind != "chunk":
             self.counters.reject("malformed")
             conn.incoming.drop()
-            what = (f"the next chunk of the gradient ({assembly.progress()})" if assembly is not None
+            tensor = ("the initial parameters" if assembly is not None and assembly.header.message.HasField("ready")
+                      else "the gradient")
+            what = (f"the next chunk of {tensor} ({assembly.progress()})" if assembly is not None
                     else "a chunked Gradient before its chunks")
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"expected {what} on the Train stream, got {kind or 'an empty message'}")
@@ -392,6 +449,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             "ever_assigned": sorted(self.ever_assigned),
             "recorder": self.recorder.state_dict(),
             "layout": layouts.to_state(self.layout) if self.layout is not None else None,
+            "faults": self.faults.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -406,6 +464,8 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         self.core.load_state_dict(state["core"])
         self.counters = Counters(**state["counters"])
         self.ever_assigned = set(state["ever_assigned"])
+        if "faults" in state:  # checkpoints of earlier versions have none
+            self.faults.load_state_dict(state["faults"])
         if "recorder" in state:  # checkpoints of earlier versions have none
             self.recorder.load_state_dict(state["recorder"])
         self.started = self.core.started

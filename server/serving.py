@@ -18,7 +18,7 @@ import click
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.grpc_options import server_options
+from common.grpc_options import client_model_receive_limit, server_options
 from common.security import ServerSecurity, warn_if_exposed
 from server.service import SERVICE_NAME, ParameterServerService, add_to_server
 
@@ -115,7 +115,9 @@ async def serve(service: ParameterServerService, *, bind: str = "127.0.0.1:0",
     """Serve `service` on `bind` until its run finishes (then up to `linger` seconds more for evaluators)
     or a signal arrives (then checkpoint and tell the workers)."""
     check_port_free(bind)
-    server = grpc.aio.server(options=server_options(service.core.w.numel()), interceptors=security.interceptors())
+    numel = service.core.w.numel()  # 0: a run whose first client brings the model
+    limit = client_model_receive_limit(service.chunk_bytes) if numel == 0 else None
+    server = grpc.aio.server(options=server_options(numel, limit), interceptors=security.interceptors())
     add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

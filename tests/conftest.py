@@ -176,7 +176,9 @@ def start_server(run: RunConfig, *, grace: float = 1.0, security: ServerSecurity
     def stop() -> None:
         for ch in live.channels:
             ch.close()
-        live.loop.call_soon_threadsafe(state["task"].cancel)
+        if not live.loop.is_closed():  # (a run that ended, lingered and returned has closed it already)
+            with contextlib.suppress(RuntimeError):  # closed between the check and the call
+                live.loop.call_soon_threadsafe(state["task"].cancel)
         thread.join(STOP_TIMEOUT)
         assert not thread.is_alive(), f"the server thread did not stop within {STOP_TIMEOUT}s"
 

@@ -9,8 +9,12 @@ import threading
 
 
 class FreezableProxy:
-    def __init__(self, target: tuple[str, int]) -> None:
+    """`upstream_budget`: forward at most this many bytes from each client to the target, then hold the rest
+    (the client's message stays half-sent, its connection open), as a client that stops mid-message does."""
+
+    def __init__(self, target: tuple[str, int], upstream_budget: int | None = None) -> None:
         self.target = target
+        self.upstream_budget = upstream_budget
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.flowing = threading.Event()
@@ -47,17 +51,22 @@ class FreezableProxy:
                 continue
             upstream.settimeout(None)
             self._sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, budget in ((client, upstream, self.upstream_budget), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(a, b, budget), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, budget: int | None = None) -> None:
         while not self._closed.is_set():
+            if budget is not None and budget <= 0:  # spent: read nothing more, keep both ends open
+                self._closed.wait()
+                return
             try:
-                data = src.recv(65536)
+                data = src.recv(65536 if budget is None else min(65536, budget))
             except OSError:
                 return
             if not data:
                 return
+            if budget is not None:
+                budget -= len(data)
             while not self.flowing.wait(0.5):  # frozen: hold the bytes, keep both connections open
                 if self._closed.is_set():
                     return

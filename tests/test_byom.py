@@ -502,3 +502,33 @@ def test_the_example_trains_four_client_processes_against_ps_server(tmp_path, se
     assert min(r["test_accuracy"] for r in results) >= EXAMPLE_ACCURACY, results
     final_eval = json.loads(evaluator.find_all(r"^\{.*\}$")[-1].group(0))
     assert final_eval["test_accuracy"] >= EXAMPLE_ACCURACY
+
+
+# ----- a client-brought model of any size ---------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["resnet20", "tests.big_models:wide"])
+def test_a_client_model_of_any_size_starts_trains_and_is_evaluated(start_live_server, tmp_path, model_name):
+    """The issue: with --model client the server's receive limit came from its empty model (1 MiB), so the
+    first client's Ready, carrying w_0 whole, was refused (`Received message larger than max (4915261 vs.
+    1048576)` for ResNet20's 1.2M parameters) and the client said "all worker slots are taken". Now the limit
+    is a chunk + 1 MiB and w_0 comes chunked like every other tensor: ResNet20 (1.1 MB) and an 11M-parameter
+    model (44 MB) start, train and are evaluated."""
+    from common.models import build_model as build
+    from worker.evaluator import run_evaluator
+
+    run = RunConfig(algo="ormo", workers=1, dataset="digits", model="client", batch_size=32, lr=0.01, iterations=6)
+    live, stop = start_live_server(run, bind="127.0.0.1:0", linger=30.0, out=str(tmp_path))
+    try:
+        torch.manual_seed(0)
+        model = build(model_name, 10, (1, 8, 8))
+        w0 = flat(model).clone()
+        assert w0.numel() * 4 > live.service.chunk_bytes + (1 << 20) or model_name == "resnet20"
+        with RemoteOptimizer(model, server=live.target) as opt:
+            assert torch.equal(live.on_loop(lambda: live.service.core.w[:1000].clone()), w0[:1000])  # its w_0
+            assert user_loop(opt, model, 1) == 6 and opt.done
+        served = live.on_loop(lambda: live.service.core.w.clone())
+        assert served.numel() == w0.numel() and torch.equal(flat(model), served) and not torch.equal(served, w0)
+        record = run_evaluator(live.target, model=model_name, server_timeout=10)
+        assert record is not None and record["iteration"] == 6 and 0.0 <= record["test_accuracy"] <= 1.0
+    finally:
+        stop()

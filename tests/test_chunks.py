@@ -248,6 +248,14 @@ BAD_SEQUENCES = [
      f"{NUM_PARAMETERS}", "tensor"),
     ("a header holding the bytes", [HOLDING_DATA], "holds bytes itself", "tensor"),
     ("a NaN in the last chunk", chunked(0, _nan_gradient()), "is not finite", "nonfinite"),
+    # The negotiated size: a million 1-byte pieces would cost the server ~115 us each; larger ones than agreed
+    # are not taken either. Refused at the first such piece.
+    ("1-byte chunks", [GOOD[0], *_replace(GOOD, 1, data=GOOD[1].chunk.data[:1])[1:2]],
+     f"chunk of 1 bytes at byte 0 of {NBYTES}: the chunk size is {CHUNK} bytes", "malformed"),
+    ("a chunk larger than the chunk size", [GOOD[0], *_replace(GOOD, 1, data=GOOD[1].chunk.data * 2)[1:2]],
+     f"chunk of {2 * CHUNK} bytes at byte 0 of {NBYTES}: the chunk size is {CHUNK} bytes", "malformed"),
+    ("a short chunk before the last", [*GOOD[:2], *_replace(GOOD, 2, data=GOOD[2].chunk.data[:-1])[2:3]],
+     f"chunk of {CHUNK - 1} bytes at byte {CHUNK} of {NBYTES}: the chunk size is {CHUNK} bytes", "malformed"),
 ]
 
 
@@ -362,5 +370,46 @@ def test_a_worker_hanging_up_while_its_answer_is_written_is_no_error(start_live_
         assert counters(live)[:2] == (2, 0)
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert not errors, [r.getMessage() for r in errors]
+    finally:
+        stop()
+
+
+def test_chunks_from_a_client_that_did_not_ask_for_them_are_refused(chunky: LiveServer, workers):
+    """The Welcome says how a client sends: one that did not set accepts_chunks was told chunk_bytes 0 and
+    sends every tensor whole."""
+    a, b = start(workers)
+    before = snapshot(chunky)
+    b.send(GOOD[0])
+    assert_aborted(b, grpc.StatusCode.INVALID_ARGUMENT, "chunked tensors were not negotiated on this stream (the "
+                   "client's Register did not set accepts_chunks): send it whole")
+    assert_same_state(snapshot(chunky), before)
+    assert counters(chunky) == (0, 1, {"tensor": 1})
+    for m in GOOD:  # the other, which asked, may
+        a.send(m)
+    assert receive(a)[0].iteration_index == 1
+
+
+@pytest.mark.parametrize("chunk_mib,message", [
+    (0, "chunked tensors were not negotiated on this stream (the server sends and reads every tensor whole "
+        "(--chunk-mib 0)): send it whole"),
+    (1, f"a tensor of {NBYTES} bytes travels whole (the chunk size is {MIB} bytes)"),
+])
+def test_chunks_are_refused_where_the_welcome_said_whole(start_live_server, chunk_mib, message):
+    """`--chunk-mib 0` switches the chunk path off for everyone; a tensor no larger than the chunk size is
+    never chunked."""
+    run = RunConfig(algo="ormo", workers=1, dataset="digits", model="mlp", batch_size=32, iterations=1000)
+    live, stop = start_live_server(run, bind="127.0.0.1:0", linger=0.0, grace=1.0, chunk_mib=chunk_mib)
+    try:
+        with raw_worker_factory(live) as make:
+            a = make()
+            assert register(a, "a", accepts_chunks=True).chunk_bytes == round(chunk_mib * MIB)
+            a.ready()
+            receive(a)
+            before = snapshot(live)
+            for m in GOOD:
+                a.send(m)
+            assert_aborted(a, grpc.StatusCode.INVALID_ARGUMENT, message)
+            assert_same_state(snapshot(live), before)
+            assert counters(live) == (0, 1, {"tensor": 1})
     finally:
         stop()

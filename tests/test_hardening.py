@@ -378,3 +378,57 @@ def test_a_silent_half_open_link_stalls_a_synchronous_run_no_longer_than_keepali
     bound = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
     (tmp_path / "stall.txt").write_text(f"{stall:.1f}\n")
     assert stall <= bound + 5, f"stalled {stall:.1f}s (keepalive bound {bound:.0f}s)"
+
+
+# ----- streams that never register ------------------------------------------------------------------------
+def test_streams_that_never_register_are_bounded_in_number_and_time(start_live_server):
+    """The issue's measurement: 300 Train streams that never sent Register stayed open, with no deadline and
+    no limit on their number. Now at most --max-pending are open at once (the next is refused at once), and
+    each is closed --first-message-timeout seconds after it opened."""
+    import threading
+
+    import grpc
+
+    from common.pb import parameter_server_pb2 as pb
+    from server.config import RunConfig
+    from tests.conftest import RawWorker
+
+    run = RunConfig(workers=1, dataset="digits", model="mlp", batch_size=32, iterations=50)
+    live, stop_server = start_live_server(run, bind="127.0.0.1:0", linger=0.0, grace=1.0,
+                                          first_message_timeout=2.0, max_pending=3)
+    hold = threading.Event()
+
+    def silent():  # opens the stream, sends nothing
+        hold.wait(30)
+        yield from ()
+
+    train = live.channel().stream_stream("/ps.v1.ParameterServer/Train",
+                                         request_serializer=pb.WorkerMessage.SerializeToString,
+                                         response_deserializer=pb.ServerMessage.FromString)
+    worker = None
+    try:
+        opened = time.monotonic()
+        calls = [train(silent(), timeout=30) for _ in range(3)]
+        for _ in range(200):  # until the server has them all (bounded: 10 s)
+            if live.on_loop(lambda: live.service._pending) == 3:
+                break
+            time.sleep(0.05)
+        assert live.on_loop(lambda: live.service._pending) == 3
+        with pytest.raises(grpc.RpcError) as refused:
+            next(train(silent(), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 Train streams have not registered yet (at most 3 at once)" in refused.value.details()
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as closed:
+                next(call)
+            assert closed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "no Register within 2s of opening the stream" in closed.value.details()
+        assert 2.0 <= time.monotonic() - opened < 15.0
+        assert live.on_loop(lambda: live.service._pending) == 0
+        worker = RawWorker(live.stub())  # a real worker gets in afterwards
+        assert worker.register().worker_id == 0
+    finally:
+        hold.set()
+        if worker is not None:
+            worker.close()
+        stop_server()

@@ -21,7 +21,7 @@ import grpc
 import torch
 
 from common.chunks import BufferPool, Reassembly
-from common.codec import chunked_nbytes, decode, encode
+from common.codec import chunked_nbytes, decode
 from common.data import BatchStream, Dataset, load_dataset, resolve_dataset
 from common.gradients import GradientComputer
 from common.grpc_options import GRPC_OPTIONS
@@ -29,7 +29,7 @@ from common.layout import layout_of, to_pb
 from common.models import FROM_CLIENT, FlatModel, build_model, resolve_model
 from common.pb import parameter_server_pb2 as pb
 from common.security import ClientSecurity
-from common.wire import Received, gradient_messages, train_call
+from common.wire import Received, gradient_messages, ready_messages, train_call
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class Worker:
         self._welcomed = False  # a Welcome was handled: this worker did some work
         self._parameters_received = False  # in the current session
         self._chunk_bytes = 0  # send gradients larger than this in chunks (the Welcome says; 0: whole)
+        self._w0: torch.Tensor | None = None  # initial parameters to send with the Ready (the run wants them)
         self._buffers = BufferPool(max_bytes=1 << 62)  # one receive buffer, used again
 
     async def run(self) -> WorkerResult:
@@ -149,6 +150,17 @@ class Worker:
                         # model that is not the run's): retrying cannot help.
                         raise WorkerError(f"the server at {opts.server} refused this worker: {code.name}: "
                                           f"{details}", code=code.name, details=details) from None
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+                        # gRPC's own refusal of a message above the server's receive limit, not a full run.
+                        raise WorkerError(f"the server at {opts.server} refused a message of this worker as too "
+                                          f"large ({details}): a client model's tensors must travel in chunks "
+                                          "(accepts_chunks), or the server must run with a larger limit",
+                                          code=code.name, details=details) from None
+                    if code == grpc.StatusCode.ABORTED and "dropped" in details:
+                        # This worker's own gradients were non-finite, again and again (server/faults.py): a bug,
+                        # bad data or a broken device here. The run goes on without it; reconnecting cannot help.
+                        raise WorkerError(f"the server dropped this worker: {details}", code=code.name,
+                                          details=details) from None
                     if self.gradients_sent > sent_before + 1:  # gradients went through before this one
                         nonfinite_in_a_row = 0
                     if code == grpc.StatusCode.INVALID_ARGUMENT and "finite" in details:
@@ -214,13 +226,14 @@ class Worker:
                     received = Received(complete[0].message, complete[1])
                     msg, kind, owned = received.message, "parameters", True
                 elif kind == "parameters" and msg.parameters.tensor.chunked:
-                    incoming.start(received, chunked_nbytes(msg.parameters.tensor))
+                    incoming.start(received, chunked_nbytes(msg.parameters.tensor), self._chunk_bytes or None)
                     continue
                 if kind == "welcome":
                     self._chunk_bytes = msg.welcome.chunk_bytes
                     ready = await asyncio.to_thread(self._on_welcome, msg.welcome)
                     self._welcomed = True
-                    await _write(call, pb.WorkerMessage(ready=ready))
+                    for m in self._ready_messages(ready):
+                        await _write(call, m)
                 elif kind == "parameters":
                     self._parameters_received = True
                     params = self._decode_parameters(msg.parameters.tensor, received.tensor_data, owned)
@@ -242,6 +255,12 @@ class Worker:
             raise RuntimeError("parameters arrived before the Welcome")
         return decode(tensor, expected_numel=self._model.numel, expected_dtype=torch.float32,
                       device=self.options.device, data=data, copy=not owned)
+
+    def _ready_messages(self, ready: pb.Ready) -> list[pb.WorkerMessage | bytes]:
+        """The messages that send `ready`, with the initial parameters `_on_welcome` set aside when the run
+        wants them: chunked as the Welcome said (a run whose clients bring the model receives a chunk at most)."""
+        w0, self._w0 = self._w0, None
+        return [pb.WorkerMessage(ready=ready)] if w0 is None else ready_messages(ready, w0, self._chunk_bytes)
 
     def _register(self) -> pb.Register:
         """The first message of each session."""
@@ -282,10 +301,9 @@ class Worker:
             self._stream = BatchStream(self._dataset, cfg.batch_size, welcome.data_seed, self.options.device)
         logger.info("worker %d: %s on %s, %s, K=%d", self.worker_id, model, self._dataset.name, cfg.algorithm,
                     cfg.num_workers)
-        ready = pb.Ready(layout=to_pb(layout_of(self._model.module)))
-        if welcome.parameters_wanted:
-            encode(self._model.params, out=ready.parameters)
-        return ready
+        # The run names no model: this worker's w_0 (drawn from the run's seed) may become the run's.
+        self._w0 = self._model.params if welcome.parameters_wanted else None
+        return pb.Ready(layout=to_pb(layout_of(self._model.module)))
 
     async def _gradient(self, params: torch.Tensor, iteration_index: int) -> list[bytes]:
         """The messages of the gradient at `params` (whole, or chunked as the Welcome said)."""

@@ -29,7 +29,7 @@ import grpc
 import torch
 from torch import nn
 
-from common.codec import CodecError, check_finite, decode, encode
+from common.codec import CodecError, check_finite, decode
 from common.wire import gradient_messages
 from common.grpc_options import GRPC_OPTIONS
 from common.layout import layout_of, numel, to_pb
@@ -119,10 +119,11 @@ class _ClientWorker(Worker):
             raise ServerError(f"the model has {owner.numel} parameters, the server's has {cfg.num_parameters}",
                               "FAILED_PRECONDITION")
         owner._configure(cfg)
-        ready = pb.Ready()
-        if welcome.parameters_wanted:  # the run names no model: this client's parameters may become w_0
-            encode(owner._flat(lambda p: p), out=ready.parameters)
-        return ready
+        # The run names no model: this client's parameters may become w_0 (sent with the Ready, chunked as
+        # the Welcome says: the server's receive limit is a chunk then).
+        self._w0 = owner._flat(lambda p: p) if welcome.parameters_wanted else None
+        return pb.Ready()
+
 
     def _decode_parameters(self, tensor: pb.Tensor, data: memoryview | None, owned: bool) -> torch.Tensor:
         return decode(tensor, expected_numel=self.owner.numel, expected_dtype=torch.float32, data=data,
