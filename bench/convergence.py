@@ -40,6 +40,8 @@ from pathlib import Path
 
 from bench import harness
 METHODS = ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da"]
+# The 2024-25 methods beside the paper's (issue #26): in the K=64 study, not in the paper's table.
+SUCCESSORS = ["dn", "ringmaster"]
 # OrMo's ablation (the paper's Table 4): a method name of the study, the algorithm `ormo` with the flag.
 ABLATION = "ormo-vanilla"
 
@@ -71,16 +73,28 @@ VARIANTS = {
     # method's step is about eta / (1 - beta), ten times ASGD's, so its grid sits a decade lower.
     "k64": dict(dataset="cifar10", model="strided-cnn", subset=None, validation=5000, batch_size=32, lr=None,
                 iterations=20000, epochs=None, warmup=0.5, eval_every=1.5, device="cpu",
-                methods=[*METHODS, ABLATION],
+                methods=[*METHODS, ABLATION, *SUCCESSORS],
                 grid={("asgd", 16): [0.003, 0.01, 0.03, 0.1], ("asgd", 64): [0.001, 0.003, 0.01, 0.03],
-                      ("momentum", 16): [0.0003, 0.001, 0.003, 0.01], ("momentum", 64): [0.0001, 0.0003, 0.001, 0.003]}),
+                      ("momentum", 16): [0.0003, 0.001, 0.003, 0.01], ("momentum", 64): [0.0001, 0.0003, 0.001, 0.003],
+                      # Delayed Nesterov applies g/N at once and the mean of N = K gradients through the momentum:
+                      # a gradient's whole step is about eta / (N (1 - beta)), so its grid sits N (1 - beta)
+                      # times above ASGD's (1.6x at K=16, 6.4x at K=64), around the momentum grid times K.
+                      ("dn", 16): [0.005, 0.015, 0.05, 0.15], ("dn", 64): [0.006, 0.02, 0.06, 0.2]}),
 }
+
+
+def family_of(method: str) -> str:
+    """Which eta grid a method takes: ASGD's (Ringmaster is ASGD that ignores stale gradients), Delayed
+    Nesterov's own, or the momentum methods'."""
+    return {"asgd": "asgd", "ringmaster": "asgd", "dn": "dn"}.get(method, "momentum")
 
 
 def eta_grid(variant: dict, method: str, workers: int, key: str = "grid") -> list[float]:
     """The eta values tried for `method` with K=`workers` (the nearest K the grid names); with key="eta",
     the variant's one eta for them."""
-    family = "asgd" if method == "asgd" else "momentum"
+    family = family_of(method)
+    if not any(f == family for f, _ in variant[key]):
+        family = "momentum"
     ks = sorted(k for f, k in variant[key] if f == family)
     return variant[key][(family, min(ks, key=lambda k: abs(k - workers)))]
 
@@ -270,9 +284,10 @@ def _method_table(cells, cell) -> str:  # noqa: ANN001
                          ([LABELS.get(m, m), *(cell(m, k, s) for k, s in columns)] for m in methods))
 
 
-METHOD_ORDER_ALL = [*METHODS, ABLATION]
+METHOD_ORDER_ALL = [*METHODS, *SUCCESSORS, ABLATION]
 LABELS = {"asgd": "ASGD", "asgdm": "naive ASGDm", "shifted-momentum": "shifted momentum", "smega2": "SMEGA2",
-          "ormo": "OrMo", "ormo-da": "OrMo-DA", ABLATION: "OrMo, vanilla SGD step"}
+          "ormo": "OrMo", "ormo-da": "OrMo-DA", "dn": "Delayed Nesterov", "ringmaster": "Ringmaster ASGD",
+          ABLATION: "OrMo, vanilla SGD step"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,6 +75,15 @@ class RunConfig:
     iterations: int | None = setting(None, "Length of the run in server iterations (overrides --epochs).", min=1)
     seed: int = setting(0, "Seed of w_0, data order and timing.")
     vanilla_sgd_step: bool = setting(False, "OrMo's ablation: w -= eta*g in place of line 13.")
+    dn_buffer: int | None = setting(
+        None, "Delayed Nesterov (--algo dn): its buffer size N, the arrivals whose mean enters the momentum at "
+              "once (default: K).", min=1)
+    dn_activation: float = setting(
+        0.0, "Delayed Nesterov (--algo dn): its momentum activation c, the momentum's share applied at every "
+             "arrival (0: only at each N-th).", min=0)
+    ringmaster_r: int | None = setting(
+        None, "Ringmaster ASGD (--algo ringmaster): discard gradients this many iterations stale or more "
+              "(default: K).", min=1)
     allow_nonfinite: bool = setting(False, "Apply NaN/Inf gradients instead of rejecting them.")
 
     def __post_init__(self) -> None:
@@ -90,6 +99,10 @@ class RunConfig:
                              f"{FROM_CLIENT})")
         if self.vanilla_sgd_step and "vanilla_sgd_step" not in get_algorithm(self.algo).options:
             raise ValueError(f"vanilla_sgd_step is OrMo's ablation; it does not apply to algo {self.algo!r}")
+        for name, unset, owner in (("dn_buffer", None, "dn"), ("dn_activation", 0.0, "dn"),
+                                   ("ringmaster_r", None, "ringmaster")):
+            if getattr(self, name) != unset and name not in get_algorithm(self.algo).options:
+                raise ValueError(f"{name} is an option of algo {owner!r}; it does not apply to algo {self.algo!r}")
 
     # ----- what the run's settings mean ------------------------------------------------------------
     @property

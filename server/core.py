@@ -52,6 +52,7 @@ class WorkerRecord:
     delay_sum: int = 0
     delay_max: int = 0
     active: bool = True
+    gradients_discarded: int = 0  # valid gradients the rule ignored (Ringmaster)
 
 
 @dataclass
@@ -92,14 +93,16 @@ class ServerCore:
         self.workers = [WorkerRecord() for _ in range(run.workers)]
         self.staleness = StalenessStats()
         self.started = False
+        self.discarded = 0  # valid gradients the rule ignored (Ringmaster's too stale ones): no iteration
 
     def _set_w(self, params0: torch.Tensor) -> None:
         if params0.dim() != 1 or not params0.is_floating_point():
             raise ValueError(f"params0 must be a flat floating-point vector, got shape {tuple(params0.shape)} "
                              f"dtype {params0.dtype}")
         self.w = params0.detach().clone()
-        options: dict[str, Any] = {"vanilla_sgd_step": True} if self.run.vanilla_sgd_step else {}
-        self.rule = get_algorithm(self.run.algo).factory(self.w, self.run.workers, self.run.momentum, **options)
+        spec = get_algorithm(self.run.algo)
+        options: dict[str, Any] = {name: getattr(self.run, name) for name in spec.options}  # the rule's own settings
+        self.rule = spec.factory(self.w, self.run.workers, self.run.momentum, **options)
         # Magnitudes below this leave an update room to grow without overflowing (see _apply_finite).
         self._safe_magnitude = torch.finfo(self.w.dtype).max / 1e3
         self._bound = self._measured_bound()
@@ -191,11 +194,16 @@ class ServerCore:
         if grad.device != self.w.device:
             grad = grad.to(self.w.device)
         t = self.iteration
+        rec = self.workers[worker]
+        if self.scheduler == "async" and self.rule.discards(iteration_index, t):  # (Ringmaster: too stale)
+            rec.gradients_discarded += 1
+            rec.outstanding_index = t
+            self.discarded += 1
+            return [Dispatch((worker,), self.rule.params_to_send(self.lr_schedule(t)), t)]
         lr = self.rule.effective_lr(self.lr_schedule(t), iteration_index, t)
         self._apply_finite(grad, iteration_index, t, worker, lr, g_max)
 
         delay = t - iteration_index
-        rec = self.workers[worker]
         rec.outstanding_index = None
         rec.gradients_applied += 1
         rec.delay_sum += delay
@@ -219,8 +227,8 @@ class ServerCore:
         return max(max_magnitude(t) for t in self._state_tensors())
 
     def _predicted_bound(self, lr: float, g_max: float) -> float:
-        k, beta = self.num_workers, self.run.momentum
-        return self._bound * (2.0 + 2.0 * abs(lr) * k) + g_max * (1.0 + abs(lr) / (1.0 - beta))
+        a, b = self.rule.growth(lr)
+        return self._bound * a + g_max * b
 
     def _apply(self, grad: torch.Tensor, iteration_index: int, t: int, worker: int, lr: float) -> None:
         self.rule.open_group(t, waiting_set_empty=not self.waiting_set)
@@ -310,7 +318,8 @@ class ServerCore:
         return dict(algo=self.run.algo, workers=self.num_workers, iterations=self.iteration,
                     epochs=round(self.epoch, 4), staleness_mean=round(st.mean, 4), staleness_max=st.maximum,
                     staleness_histogram={str(k): v for k, v in sorted(st.histogram.items())},
-                    gradients_per_worker=[rec.gradients_applied for rec in self.workers])
+                    gradients_per_worker=[rec.gradients_applied for rec in self.workers],
+                    gradients_discarded=self.discarded)
 
     # ----- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -324,6 +333,7 @@ class ServerCore:
             "started": self.started,
             "workers": [vars(rec).copy() for rec in self.workers],
             "staleness": vars(self.staleness).copy() | {"histogram": dict(self.staleness.histogram)},
+            "discarded": self.discarded,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -339,5 +349,6 @@ class ServerCore:
         self.started = bool(state["started"])
         self.workers = [WorkerRecord(**rec) for rec in state["workers"]]
         self.staleness = StalenessStats(**state["staleness"])
+        self.discarded = int(state.get("discarded", 0))  # checkpoints of earlier versions have none
         self._bound = self._measured_bound()
 

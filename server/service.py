@@ -55,6 +55,7 @@ class Counters:
     gradients_rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     dropped_workers: int = 0
+    gradients_discarded: int = 0  # valid, ignored by the rule (Ringmaster: too stale): no error, no iteration
 
     def reject(self, reason: str) -> None:
         self.gradients_rejected += 1
@@ -303,6 +304,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             self.counters.reject("tensor")
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
         ite = g.iteration_index
+        before = core.iteration
         try:
             dispatches = core.push(conn.worker, grad, ite)
         except PushRejected as e:
@@ -323,6 +325,10 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
                                    "the run goes on without it") from None
             raise Rejected(getattr(grpc.StatusCode, e.code), str(e)) from None
         self.faults.applied(conn.worker)
+        if core.iteration == before:  # valid but ignored by the rule (Ringmaster: too stale); the current w goes back
+            self.counters.gradients_discarded += 1
+            self._route(dispatches)
+            return
         self.counters.gradients_applied += 1
         self._route(dispatches)
         self._record(g.loss, core.iteration - 1 - ite)
@@ -536,6 +542,7 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             done=self.ended, diverged=self.diverged is not None, config=self.pb_run_config(),
             uptime_seconds=time.monotonic() - self._start_time,
             train_loss=nan_if_none(self.recorder.last_epoch_train_loss),
+            gradients_discarded=self.counters.gradients_discarded,
         )
 
 

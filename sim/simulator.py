@@ -162,7 +162,10 @@ class Simulator:
                 recorder.diverged(core.iteration, "non-finite loss or gradient")
                 break
             delay = core.iteration - ite
+            before = core.iteration
             self._deliver(core.push(k, grad, ite))
+            if core.iteration == before:  # discarded by the rule (Ringmaster: too stale): no iteration to book
+                continue
             record = recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay)
             if self.meter is not None:
                 self.meter.update(core.iteration, epoch=core.epoch, loss=record and record["train_loss"])

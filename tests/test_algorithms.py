@@ -25,7 +25,17 @@ WORKED = {
     "ormo": ["-1", "-7/2", "-13/2", "-65/4", "-85/4", "-277/8", "-333/8"],
     "ormo-vanilla": ["-1", "-7/2", "-13/2", "-53/4", "-73/4", "-229/8", "-285/8"],
     "ormo-da": ["-1", "-7/2", "-13/2", "-167/12", "-227/12", "-257/8", "-313/8"],
+    # The 2024-25 successors (docs/algorithms.md): Delayed Nesterov with N = K = 2, c = 0 and c = 1/4;
+    # Ringmaster ASGD with R = K = 2 (the fourth arrival, B's gradient 4 from w_0 at t=3, is discarded).
+    "dn": ["-1/2", "-9/4", "-15/4", "-63/8", "-83/8", "-275/16", "-331/16"],
+    "dn-c": ["-1/2", "-33/16", "-15/4", "-235/32", "-83/8", "-1039/64", "-331/16"],
+    "ringmaster": ["-1", "-3", "-6", "-6", "-11", "-17", "-24"],
 }
+RULE_OPTIONS = {"ormo-vanilla": ("ormo", {"vanilla_sgd_step": True}), "dn-c": ("dn", {"dn_activation": 0.25})}
+# Delayed Nesterov's state after each arrival (m, D), c = 0 and c = 1/4 alike: flushes at t = 1, 3, 5.
+DN_TRACE = [("0", "1"), ("3/2", "0"), ("3/2", "3"), ("17/4", "0"), ("17/4", "5"), ("61/8", "0"), ("61/8", "7")]
+# Ringmaster: (the index sent back, the iteration after) for each arrival.
+RINGMASTER_TRACE = [(1, 1), (2, 2), (3, 3), (3, 3), (4, 4), (5, 5), (6, 6)]
 # OrMo's full trace: (ite, group b, I, u, w) after each iteration.
 ORMO_TRACE = [
     (0, 0, 0, "1", "-1"),
@@ -82,7 +92,7 @@ def assert_exact(got: torch.Tensor, expected: str) -> None:
 
 @pytest.mark.parametrize("rule", sorted(WORKED))
 def test_worked_example_parameters_sent(rule):
-    algo, options = ("ormo", {"vanilla_sgd_step": True}) if rule == "ormo-vanilla" else (rule, {})
+    algo, options = RULE_OPTIONS.get(rule, (rule, {}))
     drv = Driver(make_core(algo, 2, **options))
     for g, k in zip(range(1, 8), ARRIVALS):
         drv.push(k, scalar(g))
@@ -104,6 +114,54 @@ def test_worked_example_ormo_full_trace():
         assert_exact(core.rule.u, exp_u)
         assert_exact(core.w, exp_w)
     assert core.iteration == 7
+
+
+@pytest.mark.parametrize("c", [0.0, 0.25])
+def test_worked_example_delayed_nesterov_trace(c):
+    core = make_core("dn", 2, dn_activation=c)
+    drv = Driver(core)
+    for t, (g, k) in enumerate(zip(range(1, 8), ARRIVALS)):
+        drv.push(k, scalar(g))
+        m, d = DN_TRACE[t]
+        assert_exact(core.rule.m, m)
+        assert_exact(core.rule.sum, d)
+        assert core.rule.arrivals == t + 1 and core.iteration == t + 1
+    # Over a cycle the momentum's weights add up to 1 whatever c: before each flush w is c = 0's.
+    assert [WORKED["dn"][t] == WORKED["dn-c"][t] for t in range(7)] == [True, False, True, False, True, False, True]
+
+
+def test_worked_example_ringmaster_discards_the_stale_gradient():
+    core = make_core("ringmaster", 2)
+    drv = Driver(core)
+    for t, (g, k) in enumerate(zip(range(1, 8), ARRIVALS)):
+        drv.push(k, scalar(g))
+        assert (drv.held[k][1], core.iteration) == RINGMASTER_TRACE[t]
+    summary = core.summary()
+    assert summary["gradients_discarded"] == 1 and summary["gradients_per_worker"] == [5, 1]
+    assert summary["staleness_histogram"] == {"0": 4, "1": 2}  # the applied ones only: the discarded had delay 3
+    assert core.workers[1].gradients_discarded == 1
+
+
+@pytest.mark.parametrize("r,discarded", [(1, 2), (2, 1), (3, 1), (4, 0)])
+def test_ringmaster_r_is_the_first_delay_discarded(r, discarded):
+    """The worked example's arrivals have delays 0 0 0 3, then 0 1 1 (R >= 2) or 0 1 0 (R = 1: B's second
+    gradient, delay 1, is discarded too): R=4 keeps them all (it is ASGD)."""
+    core = make_core("ringmaster", 2, ringmaster_r=r)
+    drv = Driver(core)
+    for g, k in zip(range(1, 8), ARRIVALS):
+        drv.push(k, scalar(g))
+    assert core.discarded == discarded and core.iteration == 7 - discarded
+    if discarded == 0:
+        assert_exact(core.w, WORKED["asgd"][-1])
+
+
+def test_ringmaster_discards_nothing_under_the_synchronous_scheduler():
+    core = make_core("ringmaster", 3, ringmaster_r=1, scheduler="sync")
+    drv = Driver(core)
+    for _ in range(4):
+        for k in (0, 1, 2):
+            drv.push(k, scalar(1))
+    assert core.discarded == 0 and core.iteration == 12
 
 
 def test_gradient_group_and_delay_adaptive_rule():
@@ -294,11 +352,18 @@ def test_float32_model_size_tensors_agree_with_float64_scalar_reference(algo):
 
 
 def test_registry_has_every_method_and_unknown_names_list_them():
-    assert set(ALGORITHMS) == {"asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ssgd", "ssgdm"}
-    with pytest.raises(ValueError, match="algo must be one of asgd, asgdm, ormo, ormo-da"):
+    assert set(ALGORITHMS) == {"asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ssgd", "ssgdm",
+                               "dn", "ringmaster"}
+    with pytest.raises(ValueError, match="algo must be one of asgd, asgdm, dn, ormo, ormo-da, ringmaster"):
         make_core("adam", 2)
     with pytest.raises(ValueError, match="ablation"):
         make_core("asgd", 2, vanilla_sgd_step=True)
+    with pytest.raises(ValueError, match="dn_buffer is an option of algo 'dn'; it does not apply to algo 'ormo'"):
+        make_core("ormo", 2, dn_buffer=4)
+    with pytest.raises(ValueError, match="ringmaster_r is an option of algo 'ringmaster'"):
+        make_core("asgd", 2, ringmaster_r=4)
+    with pytest.raises(ValueError, match="ringmaster_r must be >= 1"):
+        make_core("ringmaster", 2, ringmaster_r=0)
     with pytest.raises(ValueError, match="momentum"):
         make_core("ormo", 2, beta=1.0)
     with pytest.raises(ValueError, match="scheduler"):

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (dict(workers=0), "workers must be >= 1, got 0"),
     (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
     (dict(lr=float("nan")), "lr must be finite"),
-    (dict(algo="adam"), "algo must be one of asgd, asgdm, ormo"),
+    (dict(algo="adam"), "algo must be one of asgd, asgdm, dn, ormo"),
     (dict(batch_size=2.5), "batch_size must be an integer"),
     (dict(vanilla_sgd_step=True, algo="asgd"), "ablation"),
     (dict(lr_milestones=(3.0, 1.0)), "lr_milestones must be increasing"),

@@ -122,7 +122,8 @@ def test_bad_config_names_the_field():
         ServerCore(torch.zeros(2, 2), RunConfig(algo="asgd", workers=1))
 
 
-@pytest.mark.parametrize("algo", ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da"])
+@pytest.mark.parametrize("algo", ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "dn",
+                                  "ringmaster"])
 def test_an_update_that_would_overflow_is_refused_and_the_state_stays_finite(algo):
     """Finite but huge gradients (3.4e38, near float32's largest) are applied while the result is finite;
     the one that would make the state infinite is refused and changes nothing."""
@@ -154,3 +155,22 @@ def test_a_huge_learning_rate_never_makes_the_parameters_infinite():
             outcomes.append(e.reason)
         assert torch.isfinite(core.w).all() and torch.isfinite(core.rule.u).all()
     assert outcomes[0] == "applied" and "overflow" in outcomes
+
+
+def test_delayed_nesterov_with_activation_never_overflows_unnoticed():
+    """DN's flush applies the momentum with weight 1 - c*N + c (here -6.5): larger than the other rules'
+    coefficients, which its `growth` accounts for; with huge gradients the state stays finite."""
+    core = core_for("dn", k=1, dn_buffer=16, dn_activation=0.5, lr=1.0)
+    core.start()
+    huge = torch.full((4,), 3.0e37)
+    refused = 0
+    for _ in range(64):
+        try:
+            (d,) = core.push(0, huge, core.iteration)
+            assert torch.isfinite(d.params).all()
+        except PushRejected as e:
+            assert e.reason == "overflow"
+            refused += 1
+            break
+        assert all(torch.isfinite(t).all() for t in core._state_tensors())
+    assert refused == 1

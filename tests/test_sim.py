@@ -173,7 +173,7 @@ def test_a_finite_but_exploding_training_loss_is_reported_as_divergence(digits):
     assert 10 <= summary["diverged_at_iteration"] < 300
 
 
-@pytest.mark.parametrize("algo", ["ormo", "smega2", "shifted-momentum", "ssgdm"])
+@pytest.mark.parametrize("algo", ["ormo", "smega2", "shifted-momentum", "ssgdm", "dn", "ringmaster"])
 def test_resuming_a_checkpoint_gives_the_same_parameters_as_never_stopping(digits, tmp_path, algo):
     from server.checkpoint import load_checkpoint, save_checkpoint
 

@@ -196,7 +196,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("iteration", "epoch", "workers_connected", "gradients_applied", "gradients_rejected", "done", "config", "uptime_seconds", "train_loss", "diverged")
+    __slots__ = ("iteration", "epoch", "workers_connected", "gradients_applied", "gradients_rejected", "done", "config", "uptime_seconds", "train_loss", "diverged", "gradients_discarded")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,7 @@ class Status(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     DIVERGED_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_DISCARDED_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     epoch: float
     workers_connected: int
@@ -217,4 +218,5 @@ class Status(_message.Message):
     uptime_seconds: float
     train_loss: float
     diverged: bool
-    def __init__(self, iteration: _Optional[int] = ..., epoch: _Optional[float] = ..., workers_connected: _Optional[int] = ..., gradients_applied: _Optional[int] = ..., gradients_rejected: _Optional[int] = ..., done: _Optional[bool] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., train_loss: _Optional[float] = ..., diverged: _Optional[bool] = ...) -> None: ...
+    gradients_discarded: int
+    def __init__(self, iteration: _Optional[int] = ..., epoch: _Optional[float] = ..., workers_connected: _Optional[int] = ..., gradients_applied: _Optional[int] = ..., gradients_rejected: _Optional[int] = ..., done: _Optional[bool] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., train_loss: _Optional[float] = ..., diverged: _Optional[bool] = ..., gradients_discarded: _Optional[int] = ...) -> None: ...

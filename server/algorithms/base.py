@@ -40,6 +40,19 @@ class UpdateRule(ABC):
         """The parameter a worker computes its next gradient at (SMEGA2 sends an estimate)."""
         return self.w
 
+    def discards(self, iteration_index: int, iteration: int) -> bool:
+        """Whether a valid gradient computed at `iteration_index`, arriving at `iteration`, is ignored (Ringmaster:
+        too stale). The core then leaves the state and the iteration as they are and sends the worker the
+        current parameters."""
+        return False
+
+    def growth(self, lr: float) -> tuple[float, float]:
+        """(a, b): after one update every state magnitude is at most a*B + b*|g|_max, where B bounds them before.
+        The core uses it to prove an update cannot overflow without reading the state (ServerCore._apply_finite):
+        it must never be too small. This default covers every rule of the paper: OrMo's 1/(1-beta) on eta*g,
+        SMEGA2's sent estimate's 2*eta*K on v, the accumulators' 1 on g."""
+        return 2.0 + 2.0 * abs(lr) * self.num_workers, 1.0 + abs(lr) / (1.0 - self.beta)
+
     def effective_lr(self, lr: float, iteration_index: int, iteration: int) -> float:
         """The learning rate this rule applies to a gradient (OrMo-DA adapts it to the delay)."""
         return lr
