@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+import hypothesis
 import pytest
 
 from common.grpc_options import GRPC_MESSAGE_OPTIONS
@@ -22,6 +24,20 @@ from server.cli import ServeOptions, serve_run
 from server.service import ParameterServerService
 
 T = TypeVar("T")
+
+# Property tests (hypothesis) are deterministic in the suite: every run on every machine tries the same
+# examples (derandomize: each test's examples come from a seed fixed by the test), no example database (a run
+# would otherwise replay the failures an earlier run saved first, and test something else), a fixed number of
+# examples where a test names none, no deadline and no too_slow health check (both measure time: a loaded
+# machine must not fail a test), and a failure prints the blob that reproduces it (@reproduce_failure).
+# HYPOTHESIS_PROFILE=explore draws new random examples (and keeps a database) to look for new failures.
+hypothesis.settings.register_profile(
+    "ci", derandomize=True, database=None, max_examples=100, deadline=None, print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.register_profile(
+    "explore", derandomize=False, max_examples=100, deadline=None, print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 START_TIMEOUT = 30.0  # seconds for the server to load its data, build the model and bind
 STOP_TIMEOUT = 15.0  # seconds for a clean shutdown (grace + the loop's own cleanup)

@@ -79,14 +79,32 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# The test accuracy of each method's run must not depend on the order in which the processes' gradients
+# arrive: that order (and so every gradient's staleness) follows the CPU's scheduling, which a loaded machine
+# changes. At eta = 0.05 naive ASGDm (heavy-ball momentum in arrival order, beta = 0.9: an effective step of
+# 0.5 applied with delays of about K-1 = 3) is unstable for its first 4 epochs, before eta decays: in its bad
+# runs the training loss climbs to 3-6 and the accuracy swings between 0.3 and 0.65, and the run ends wherever
+# the decay finds it.
+# Measured with the simulator (which gives these runs' numbers exactly: SSGD 0.9327, SSGDm 0.9461) over 100
+# random arrival orders: 0.40 to 0.94, 3 of them below 0.6; the processes: 0.79, 0.85 and 0.94 in three runs.
+# At eta = 0.02 every method is stable: over 2,400 simulated arrival orders (jitter of +-50 %, stalls of up to
+# 50x, a worker up to 20x slower; staleness up to 92, where the processes' runs see 6 to 45) the lowest final
+# accuracy is ASGD's 0.8956 (arrival order hardly moves it: 0.8956 to 0.9192), the momentum methods' lowest 0.9091;
+# SSGD 0.9158 and SSGDm 0.9461 (synchronous: the same every time). The processes on 2 cores, in three runs
+# beside no, one and two busy loops: 0.9057 to 0.9630. So 0.8 holds with 28 test samples to spare; the
+# untrained model has 0.088.
+LAUNCH_LR = 0.02
+LEARNED_ACCURACY = 0.8
+
+
 @pytest.mark.parametrize("algo", ["asgd", "asgdm", "shifted-momentum", "smega2", "ormo", "ormo-da", "ssgd", "ssgdm"])
 def test_each_method_trains_four_worker_processes(algo, tmp_path, capsys):
-    launch_main(["--algo", algo, "--workers", "4", "--epochs", "8", "--batch-size", "32", "--lr", "0.05",
+    launch_main(["--algo", algo, "--workers", "4", "--epochs", "8", "--batch-size", "32", "--lr", str(LAUNCH_LR),
                  "--out", str(tmp_path), "--eval-every", "0", "-q", "--timeout", "300"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["iterations"] == 8 * (1500 // 32)
     assert result["gradients_applied"] == result["iterations"]
-    assert result["final_test_accuracy"] > 0.6  # chance is 0.1
+    assert result["final_test_accuracy"] > LEARNED_ACCURACY, result
     assert (tmp_path / "final.pt").exists() and (tmp_path / "checkpoint.pt").exists()
     records = read_metrics(tmp_path / "metrics.jsonl")  # the server's and the evaluator's, on one clock
     for key in ("wall_time", "timestamp"):
