@@ -82,7 +82,9 @@ def test_the_simulator_runs_its_length_in_applied_gradients(digits, algo):
 @pytest.mark.parametrize("algo", ["dn", "ringmaster"])
 def test_ps_launch_trains_the_default_job(algo, tmp_path, capsys):
     """ps-server (through ps-launch: a server, four ps-worker processes, an evaluator) trains the default job
-    with each (the CLI's --algo; the rules' options at their defaults, N = R = K)."""
+    with each (the CLI's --algo; the rules' options at their defaults, N = R = K). Margin: the simulator's
+    same job under 12 timings (jitter 0.3-0.85, up to 2 workers up to 12x slower) ends at 0.946-0.953 (DN) and
+    0.926-0.936 (Ringmaster) at this eta, and at 0.92 / 0.896 at eta 0.02."""
     from launcher.cli import main as launch_main
 
     launch_main(["--algo", algo, "--workers", "4", "--epochs", "8", "--batch-size", "32", "--lr", "0.05",
