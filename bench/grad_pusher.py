@@ -31,9 +31,10 @@ import numpy as np
 from bench import harness
 from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
-from common.chunks import BufferPool, Reassembly
+from common.chunks import BufferPool
 from common.pb import parameter_server_pb2 as pb
-from common.wire import gradient_messages, train_call
+from common.transport import Receiver, Sender
+from common.wire import train_call
 
 
 # Columns of a pusher's row in the control file (int64). Shared with bench/throughput.
@@ -82,11 +83,14 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
             numel, chunk_bytes = welcome.config.num_parameters, welcome.chunk_bytes
             row[NUMEL] = numel
             gradient = np.frombuffer(gradient_bytes(numel, slot), dtype="<f4")
-            row[UP_BYTES] = sum(map(len, gradient_messages(gradient, 0, 0.0, 128, chunk_bytes)))
+            sender = Sender(chunk_bytes)
+            row[UP_BYTES] = sum(map(len, sender.gradient(gradient, 0, 0.0, 128)))
             await call.write(pb.WorkerMessage(ready=pb.Ready()))
             row[STATE] = READY
             replies = -1  # the first Parameters answers Ready, not a gradient
-            incoming = Reassembly(BufferPool(max_bytes=1 << 62))  # one receive buffer, used again, as ps-worker's
+            # One receive buffer, used again, as ps-worker's; float32 parameters (the pushers import no torch).
+            incoming = Receiver(BufferPool(max_bytes=1 << 62), chunk_bytes, announcement="Parameters",
+                                expect=lambda name, message: (None, pb.DTYPE_FLOAT32))
             while True:
                 got = await _parameters(call, incoming)
                 if got is None:
@@ -106,7 +110,7 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
                     if stop[STOP] or time.monotonic() > deadline:
                         break
                 # Built afresh each time, as a worker builds each gradient's messages (one copy of the tensor).
-                for message in gradient_messages(gradient, iteration_index, 0.0, 128, chunk_bytes):
+                for message in sender.gradient(gradient, iteration_index, 0.0, 128):
                     await call.write(message)
                 row[SENT] += 1
             await call.done_writing()
@@ -116,30 +120,25 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
             call.cancel()
 
 
-async def _parameters(call: grpc.aio.StreamStreamCall, incoming: Reassembly) -> tuple[int, int] | None:
+async def _parameters(call: grpc.aio.StreamStreamCall, incoming: Receiver) -> tuple[int, int] | None:
     """Read the next Parameters, whole or chunked (its bytes put together as a worker does); its iteration index
     and the bytes of its messages. None at the end of the stream (or a Stop)."""
-    received = await call.read()
-    if received is grpc.aio.EOF:
-        return None
-    msg = received.message
+    nbytes = 0
+    while True:
+        received = await call.read()
+        if received is grpc.aio.EOF:
+            return None
+        nbytes += received.message.ByteSize() + (len(received.tensor_data) if received.tensor_data is not None
+                                                 else 0)
+        whole = incoming.take(received)
+        if whole is not None:
+            break
+    msg = whole.message
     kind = msg.WhichOneof("payload")
     if kind == "stop":
         return None
     if kind != "parameters":
         raise RuntimeError(f"unexpected {kind} on the Train stream")
-    nbytes = msg.ByteSize() + (len(received.tensor_data) if received.tensor_data is not None else 0)
-    if msg.parameters.tensor.chunked:
-        if msg.parameters.tensor.dtype != pb.DTYPE_FLOAT32:  # (common.codec's checks need torch)
-            raise RuntimeError(f"expected float32 parameters, got {pb.DType.Name(msg.parameters.tensor.dtype)}")
-        incoming.start(msg, 4 * msg.parameters.tensor.numel)
-        complete = None
-        while complete is None:
-            chunk = await call.read()
-            if chunk is grpc.aio.EOF or chunk.message.WhichOneof("payload") != "chunk":
-                raise RuntimeError(f"expected a chunk, got {chunk!r}")
-            complete = incoming.add(chunk.message.chunk.offset, chunk.tensor_data)
-            nbytes += chunk.message.ByteSize() + len(chunk.tensor_data)
     return msg.parameters.iteration_index, nbytes
 
 

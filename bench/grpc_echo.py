@@ -28,8 +28,8 @@ from common.grpc_options import GRPC_OPTIONS
 from common.malloc_tuning import tune_malloc
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.chunks import DEFAULT_CHUNK_BYTES, MIB, BufferPool, Reassembly
-from common.wire import Received, parameters_messages
+from common.chunks import DEFAULT_CHUNK_BYTES, MIB, BufferPool
+from common.transport import Receiver, Sender
 from server.service import add_to_server
 
 
@@ -46,35 +46,29 @@ class EchoService(pb_grpc.ParameterServerServicer):
         self.next_id = 0
 
     async def Train(self, request_iterator, context):
-        chunk_bytes = 0
-        incoming = Reassembly(self.buffers)  # (its bytes are read below, before this loop takes another buffer)
+        # As ps-server's streams: one Sender and one Receiver (common/transport.py); no dtype or size checks
+        # beyond the receiver's own. (A chunked gradient's bytes are read below, before the next `take`.)
+        sender, incoming = Sender(), Receiver(self.buffers)
         async for received in request_iterator:
+            received = incoming.take(received)
+            if received is None:
+                continue
             msg = received.message
             kind = msg.WhichOneof("payload")
-            if kind == "chunk":  # (no order checks beyond the assembly's own)
-                complete = incoming.add(msg.chunk.offset, received.tensor_data)
-                if complete is None:
-                    continue
-                received, kind = Received(*complete), "gradient"
-                msg = received.message
             if kind == "gradient":
                 g = msg.gradient
-                if g.tensor.chunked and received.tensor_data is None:
-                    incoming.start(msg, 4 * g.tensor.numel)
-                    continue
                 self.echoed += 1
-                # One copy of the tensor's bytes, as ps-server's reply costs (no dtype or length check).
+                # One copy of the tensor's bytes, as ps-server's reply costs.
                 data = received.tensor_data if received.tensor_data is not None else g.tensor.data
-                for reply in parameters_messages(np.frombuffer(data, dtype=np.float32), g.iteration_index + 1, 0.0,
-                                                 chunk_bytes):
+                for reply in sender.parameters(np.frombuffer(data, dtype=np.float32), g.iteration_index + 1, 0.0):
                     yield reply
             elif kind == "register":
                 self.next_id += 1
-                chunk_bytes = self.chunk_bytes if msg.register.accepts_chunks else 0
+                sender.chunk_bytes = incoming.chunk_bytes = self.chunk_bytes if msg.register.accepts_chunks else 0
                 yield pb.ServerMessage(welcome=pb.Welcome(worker_id=self.next_id - 1, config=self.config,
-                                                          chunk_bytes=chunk_bytes))
+                                                          chunk_bytes=sender.chunk_bytes))
             elif kind == "ready":
-                for reply in parameters_messages(self.initial, 0, 0.0, chunk_bytes):
+                for reply in sender.parameters(self.initial, 0, 0.0):
                     yield reply
 
     async def GetStatus(self, request, context):

@@ -5,11 +5,11 @@ of each step the server's loop thread runs for one gradient, with the project's 
 process (no gRPC: what gRPC itself costs is the echo's share, measured end to end by bench/throughput):
 
 - receive: `common.wire.parse_worker_message` of the whole message (a view of the tensor, no copy), or for a
-  chunked tensor the pieces parsed and copied into place (`common.chunks.Reassembly`, in a buffer used again);
+  chunked tensor the pieces parsed and copied into place (`common.transport.Receiver`, in a buffer used again);
 - decode: the checks and the zero-copy tensor (`common.codec.decode`);
 - push: `ServerCore.push`: validation with the NaN/Inf check (one read of the gradient) and the rule's
   update (for OrMo: two model-sized in-place updates, plus a group opening every K gradients);
-- answer: the Parameters message(s) (`common.wire.parameters_messages`: one copy of the parameters);
+- answer: the Parameters message(s) (`common.transport.Sender.parameters`: one copy of the parameters);
 - books: the service's per-gradient record (`RunRecorder.gradient`).
 
 The echo (bench/grpc_echo.py) runs receive and answer only. Writes bench/results/step_cost.{json,md}.
@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from common.chunks import DEFAULT_CHUNK_BYTES, BufferPool, Reassembly
+from common.chunks import DEFAULT_CHUNK_BYTES, BufferPool
 from common.codec import decode
 from common.malloc_tuning import tune_malloc
 from common.metrics import RunRecorder
-from common.wire import gradient_messages, parameters_messages, parse_worker_message
+from common.transport import Receiver, Sender
+from common.wire import parse_worker_message
 from server.config import RunConfig
 from server.core import ServerCore
 
@@ -56,21 +57,16 @@ def measure(n: int, repeats: int, chunk_bytes: int) -> dict[str, float]:
                                                        iterations=10**9))
     held = {w: 0 for w in core.start().workers}
     g = torch.randn(n) * 1e-4
-    messages = gradient_messages(g, 0, 0.5, 128, chunk_bytes)
-    chunked = len(messages) > 1
-
-    incoming = Reassembly(BufferPool())  # as the server's streams
+    sender = Sender(chunk_bytes)
+    messages = sender.gradient(g, 0, 0.5, 128)
+    incoming = Receiver(BufferPool(), chunk_bytes)  # as the server's streams
 
     def receive() -> object:
-        if not chunked:
-            return parse_worker_message(messages[0])
-        incoming.start(parse_worker_message(messages[0]), 4 * n)
-        for raw in messages[1:]:
-            piece = parse_worker_message(raw)
-            complete = incoming.add(piece.message.chunk.offset, piece.tensor_data)
-        return complete
+        for raw in messages:
+            whole = incoming.take(parse_worker_message(raw))
+        return whole
 
-    whole = parse_worker_message(gradient_messages(g, 0, 0.5, 128)[0])
+    whole = parse_worker_message(Sender().gradient(g, 0, 0.5, 128)[0])
     state = {"i": 0}
 
     def push() -> object:
@@ -91,7 +87,7 @@ def measure(n: int, repeats: int, chunk_bytes: int) -> dict[str, float]:
                                             expected_dtype=torch.float32, copy=False, data=whole.tensor_data),
                              repeats),
         "push": _median_ms(push, max(repeats, K)),
-        "answer": _median_ms(lambda: parameters_messages(core.w, 1, 0.0, chunk_bytes), repeats),
+        "answer": _median_ms(lambda: sender.parameters(core.w, 1, 0.0), repeats),
         "books": _median_ms(lambda: recorder.gradient(core.iteration, 0.0, 0.01, 0.5, 3, workers_connected=K,
                                                       gradients_rejected=0), repeats),
     }

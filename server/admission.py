@@ -20,8 +20,10 @@ import grpc
 import torch
 
 from common import layout as layouts
-from common.chunks import BufferPool, Reassembly
-from common.codec import CodecError, check_finite, decode
+from common.chunks import BufferPool
+from common.transport import Receiver, Sender
+from common.codec import CodecError, decode
+from common.tensor_checks import check_finite
 from common.layout import Layout
 from common.log_limit import shorten
 from common.pb import parameter_server_pb2 as pb
@@ -61,9 +63,11 @@ class Connection:
     error: Rejected | None = None
     ready: bool = False
     new_slot: bool = False  # its id had never been given out before (undone if its Ready is refused)
-    chunk_bytes: int = 0  # its parameters go chunked above this size (0: whole; it did not ask for chunks)
-    # The chunked gradient being received (in the service's buffers, given at Register).
-    incoming: Reassembly = field(default_factory=lambda: Reassembly(BufferPool()))
+    # Its tensors on the stream (common/transport.py): parameters sent to it, chunked above the chunk size its
+    # Welcome gave (0: whole; it did not ask for chunks, or the server sends none), and what it sends, received
+    # in the service's buffers.
+    sender: Sender = field(default_factory=Sender)
+    incoming: Receiver = field(default_factory=Receiver)
 
     def send(self, message: object) -> None:
         """Queue a message (bytes, a ServerMessage, or END_STREAM) for this worker. The stream's reader writes
@@ -134,17 +138,20 @@ class Admission:
         declared = self._check_layout(reg.layout) if reg.HasField("layout") else None  # the last refusal
         if declared is not None:
             self._adopt_layout(declared, shorten(reg.name or peer, 64))
+        chunk_bytes = self.chunk_bytes if reg.accepts_chunks else 0
         conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
-                          new_slot=worker not in self.ever_assigned,
-                          chunk_bytes=self.chunk_bytes if reg.accepts_chunks else 0,
-                          incoming=Reassembly(self._buffers))
+                          new_slot=worker not in self.ever_assigned, sender=Sender(chunk_bytes))
+        conn.incoming = Receiver(self._buffers, chunk_bytes, why_whole=(
+            "the server sends and reads every tensor whole (--chunk-mib 0)" if self.chunk_bytes == 0
+            else "the client's Register did not set accepts_chunks"),
+            expect=lambda name, message: self._expected_tensor(conn, name, message))
         self.connections[worker] = conn
         self.worker_slowdowns[worker] = conn.slowdown
         self.ever_assigned.add(worker)
         logger.info("worker %d registered (%s, slowdown %.2f), %d/%d connected", worker, conn.name,
                     conn.slowdown, len(self.connections), k)
         welcome = pb.Welcome(worker_id=worker, config=self.pb_run_config(), data_seed=self.run.worker_seed(worker),
-                             parameters_wanted=not self.core.has_parameters, chunk_bytes=conn.chunk_bytes)
+                             parameters_wanted=not self.core.has_parameters, chunk_bytes=conn.sender.chunk_bytes)
         if self.layout is not None:
             welcome.layout.CopyFrom(layouts.to_pb(self.layout))
         conn.send(pb.ServerMessage(welcome=welcome))

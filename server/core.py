@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from common.codec import CodecError, all_finite, check_finite, max_magnitude
+from common.tensor_checks import all_finite, check_finite, max_magnitude
+from common.tensor_header import CodecError
 from server.algorithms import get_algorithm
 from server.config import RunConfig
 

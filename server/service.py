@@ -27,14 +27,15 @@ import torch
 from google.protobuf.message import DecodeError
 
 from common import layout as layouts
-from common.chunks import DEFAULT_CHUNK_BYTES, BufferPool, ChunkError
-from common.codec import CodecError, chunked_nbytes, decode, encode
+from common.chunks import DEFAULT_CHUNK_BYTES, BufferPool
+from common.codec import CodecError, decode, dtype_to_pb, encode
 from common.layout import Layout
 from common.log_limit import LimitedLog, shorten
 from common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
 from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.wire import Received, parameters_messages, parse_worker_message, serialize_message
+from common.transport import TransportError
+from common.wire import Received, parse_worker_message, serialize_message
 from server.admission import END_STREAM, Admission, Connection, Rejected
 from server.checkpoint import save_final
 from server.checkpointer import Checkpointer
@@ -259,41 +260,38 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
         conn.send(END_STREAM)
 
     def _on_message(self, conn: Connection, received: Received) -> None:
-        """Decode and apply one gradient (or take a piece of a chunked one), then route the answers. No await:
-        atomic on the loop."""
-        if conn.incoming.assembly is not None or received.message.WhichOneof("payload") == "chunk":
-            complete = self._on_chunk(conn, received)
-            if complete is not None:  # its bytes are read within this call, before any other message's
-                header, data = complete
-                self._on_whole(conn, Received(header.message, data), assembled=True)
-            return
-        self._on_whole(conn, received, assembled=False)
-
-    def _on_whole(self, conn: Connection, received: Received, assembled: bool) -> None:
-        """A whole message: Ready, a gradient (sent whole, or `assembled` from its chunks), or a chunked
-        gradient's header."""
-        msg = received.message
-        kind = msg.WhichOneof("payload")
-        if kind == "ready" and not conn.ready:
-            ready = msg.ready
-            if ready.parameters.chunked and not assembled:  # a client model's w_0: its bytes follow in chunks
-                numel = self._initial_numel(conn, ready)
-                conn.incoming.start(received, self._chunked_header(conn, received, ready.parameters, numel,
-                                                                   "initial parameters"), conn.chunk_bytes)
-                return
-            self._on_ready(conn, ready, received.tensor_data)
-            return
-        if kind != "gradient" or not conn.ready:
-            self.counters.reject("malformed")
+        """Take one message (a piece of a chunked tensor, or a whole one) and, once whole, handle it: Ready, or a
+        gradient to decode and apply, then route the answers. No await: atomic on the loop."""
+        kind = received.message.WhichOneof("payload")
+        if not conn.incoming.receiving and kind != "chunk":
             expected = "a Gradient" if conn.ready else "Ready"
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"expected {expected} on the Train stream, got {kind or 'an empty message'}")
+            if kind != ("gradient" if conn.ready else "ready"):
+                self.counters.reject("malformed")
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"expected {expected} on the Train stream, got {kind or 'an empty message'}")
+        try:
+            whole = conn.incoming.take(received)
+        except TransportError as e:  # (a tensor being received is dropped)
+            self.counters.reject(e.reason)
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, e.message) from None
+        if whole is not None:  # its bytes are read within this call, before any other message's
+            self._on_whole(conn, whole)
+
+    def _expected_tensor(self, conn: Connection, name: str, message: pb.WorkerMessage) -> tuple[int, int]:
+        """What a chunked tensor on `conn` must be (numel, dtype), checked on its header before its bytes come: a
+        gradient is the run's parameters' size; a client model's initial parameters its declared layout's."""
+        if name == "gradient":
+            return self.core.w.numel(), dtype_to_pb(self.core.w.dtype)
+        return self._initial_numel(conn, message.ready), pb.DTYPE_FLOAT32
+
+    def _on_whole(self, conn: Connection, received: Received) -> None:
+        """A whole message (its tensor's bytes beside it when it came in chunks): Ready, or a gradient."""
+        msg = received.message
+        if msg.WhichOneof("payload") == "ready":
+            self._on_ready(conn, msg.ready, received.tensor_data)
+            return
         g = msg.gradient
         core = self.core
-        if g.tensor.chunked and not assembled:  # its header: the bytes follow in chunks
-            nbytes = self._chunked_header(conn, received, g.tensor, core.w.numel(), "gradient")
-            conn.incoming.start(received, nbytes, conn.chunk_bytes)
-            return
         if self.ended:
             return  # in flight when the run ended: dropped
         try:
@@ -336,48 +334,6 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
             self._diverge(f"the training loss ran away (more than {DIVERGENCE_FACTOR:g}x that of the first "
                           "iterations)")
 
-    def _chunked_header(self, conn: Connection, received: Received, tensor: pb.Tensor, numel: int,
-                        what: str) -> int:
-        """The size of the chunked tensor `tensor` announces (a gradient's, or a Ready's initial parameters),
-        when the stream may send it chunked: the Welcome gave it a chunk size (it asked for chunks and the
-        server chunks: `--chunk-mib` > 0) and the tensor is larger than that. Rejected otherwise."""
-        try:
-            if received.tensor_data is not None:
-                raise CodecError("a chunked tensor holds bytes itself; its bytes belong in its chunks")
-            nbytes = chunked_nbytes(tensor, expected_numel=numel, expected_dtype=self.core.w.dtype)
-            if conn.chunk_bytes == 0:
-                why = ("the server sends and reads every tensor whole (--chunk-mib 0)" if self.chunk_bytes == 0
-                       else "the client's Register did not set accepts_chunks")
-                raise CodecError(f"chunked tensors were not negotiated on this stream ({why}): send it whole")
-            if nbytes <= conn.chunk_bytes:
-                raise CodecError(f"a tensor of {nbytes} bytes travels whole (the chunk size is "
-                                 f"{conn.chunk_bytes} bytes)")
-        except CodecError as e:
-            self.counters.reject("tensor")
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad {what} tensor: {e}") from None
-        return nbytes
-
-    def _on_chunk(self, conn: Connection, received: Received) -> tuple[Received, memoryview] | None:
-        """Put the next piece of a chunked gradient in place; (its header, its bytes) once it is complete."""
-        msg = received.message
-        kind = msg.WhichOneof("payload")
-        assembly = conn.incoming.assembly
-        if assembly is None or kind != "chunk":
-            self.counters.reject("malformed")
-            conn.incoming.drop()
-            tensor = ("the initial parameters" if assembly is not None and assembly.header.message.HasField("ready")
-                      else "the gradient")
-            what = (f"the next chunk of {tensor} ({assembly.progress()})" if assembly is not None
-                    else "a chunked Gradient before its chunks")
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"expected {what} on the Train stream, got {kind or 'an empty message'}")
-        data = received.tensor_data if received.tensor_data is not None else msg.chunk.data
-        try:
-            return conn.incoming.add(msg.chunk.offset, data)
-        except ChunkError as e:  # (the gradient is dropped)
-            self.counters.reject("malformed")
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient chunk: {e}") from None
-
     def _diverge(self, why: str) -> None:
         """End the run as diverged: the parameters stay the last finite ones; every worker is told."""
         self.diverged = f"the run diverged at iteration {self.core.iteration}: {why}"
@@ -398,10 +354,10 @@ class ParameterServerService(Admission, pb_grpc.ParameterServerServicer):
                 conn = self.connections.get(w)
                 if conn is None:
                     continue
-                messages = forms.get(conn.chunk_bytes)
+                messages = forms.get(conn.sender.chunk_bytes)
                 if messages is None:
-                    messages = forms[conn.chunk_bytes] = parameters_messages(
-                        d.params, d.iteration_index, self.core.epoch, conn.chunk_bytes)
+                    messages = forms[conn.sender.chunk_bytes] = conn.sender.parameters(
+                        d.params, d.iteration_index, self.core.epoch)
                 for msg in messages:
                     conn.send(msg)
 

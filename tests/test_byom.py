@@ -269,7 +269,7 @@ def test_a_step_sends_the_gradient_plus_weight_decay_and_loads_the_answer(start_
         with RemoteOptimizer(model, server=live.target, weight_decay=weight_decay) as opt:
             w0 = live.on_loop(lambda: live.service.core.w.clone())
             assert torch.equal(flat(model), w0) and opt.iteration == 0  # the run's w_0, not the model's own init
-            assert opt._client._chunk_bytes == round(chunk_mib * 2**20)  # it reads and sends chunks
+            assert opt._client._sender.chunk_bytes == round(chunk_mib * 2**20)  # it reads and sends chunks
             data = load_dataset("digits")
             loss = F.cross_entropy(model(data.normalize(data.train_x[:32])), data.train_y[:32])
             opt.zero_grad()

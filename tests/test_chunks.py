@@ -298,7 +298,7 @@ def _final_parameters_of_a_k1_run(start_live_server, chunk_mib: float) -> tuple[
         thread.start()
         thread.join(90)
         assert not thread.is_alive() and result["result"].stop_reason == "STOP_REASON_DONE"
-        assert worker._chunk_bytes == round(chunk_mib * MIB)
+        assert worker._sender.chunk_bytes == round(chunk_mib * MIB)
         status = live.stub().GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT)
         return live.on_loop(lambda: live.service.core.current_params().clone()), status.gradients_applied
     finally:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from common.chunks import BufferPool, Reassembly
-from common.codec import chunked_nbytes, decode
+from common.chunks import BufferPool
+from common.codec import decode
 from common.data import BatchStream, Dataset, load_dataset, resolve_dataset
 from common.gradients import GradientComputer
 from common.grpc_options import GRPC_OPTIONS
@@ -29,7 +29,8 @@ from common.layout import layout_of, to_pb
 from common.models import FROM_CLIENT, FlatModel, build_model, resolve_model
 from common.pb import parameter_server_pb2 as pb
 from common.security import ClientSecurity
-from common.wire import Received, gradient_messages, ready_messages, train_call
+from common.transport import Receiver, Sender, TransportError
+from common.wire import train_call
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Worker:
         self._stop_detail = ""  # the server's words with its last Stop
         self._welcomed = False  # a Welcome was handled: this worker did some work
         self._parameters_received = False  # in the current session
-        self._chunk_bytes = 0  # send gradients larger than this in chunks (the Welcome says; 0: whole)
+        self._sender = Sender()  # its tensors, chunked above the size the Welcome says (0: whole)
         self._w0: torch.Tensor | None = None  # initial parameters to send with the Ready (the run wants them)
         self._buffers = BufferPool(max_bytes=1 << 62)  # one receive buffer, used again
 
@@ -202,7 +203,7 @@ class Worker:
         self._parameters_received = False
         # Chunked parameters being received, in one buffer used again: the parameters in it are loaded into the
         # model (copied) before the gradient goes out, and the next parameters come only after that.
-        incoming = Reassembly(self._buffers)
+        incoming = Receiver(self._buffers, announcement="Parameters")
         try:
             await _write(call, pb.WorkerMessage(register=self._register()))
             while True:
@@ -212,24 +213,18 @@ class Worker:
                     if code == grpc.StatusCode.OK:
                         return "stream closed"
                     raise await _ended(call)
+                try:
+                    received = incoming.take(received)
+                except TransportError as e:
+                    raise RuntimeError(f"the server broke the stream's rules: {e.message}") from None
+                if received is None:  # a piece of chunked parameters
+                    continue
                 msg = received.message
                 kind = msg.WhichOneof("payload")
-                owned = False  # the parameters' bytes are this worker's own buffer (no copy needed)
-                if incoming.assembly is not None or kind == "chunk":
-                    if incoming.assembly is None or kind != "chunk":
-                        where = incoming.assembly.progress() if incoming.assembly is not None else "none announced"
-                        raise RuntimeError(f"the server sent {kind} amid chunked parameters ({where})")
-                    data = received.tensor_data if received.tensor_data is not None else msg.chunk.data
-                    complete = incoming.add(msg.chunk.offset, data)
-                    if complete is None:
-                        continue
-                    received = Received(complete[0].message, complete[1])
-                    msg, kind, owned = received.message, "parameters", True
-                elif kind == "parameters" and msg.parameters.tensor.chunked:
-                    incoming.start(received, chunked_nbytes(msg.parameters.tensor), self._chunk_bytes or None)
-                    continue
+                # Chunked parameters were put together in this worker's own buffer: no copy needed.
+                owned = kind == "parameters" and msg.parameters.tensor.chunked
                 if kind == "welcome":
-                    self._chunk_bytes = msg.welcome.chunk_bytes
+                    self._sender.chunk_bytes = incoming.chunk_bytes = msg.welcome.chunk_bytes
                     ready = await asyncio.to_thread(self._on_welcome, msg.welcome)
                     self._welcomed = True
                     for m in self._ready_messages(ready):
@@ -260,7 +255,7 @@ class Worker:
         """The messages that send `ready`, with the initial parameters `_on_welcome` set aside when the run
         wants them: chunked as the Welcome said (a run whose clients bring the model receives a chunk at most)."""
         w0, self._w0 = self._w0, None
-        return [pb.WorkerMessage(ready=ready)] if w0 is None else ready_messages(ready, w0, self._chunk_bytes)
+        return [pb.WorkerMessage(ready=ready)] if w0 is None else self._sender.ready(ready, w0)
 
     def _register(self) -> pb.Register:
         """The first message of each session."""
@@ -319,7 +314,7 @@ class Worker:
     def _compute(self, params: torch.Tensor, iteration_index: int) -> list[bytes]:
         x, y = next(self._stream)
         grad, loss = self._computer.compute(params, x, y)
-        return gradient_messages(grad, iteration_index, loss, len(y), self._chunk_bytes)
+        return self._sender.gradient(grad, iteration_index, loss, len(y))
 
 
 async def _ended(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:

@@ -29,8 +29,8 @@ import grpc
 import torch
 from torch import nn
 
-from common.codec import CodecError, check_finite, decode
-from common.wire import gradient_messages
+from common.codec import CodecError, decode
+from common.tensor_checks import check_finite
 from common.grpc_options import GRPC_OPTIONS
 from common.layout import layout_of, numel, to_pb
 from common.pb import parameter_server_pb2 as pb
@@ -229,7 +229,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         except CodecError as e:
             raise ValueError(f"{e}; nothing was sent and the model keeps its parameters") from None
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float("nan" if loss is None else loss)
-        messages = gradient_messages(grad, self.iteration, loss_value, chunk_bytes=self._client._chunk_bytes)
+        messages = self._client._sender.gradient(grad, self.iteration, loss_value)
         self._background.call(self._gradients.put_nowait, messages)
         self._receive()
         return result
