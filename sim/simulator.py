@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.codec import all_finite
+from common.tensor_checks import all_finite
 from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
 from common.evaluation import Evaluator
 from common.gradients import GradientComputer
