@@ -30,7 +30,7 @@ from common.pb import parameter_server_pb2 as pb
 from common.pb import parameter_server_pb2_grpc as pb_grpc
 from common.chunks import DEFAULT_CHUNK_BYTES, MIB, BufferPool
 from common.transport import Receiver, Sender
-from server.service import add_to_server
+from server.servicer import add_to_server
 
 
 class EchoService(pb_grpc.ParameterServerServicer):

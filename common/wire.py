@@ -19,7 +19,7 @@ largest single item). This module does the Train messages with one copy of the t
   plain one (the field repeated, groups, anything unexpected) it falls back to a full protobuf parse: the
   result is always the message `FromString(buf)` gives.
 
-`server.service.add_to_server` registers them as the server's Train (de)serializers, `train_call` as a
+`server.servicer.add_to_server` registers them as the server's Train (de)serializers, `train_call` as a
 client's.
 """
 

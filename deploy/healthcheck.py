@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_PORT = 50051
-# The name ps-server registers in the health service (server/service.py SERVICE_NAME); "" is the whole server.
+# The name ps-server registers in the health service (server/servicer.py SERVICE_NAME); "" is the whole server.
 SERVICE_NAME = "ps.v1.ParameterServer"
 
 

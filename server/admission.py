@@ -1,102 +1,117 @@
-"""Who joins a run, and with what: a worker's Register (its slot), its declared parameter layout, the
+"""Who joins a run, and with what: the streams that have not registered yet (at most `max_pending`, each for at
+most `first_message_timeout` seconds), a worker's Register (its slot), its declared parameter layout, the
 initial parameters a client may bring, and its Ready (the run starts, or the worker rejoins it).
 
-`Admission` holds these steps of `ParameterServerService` (server/service.py), which inherits them: they
-read and change the service's state (its connections, slots, layout and core) on the event loop, and each
-either completes or raises `Rejected` having changed nothing. The run's parameter layout is its model's,
-or (a run whose clients bring the model, `--model client`) the first client's; every client that declares
-one is checked against it.
+`Admission` owns the run's slots (`connections`, `ever_assigned`), its parameter layout and whether it has
+started; the service (server/service.py) gives it the core, the run's configuration as workers see it, and a
+way to send parameters (`route`), and asks it about the lifecycle (`ended`, `stop_message`). Each step runs on
+the event loop and either completes or raises `Rejected` having changed nothing. The run's parameter layout
+is its model's, or (a run whose clients bring the model, `--model client`) the first client's; every client
+that declares one is checked against it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from common import layout as layouts
 from common.chunks import BufferPool
-from common.transport import Receiver, Sender
-from common.codec import CodecError, decode
-from common.tensor_checks import check_finite
+from common.codec import CodecError, decode, dtype_to_pb
 from common.layout import Layout
-from common.log_limit import shorten
+from common.log_limit import LimitedLog, shorten
 from common.pb import parameter_server_pb2 as pb
+from common.tensor_checks import check_finite
+from common.transport import Receiver, Sender
+from common.wire import Received
 from server.core import Dispatch
+from server.stream import END_STREAM, Connection, Rejected
 
 if TYPE_CHECKING:
-    from server.config import RunConfig
     from server.core import ServerCore
 
-# These are the service's own steps: they log as the service does.
+# Admission is the service's own part: it logs as the service does.
 logger = logging.getLogger("server.service")
-
-END_STREAM = object()  # outbox sentinel: close the stream normally
-
-
-class Rejected(Exception):
-    """A message that ends its stream with a gRPC status; the server's state is unchanged."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class Connection:
-    """One worker's Train stream: who it is, and what is to be sent to it (`send`)."""
-
-    worker: int
-    name: str
-    slowdown: float
-    outbox: deque = field(default_factory=deque)  # messages to write, in order; END_STREAM closes the stream
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)  # the stream's handler has messages to write
-    writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by whoever writes the outbox
-    reading: bool = False  # the stream's reader is handling one of its messages: it writes the answers itself
-    ending: str | None = None  # "stop" once a Stop was written, "end" once END_STREAM was reached
-    error: Rejected | None = None
-    ready: bool = False
-    new_slot: bool = False  # its id had never been given out before (undone if its Ready is refused)
-    # Its tensors on the stream (common/transport.py): parameters sent to it, chunked above the chunk size its
-    # Welcome gave (0: whole; it did not ask for chunks, or the server sends none), and what it sends, received
-    # in the service's buffers.
-    sender: Sender = field(default_factory=Sender)
-    incoming: Receiver = field(default_factory=Receiver)
-
-    def send(self, message: object) -> None:
-        """Queue a message (bytes, a ServerMessage, or END_STREAM) for this worker. The stream's reader writes
-        the answers to a message it is handling right after (no hand-over to another task on the way), so it
-        reads the worker's next message once the worker has taken its answer (a worker reads its parameters
-        before it computes the next gradient); what others queue (another worker's push, the run's end) wakes
-        the stream's handler to write it."""
-        self.outbox.append(message)
-        if not self.reading:
-            self.wakeup.set()
 
 
 class Admission:
-    """The service's admission steps (a mixin of `ParameterServerService`: the attributes below are its, and so
-    are `pb_run_config()` and `_route()`, which these steps call)."""
+    """The run's slots, layout and start (see the module's docstring)."""
 
-    core: ServerCore
-    run: RunConfig
-    layout: Layout | None
-    connections: dict[int, Connection]
-    ever_assigned: set[int]
-    worker_slowdowns: dict[int, float]
-    started: bool
-    wait_for_all_workers: bool
-    ready_timeout: float
-    chunk_bytes: int
-    _buffers: BufferPool
+    def __init__(self, core: ServerCore, *, layout: Layout | None, pb_run_config: Callable[[], pb.RunConfig],
+                 route: Callable[[list[Dispatch]], None], ended: Callable[[], bool],
+                 stop_message: Callable[[], pb.ServerMessage], buffers: BufferPool, chunk_bytes: int,
+                 wait_for_all_workers: bool = True, ready_timeout: float = 120.0,
+                 first_message_timeout: float = 30.0, max_pending: int = 16) -> None:
+        self.core = core
+        self.run = core.run
+        self.layout = layout  # the run's parameter layout: its model's, or (a run that names none) the first client's
+        self.pb_run_config = pb_run_config
+        self.route = route
+        self.ended = ended
+        self.stop_message = stop_message
+        self.buffers = buffers  # for chunked tensors, every stream's
+        if chunk_bytes < 0:
+            raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes  # tensors larger than this travel chunked to and from clients that read them
+        self.wait_for_all_workers = wait_for_all_workers
+        self.ready_timeout = ready_timeout
+        self.first_message_timeout = first_message_timeout  # a new stream's Register must come this soon
+        self.max_pending = max_pending  # streams open at once that have not registered yet
+        self.pending = 0
+        self.connections: dict[int, Connection] = {}
+        self.ever_assigned: set[int] = set()
+        self.worker_slowdowns: dict[int, float] = {}  # what each worker said of itself when it registered
+        self.started = core.started
+        self._refusals = LimitedLog(logger, "refused workers and malformed first messages")
 
-    def _not_ready(self, conn: Connection) -> None:
+    async def open(self, requests: AsyncIterator[Received], context: grpc.aio.ServicerContext) -> Connection | None:
+        """A new Train stream: its first message, within the deadline and the limit on streams not registered
+        yet, admits it (its Connection, welcomed), or the stream is answered here and None returned."""
+        # Until it registers, a stream is anyone's: at most `max_pending` of them at once, each for at most
+        # `first_message_timeout` seconds (what gRPC holds of its first message is bounded by the receive limit).
+        if self.pending >= self.max_pending:
+            self._refusals.warning("refused a stream from %s: %d streams have not registered yet",
+                                   shorten(context.peer()), self.pending)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.pending} Train streams have not registered yet (at most {self.max_pending} "
+                                "at once); try again")
+            return None
+        self.pending += 1
+        try:
+            first = (await asyncio.wait_for(anext(aiter(requests)), self.first_message_timeout)).message
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            self._refusals.warning("no Register from %s within %gs: stream closed", shorten(context.peer()),
+                                   self.first_message_timeout)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no Register within {self.first_message_timeout:g}s of opening the stream")
+            return None
+        except DecodeError as e:
+            self._refusals.warning("malformed first message from %s: %s", shorten(context.peer()), shorten(e, 200))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}")
+            return None
+        finally:
+            self.pending -= 1
+        if self.ended():
+            with contextlib.suppress(grpc.aio.InternalError, grpc.aio.UsageError):  # (already gone)
+                await context.write(self.stop_message())
+            return None
+        try:
+            return self.admit(first, context.peer())
+        except Rejected as e:
+            self._refusals.warning("refused a worker from %s: %s", shorten(context.peer()), shorten(e.message, 200))
+            await context.abort(e.code, e.message)
+            return None
+
+    def not_ready(self, conn: Connection) -> None:
         """A registered worker that has not said Ready in time gives its slot back (a stream that registers
         and then does nothing would hold it for ever, and a full run would refuse real workers)."""
         if conn.ready or conn.error is not None:
@@ -107,7 +122,7 @@ class Admission:
                               f"no Ready within {self.ready_timeout:g}s of the Welcome; the slot was given back")
         conn.send(END_STREAM)
 
-    def _admit(self, first: pb.WorkerMessage, peer: str) -> Connection:
+    def admit(self, first: pb.WorkerMessage, peer: str) -> Connection:
         """Register a worker: assign its id and welcome it. Atomic on the loop."""
         if first.WhichOneof("payload") != "register":
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a Train stream must be Register")
@@ -135,16 +150,16 @@ class Admission:
             worker = (never or free)[0]
         if not reg.slowdown >= 0:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"slowdown must be >= 0, got {reg.slowdown}")
-        declared = self._check_layout(reg.layout) if reg.HasField("layout") else None  # the last refusal
+        declared = self.check_layout(reg.layout) if reg.HasField("layout") else None  # the last refusal
         if declared is not None:
-            self._adopt_layout(declared, shorten(reg.name or peer, 64))
+            self.adopt_layout(declared, shorten(reg.name or peer, 64))
         chunk_bytes = self.chunk_bytes if reg.accepts_chunks else 0
         conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
                           new_slot=worker not in self.ever_assigned, sender=Sender(chunk_bytes))
-        conn.incoming = Receiver(self._buffers, chunk_bytes, why_whole=(
+        conn.incoming = Receiver(self.buffers, chunk_bytes, why_whole=(
             "the server sends and reads every tensor whole (--chunk-mib 0)" if self.chunk_bytes == 0
             else "the client's Register did not set accepts_chunks"),
-            expect=lambda name, message: self._expected_tensor(conn, name, message))
+            expect=lambda name, message: self.expected_tensor(conn, name, message))
         self.connections[worker] = conn
         self.worker_slowdowns[worker] = conn.slowdown
         self.ever_assigned.add(worker)
@@ -157,7 +172,7 @@ class Admission:
         conn.send(pb.ServerMessage(welcome=welcome))
         return conn
 
-    def _check_layout(self, message: pb.ParameterLayout) -> Layout | None:
+    def check_layout(self, message: pb.ParameterLayout) -> Layout | None:
         """A client's declared layout against the run's: Rejected (FAILED_PRECONDITION) on a mismatch. Returns
         the layout when the run has none yet (to be adopted once nothing else can refuse). Changes nothing."""
         try:
@@ -179,16 +194,16 @@ class Admission:
                            f"the server holds float32 parameters; {wrong[0].describe()} is not float32")
         return declared
 
-    def _adopt_layout(self, declared: Layout, client: str) -> None:
+    def adopt_layout(self, declared: Layout, client: str) -> None:
         self.layout = declared
         logger.info("the run's parameter layout comes from client %s: %d tensors, %d values", client,
                     len(declared), layouts.numel(declared))
 
-    def _initial_numel(self, conn: Connection, ready: pb.Ready) -> int:
+    def initial_numel(self, conn: Connection, ready: pb.Ready) -> int:
         """How many initial parameters a Ready announces in chunks may have: its layout's (checked now, before
         the bytes come) or the run's. Changes nothing (a refusal frees a new slot's id as `_on_ready` does)."""
         try:
-            declared = self._check_layout(ready.layout) if ready.HasField("layout") else None
+            declared = self.check_layout(ready.layout) if ready.HasField("layout") else None
             known = declared or self.layout
             if known is None:
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "initial parameters need a parameter layout")
@@ -198,7 +213,7 @@ class Admission:
             raise
         return layouts.numel(known)
 
-    def _initial_params(self, ready: pb.Ready, declared: Layout | None,
+    def initial_params(self, ready: pb.Ready, declared: Layout | None,
                         data: memoryview | None = None) -> torch.Tensor | None:
         """The initial parameters a Ready carries (their bytes in `data` when they came in chunks), checked, when
         the run still needs them. Changes nothing."""
@@ -215,18 +230,18 @@ class Admission:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad initial parameters: {e}") from None
         return params
 
-    def _on_ready(self, conn: Connection, ready_msg: pb.Ready, data: memoryview | None = None) -> None:
+    def on_ready(self, conn: Connection, ready_msg: pb.Ready, data: memoryview | None = None) -> None:
         """The worker can compute: check what it declares, count it in the run and hand it parameters (`data`:
         the bytes of its initial parameters, when they came in chunks)."""
         try:
-            declared = self._check_layout(ready_msg.layout) if ready_msg.HasField("layout") else None
-            params0 = self._initial_params(ready_msg, declared, data)
+            declared = self.check_layout(ready_msg.layout) if ready_msg.HasField("layout") else None
+            params0 = self.initial_params(ready_msg, declared, data)
         except Rejected:
             if conn.new_slot:
                 self.ever_assigned.discard(conn.worker)
             raise
         if declared is not None:
-            self._adopt_layout(declared, conn.name)
+            self.adopt_layout(declared, conn.name)
         if params0 is not None:
             self.core.set_initial_params(params0)
             logger.info("w_0 (%d values) comes from worker %d (%s)", params0.numel(), conn.worker, conn.name)
@@ -245,9 +260,16 @@ class Admission:
             for w in range(k):  # with --start-at-once, those not here yet join when they come
                 if w not in ready:
                     self.core.deactivate(w)
-            self._route([Dispatch(tuple(ready), dispatch.params, dispatch.iteration_index)])
+            self.route([Dispatch(tuple(ready), dispatch.params, dispatch.iteration_index)])
             logger.info("run started with %d workers", len(ready))
         else:
             dispatch = self.core.rejoin(conn.worker)
             if dispatch is not None:
-                self._route([dispatch])
+                self.route([dispatch])
+
+    def expected_tensor(self, conn: Connection, name: str, message: pb.WorkerMessage) -> tuple[int, int]:
+        """What a chunked tensor on `conn` must be (numel, pb dtype), checked on its header before its bytes
+        come: a gradient is the run's parameters' size; a client model's initial parameters its layout's."""
+        if name == "gradient":
+            return self.core.w.numel(), dtype_to_pb(self.core.w.dtype)
+        return self.initial_numel(conn, message.ready), pb.DTYPE_FLOAT32

@@ -33,7 +33,7 @@ from server.cli import ServeOptions, build_service
 from server.cli import cli as server_cli
 from server.cli import main as server_main
 from server.config import RunConfig
-from server.admission import END_STREAM, Rejected
+from server.stream import END_STREAM, Rejected
 from sim.cli import cli as sim_cli
 from sim.cli import main as sim_main
 from sim.simulator import Simulator

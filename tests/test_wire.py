@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from common.codec import decode, encode
 from common.pb import parameter_server_pb2 as pb
 from common.wire import Received, parse_worker_message, serialize_parameters, serialize_message
-from server.service import SERVICE_NAME, add_to_server
+from server.servicer import SERVICE_NAME, add_to_server
 
 
 def reference_parameters(t: torch.Tensor, ite: int, epoch: float) -> pb.ServerMessage:

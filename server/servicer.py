@@ -1,0 +1,52 @@
+"""The gRPC servicer: a thin adapter from the `ParameterServer` service's methods to the run's service, and its
+registration with the hand-framed tensor (de)serializers of `common.wire` on Train (one copy of the tensor
+per direction instead of three or four)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from common.pb import parameter_server_pb2 as pb
+from common.pb import parameter_server_pb2_grpc as pb_grpc
+from common.wire import Received, parse_worker_message, serialize_message
+from server.service import ParameterServerService
+
+SERVICE_NAME = "ps.v1.ParameterServer"
+
+
+class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+    """ps.v1.ParameterServer over one run's service."""
+
+    def __init__(self, service: ParameterServerService) -> None:
+        self.service = service
+
+    async def Train(self, request_iterator: AsyncIterator[Received], context: grpc.aio.ServicerContext) -> None:
+        await self.service.train(request_iterator, context)
+
+    async def GetParameters(self, request: pb.GetParametersRequest, context: grpc.aio.ServicerContext) -> pb.Parameters:
+        return self.service.parameters(request)
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.Status:
+        return self.service.status()
+
+
+def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
+    """Register `servicer` (a run's service, wrapped here, or any object with the service's three methods, such
+    as the benchmark's echo) on `server`."""
+    if isinstance(servicer, ParameterServerService):
+        servicer = ParameterServerServicer(servicer)
+    handlers = {
+        "Train": grpc.stream_stream_rpc_method_handler(
+            servicer.Train, request_deserializer=parse_worker_message, response_serializer=serialize_message),
+        "GetParameters": grpc.unary_unary_rpc_method_handler(
+            servicer.GetParameters, request_deserializer=pb.GetParametersRequest.FromString,
+            response_serializer=pb.Parameters.SerializeToString),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStatus, request_deserializer=pb.GetStatusRequest.FromString,
+            response_serializer=pb.Status.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
