@@ -9,7 +9,6 @@ options come from its configuration's fields (`server.config.RunConfig`, `common
 from __future__ import annotations
 
 import difflib
-import importlib
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any
 
 import click
 
+from common.env_variables import PS_VARIABLES
 from common.malloc_tuning import tune_malloc
 from common.security import ClientSecurity
 from common.security_options import CLIENT_SECURITY_OPTIONS, apply_options, client_security_from
@@ -50,21 +50,6 @@ def env_names(command: click.Command) -> set[str]:
     return names
 
 
-def _every_commands_env_names() -> set[str]:
-    """The `PS_*` variables of every ps-* command of the installed package (empty when it is not installed)."""
-    names: set[str] = set()
-    for entry in metadata.entry_points(group="console_scripts"):
-        if entry.dist is None or entry.dist.name.replace("_", "-").lower() != "ormo-ps":
-            continue
-        try:
-            command = getattr(importlib.import_module(entry.module), "cli", None)
-        except Exception:  # noqa: BLE001 - only a warning depends on it
-            continue
-        if isinstance(command, click.Command):
-            names |= env_names(command)
-    return names
-
-
 def warn_about_unknown_variables(command: click.Command, prog_name: str) -> None:
     """A warning for each `PS_*` variable that no ps-* command reads (a misspelt `PS_OUTDIR` would otherwise be
     ignored in silence), with the names it may have meant; those of other ps-* commands pass quietly."""
@@ -72,7 +57,7 @@ def warn_about_unknown_variables(command: click.Command, prog_name: str) -> None
                    and n not in OTHER_VARIABLES)
     if not stray:
         return
-    known = _every_commands_env_names() | env_names(command) | OTHER_VARIABLES
+    known = PS_VARIABLES | env_names(command) | OTHER_VARIABLES
     for name in stray:
         if name in RENAMED_VARIABLES:
             hint = f"it is now {RENAMED_VARIABLES[name]}"
