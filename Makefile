@@ -26,7 +26,7 @@ install-test:
 	$(PIP) install -e '.[test]'
 
 proto:
-	$(PYTHON) -m common.pb.generate common/pb
+	$(PYTHON) -m ormo_ps.common.pb.generate common/pb
 
 deploy-env:
 	$(PYTHON) deploy/environment.py

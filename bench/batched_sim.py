@@ -38,9 +38,9 @@ QUICK = [("mlp", 32, 16, 60, None), ("strided-cnn", 32, 16, 60, None), ("resnet2
 
 _MEMORY_PROBE = """
 import sys, torch
-from common.data import make_synthetic, BatchStream, Draw
-from server.config import RunConfig
-from sim.batched import BatchedGradients
+from ormo_ps.common.data import make_synthetic, BatchStream, Draw
+from ormo_ps.server.config import RunConfig
+from ormo_ps.sim.batched import BatchedGradients
 torch.set_num_threads(1)
 model, batch, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 data = make_synthetic(train_size=4 * batch, test_size=1, input_shape=(3, 32, 32))
@@ -64,8 +64,8 @@ def peak_bytes(model: str, batch: int, workers: int) -> int:
 
 def simulate(dataset, model: str, batch: int, workers: int, iterations: int, batched: bool,
              batch_limit: int | None):
-    from server.config import RunConfig
-    from sim.simulator import ComputeTimeModel, Simulator
+    from ormo_ps.server.config import RunConfig
+    from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 
     run = RunConfig(algo="ormo", workers=workers, dataset=dataset.name, model=model, batch_size=batch, lr=0.01,
                     warmup_epochs=0.0, iterations=iterations, seed=0)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--memory-model", default="resnet20", help="the model whose batched memory per image is measured")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from common.data import load_dataset, make_synthetic
+    from ormo_ps.common.data import load_dataset, make_synthetic
 
     if args.data_dir:
         dataset = load_dataset("cifar10", args.data_dir)

@@ -27,11 +27,11 @@ from pathlib import Path
 import grpc
 
 from bench import harness, processes
-from server.serving import LISTENING_PATTERN
-from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from common.metrics import read_metrics
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.server.serving import LISTENING_PATTERN
+from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
+from ormo_ps.common.metrics import read_metrics
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 
 
 class Cluster:
@@ -49,7 +49,7 @@ class Cluster:
 
     def server(self, resume: bool) -> subprocess.Popen:
         a = self.args
-        argv = ["server.cli", "--algo", a.algo, "--workers", str(a.workers), "--dataset", "digits", "--model", "mlp",
+        argv = ["ormo_ps.server.cli", "--algo", a.algo, "--workers", str(a.workers), "--dataset", "digits", "--model", "mlp",
                 "--batch-size", "32", "--lr", "0.05", "--iterations", str(a.iterations), "--seed", str(a.seed),
                 "--out", str(self.out), "--checkpoint-every", "0.5", "--linger", "120",
                 "--bind", f"127.0.0.1:{self.port}"] + (["--resume", str(self.out)] if resume else [])
@@ -62,7 +62,7 @@ class Cluster:
     def worker(self, k: int) -> subprocess.Popen:
         log = self.out / f"worker-{k}-{len(self.worker_logs)}.log"
         self.worker_logs.append(log)
-        return self._start(["worker.cli", "--server", f"127.0.0.1:{self.port}", "--threads", "1",
+        return self._start(["ormo_ps.worker.cli", "--server", f"127.0.0.1:{self.port}", "--threads", "1",
                             "--server-timeout", "60", "--name", f"chaos-{k}"], log)
 
     def status(self) -> pb.Status | None:
@@ -96,7 +96,7 @@ def one_run(out: Path, args: argparse.Namespace, chaos: bool, say) -> dict:
     try:
         server = c.server(resume=False)
         workers = {k: c.worker(k) for k in range(args.workers)}
-        evaluator = c._start(["worker.evaluator", "--server", f"127.0.0.1:{c.port}", "--out", str(out),
+        evaluator = c._start(["ormo_ps.worker.evaluator", "--server", f"127.0.0.1:{c.port}", "--out", str(out),
                               "--eval-every", "0", "--server-timeout", "60"], out / "evaluator.log")
         server_kills = sorted(rng.uniform(0.2, 0.8) for _ in range(args.server_kills)) if chaos else []
         worker_kills = sorted(rng.uniform(0.1, 0.9) for _ in range(args.worker_kills)) if chaos else []
@@ -145,7 +145,7 @@ def one_run(out: Path, args: argparse.Namespace, chaos: bool, say) -> dict:
 
 
 def _checkpoint_iteration(out: Path) -> int:
-    from server.checkpoint import CheckpointError, load_checkpoint
+    from ormo_ps.server.checkpoint import CheckpointError, load_checkpoint
 
     try:
         return int(load_checkpoint(out)["core"]["iteration"])

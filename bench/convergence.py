@@ -124,9 +124,9 @@ def one_run(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from server.config import RunConfig
-    from common.data import load_dataset, split_validation
-    from sim.simulator import ComputeTimeModel, Simulator
+    from ormo_ps.server.config import RunConfig
+    from ormo_ps.common.data import load_dataset, split_validation
+    from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 
     dataset = load_dataset(spec["dataset"], spec["data_dir"])
     if spec["subset"]:
@@ -341,9 +341,9 @@ def main(argv: list[str] | None = None) -> None:
                                           out=str(out / "runs" / name)))
     specs.sort(key=lambda s: (s["workers"], s["het"]))  # column by column (stable: methods in order)
     results = run_all(specs, args.jobs, f"{len(specs)} runs into {out}", deadline)
-    from report.plots import write_figures
-    from report.runs import find_runs
-    from report.tables import paper_table
+    from ormo_ps.report.plots import write_figures
+    from ormo_ps.report.runs import find_runs
+    from ormo_ps.report.tables import paper_table
 
     seconds = time.monotonic() - t0
     # Every run once: the eta grid's, and the seeds' (a seed-0 run is the grid's chosen one, copied).

@@ -36,9 +36,9 @@ def gradient_checks(flat, dataset, workers: int, batch: int, device: str) -> dic
     import torch.nn.functional as F
     from torch import nn
 
-    from common.data import BatchStream, Draw
-    from common.gradients import GradientComputer
-    from sim.batched import BatchedGradients
+    from ormo_ps.common.data import BatchStream, Draw
+    from ormo_ps.common.gradients import GradientComputer
+    from ormo_ps.sim.batched import BatchedGradients
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(5)  # K different parameter vectors around w_0, as the workers of a run hold
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--model", default="resnet20")
     args = p.parse_args(argv)
-    from common.data import load_dataset, make_synthetic
-    from server.config import RunConfig
-    from sim.simulator import ComputeTimeModel, Simulator
+    from ormo_ps.common.data import load_dataset, make_synthetic
+    from ormo_ps.server.config import RunConfig
+    from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 
     if args.data_dir:
         dataset = load_dataset("cifar10", args.data_dir)

@@ -29,12 +29,12 @@ import grpc
 import numpy as np
 
 from bench import harness
-from common.grpc_options import GRPC_OPTIONS
-from common.malloc_tuning import tune_malloc
-from common.chunks import BufferPool
-from common.pb import parameter_server_pb2 as pb
-from common.transport import Receiver, Sender
-from common.wire import train_call
+from ormo_ps.common.grpc_options import GRPC_OPTIONS
+from ormo_ps.common.malloc_tuning import tune_malloc
+from ormo_ps.common.chunks import BufferPool
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.transport import Receiver, Sender
+from ormo_ps.common.wire import train_call
 
 
 # Columns of a pusher's row in the control file (int64). Shared with bench/throughput.

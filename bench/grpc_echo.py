@@ -1,7 +1,7 @@
 """The transport's ceiling: a grpc.aio bidi server that speaks the Train protocol with no server logic.
 
 Same service definition, same message and keepalive options as ps-server, same messages on the wire,
-and the same hand-framed Train (de)serializers (`common.wire`: the tensor's bytes are sliced out of the
+and the same hand-framed Train (de)serializers (`ormo_ps.common.wire`: the tensor's bytes are sliced out of the
 request without a copy and copied once into the reply), so the same pusher processes
 (bench/grad_pusher.py) drive it unchanged: Register -> Welcome (announcing `--numel`), Ready -> Parameters
 (a prebuilt zero tensor), then every Gradient is answered at once by a Parameters message carrying the
@@ -24,13 +24,13 @@ import grpc
 import numpy as np
 
 from bench import harness
-from common.grpc_options import GRPC_OPTIONS
-from common.malloc_tuning import tune_malloc
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.chunks import DEFAULT_CHUNK_BYTES, MIB, BufferPool
-from common.transport import Receiver, Sender
-from server.servicer import add_to_server
+from ormo_ps.common.grpc_options import GRPC_OPTIONS
+from ormo_ps.common.malloc_tuning import tune_malloc
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.common.chunks import DEFAULT_CHUNK_BYTES, MIB, BufferPool
+from ormo_ps.common.transport import Receiver, Sender
+from ormo_ps.server.servicer import add_to_server
 
 
 class EchoService(pb_grpc.ParameterServerServicer):

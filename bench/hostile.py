@@ -25,9 +25,9 @@ from typing import Any
 import grpc
 
 from bench import harness, processes
-from common.grpc_options import GRPC_MESSAGE_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
-from common.pb import parameter_server_pb2 as pb
-from server.serving import LISTENING_PATTERN
+from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.server.serving import LISTENING_PATTERN
 from tests import small_disk
 from tests.freezable_proxy import FreezableProxy
 
@@ -69,11 +69,11 @@ class Proc:
 
 
 def server(work: Path, name: str, *flags: str) -> Proc:
-    return Proc(["server.cli", *RUN, "--bind", "127.0.0.1:0", "--out", str(work / name), *flags], work / f"{name}.log")
+    return Proc(["ormo_ps.server.cli", *RUN, "--bind", "127.0.0.1:0", "--out", str(work / name), *flags], work / f"{name}.log")
 
 
 def ps_server(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *flags], cwd=ROOT, env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ormo_ps.server.cli", *flags], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -158,7 +158,7 @@ def probe_ready(work: Path) -> dict[str, Any]:
             next(call)
             streams.append(call)
         started = time.monotonic()
-        w = [Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1"], work / f"ready-w{i}.log")
+        w = [Proc(["ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1"], work / f"ready-w{i}.log")
              for i in range(2)]
         codes = []
         for call in streams:
@@ -179,7 +179,7 @@ def probe_huge_values(work: Path) -> dict[str, Any]:
     s = server(work, "lr", "--lr", "1e30", "--iterations", "2000", "--linger", "15")
     try:
         port = s.port()
-        w = [Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1"], work / f"lr-w{i}.log")
+        w = [Proc(["ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1"], work / f"lr-w{i}.log")
              for i in range(2)]
         start = time.monotonic()
         exit_server = s.proc.wait(120)
@@ -197,7 +197,7 @@ def probe_half_open(work: Path) -> dict[str, Any]:
     try:
         port = s.port()
         proxy = FreezableProxy(("127.0.0.1", port))
-        workers = [Proc(["worker.cli", "--server", f"127.0.0.1:{p}", "--threads", "1", "--name", name,
+        workers = [Proc(["ormo_ps.worker.cli", "--server", f"127.0.0.1:{p}", "--threads", "1", "--name", name,
                          "--server-timeout", "120"], work / f"half-open-{name}.log")
                    for p, name in ((proxy.port, "behind-proxy"), (port, "direct"))]
         s.wait_for("iter 100/")
@@ -265,14 +265,14 @@ def probe_disk_full(work: Path) -> dict[str, Any]:
     workers = []
     try:
         port = server_on_disk.port()
-        workers = [Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "3"],
+        workers = [Proc(["ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "3"],
                         work / f"disk-w{i}.log") for i in range(2)]
         server_on_disk.wait_for("checkpoint at iteration")
         server_on_disk.fill()
         full_at = server_on_disk.log.read_text().count("\n")
         time.sleep(5)
         after = server_on_disk.log.read_text().splitlines()[full_at:]
-        iterations = [int(x.split("iter ")[1].split("/")[0]) for x in after if "server.service: iter " in x]
+        iterations = [int(x.split("iter ")[1].split("/")[0]) for x in after if "ormo_ps.server.service: iter " in x]
         exit_code = server_on_disk.sigterm()
         text = server_on_disk.log.read_text()
         return {"iterations_while_full": [iterations[0], iterations[-1]] if iterations else None,
@@ -363,14 +363,14 @@ def probe_nan_worker(work: Path) -> dict[str, Any]:
     """Three NaN gradients from one client, reconnecting between them, while an honest worker trains."""
     import numpy as np
 
-    from common.wire import gradient_messages
+    from ormo_ps.common.wire import gradient_messages
 
     s = server(work, "nan", "--iterations", "100", "--token", "s3cret", "--linger", "5")
     try:
         port = s.port()
         # The honest worker computes each gradient 50x slower than it could (~50-100 ms): the faulty client's
         # reconnects (one connection, a stream each) fit between two of its gradients, as on a real model.
-        honest = Proc(["worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--token", "s3cret",
+        honest = Proc(["ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--token", "s3cret",
                        "--slowdown", "50"], work / "nan-honest.log")
         outcomes, worker, started = [], None, time.monotonic()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS)
@@ -404,8 +404,8 @@ def probe_chunks(work: Path) -> dict[str, Any]:
     """A gradient in 1-byte chunks, a chunk larger than negotiated, and chunks a client did not negotiate."""
     import numpy as np
 
-    from common.chunks import MIB
-    from common.wire import gradient_messages
+    from ormo_ps.common.chunks import MIB
+    from ormo_ps.common.wire import gradient_messages
 
     result: dict[str, Any] = {}
     s = server(work, "chunks", "--iterations", "100000", "--token", "s3cret", "--chunk-mib", "0.01",
@@ -485,7 +485,7 @@ def probe_pending(work: Path) -> dict[str, Any]:
     # Waves of 20 streams, each sending 8 MiB of a 9 MB first message through a proxy that forwards no more
     # (the model has 11M parameters, so the receive limit, 89 MB, lets such a message in); each wave's client
     # side is closed after 5 s, then the next comes.
-    s = Proc(["server.cli", "--workers", "2", "--dataset", "digits", "--model", "tests.big_models:wide",
+    s = Proc(["ormo_ps.server.cli", "--workers", "2", "--dataset", "digits", "--model", "tests.big_models:wide",
               "--batch-size", "32", "--iterations", "100000", "--bind", "127.0.0.1:0", "--out", str(work / "big"),
               "--token", "s3cret", *deadline], work / "big.log")
     waves = []

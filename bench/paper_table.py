@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         if data_dir is None:
             p.error("--data-dir is needed (CIFAR-10 image folders, python batches or the images' .tar.gz)")
         data_dir = image_folders(data_dir)
-        from common.data import load_dataset
+        from ormo_ps.common.data import load_dataset
 
         load_dataset("cifar10", str(data_dir))  # decoded once here, cached for the six processes
         # The allocator grows its segments instead of fragmenting them between calls of different sizes.

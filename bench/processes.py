@@ -1,6 +1,6 @@
 """Helper processes of the benchmarks: `python -m MODULE` in the repository root, output to log files.
 
-Servers, workers and the throughput benchmark's pushers are all started this way (`python -m server.cli`,
+Servers, workers and the throughput benchmark's pushers are all started this way (`python -m ormo_ps.server.cli`,
 `python -m bench.grad_pusher`, ...), and a benchmark waits for the line a server prints once it listens.
 """
 

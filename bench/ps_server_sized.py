@@ -3,7 +3,7 @@
 The model registry (common/models.py MODELS) has no ~11M or ~25M parameter model (its largest,
 resnet110, has 1.7M), and the server builds w_0 from a registered model. This runner registers
 `flat-N` (one trainable vector of N parameters, N(0, 0.01^2) values) in MODELS *in this process only*,
-before the CLI's `--model` choices are built, then runs the unchanged `server.cli.main` with the remaining
+before the CLI's `--model` choices are built, then runs the unchanged `ormo_ps.server.cli.main` with the remaining
 arguments. Everything after w_0 (core, service, gRPC options, checkpoints) is the real server's code.
 
     python -m bench.ps_server_sized --numel 11173962 -- --model flat-11173962 --dataset synthetic ...
@@ -16,7 +16,7 @@ import sys
 import torch
 from torch import nn
 
-from common import models
+from ormo_ps.common import models
 
 
 class FlatVector(nn.Module):
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "--numel" or "--" not in argv:
         raise SystemExit("usage: python -m bench.ps_server_sized --numel N -- SERVER_CLI_ARGS...")
     register(int(argv[1]))
-    from server.cli import main as server_main  # after register(): --model's choices include flat-N
+    from ormo_ps.server.cli import main as server_main  # after register(): --model's choices include flat-N
 
     server_main(argv[argv.index("--") + 1:])
 

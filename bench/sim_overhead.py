@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness
-from server.config import RunConfig
-from common.data import BatchStream, load_dataset, make_synthetic
-from common.models import build_model
-from sim.simulator import Simulator
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.data import BatchStream, load_dataset, make_synthetic
+from ormo_ps.common.models import build_model
+from ormo_ps.sim.simulator import Simulator
 
 
 def plain_sgd(dataset, model_name: str, batch: int, iterations: int, seed: int) -> float:

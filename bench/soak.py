@@ -25,11 +25,11 @@ import grpc
 import numpy as np
 
 from bench import harness, processes
-from server.serving import LISTENING_PATTERN
-from common.codec import encode
-from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.server.serving import LISTENING_PATTERN
+from ormo_ps.common.codec import encode
+from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 
 
 def rss_mb(pid: int) -> float:
@@ -143,7 +143,7 @@ def one(streams: int, seconds: float, churn: float, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         server = processes.start(
-            "server.cli", ["--algo", "ormo", "--workers", str(streams), "--dataset", "digits", "--model", "mlp",
+            "ormo_ps.server.cli", ["--algo", "ormo", "--workers", str(streams), "--dataset", "digits", "--model", "mlp",
                            "--iterations", str(10**9), "--bind", "127.0.0.1:0", "--out", tmp,
                            "--checkpoint-every", "30", "--log-every", "100000", "--linger", "0"], log=log)
         try:

@@ -17,9 +17,9 @@ import time
 import torch
 
 from bench import harness
-from server.config import RunConfig
-from common.data import load_dataset
-from sim.simulator import ComputeTimeModel, Simulator
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.data import load_dataset
+from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,12 +4,12 @@ For ResNet20 (0.27M), 11M and 25M parameters (OrMo, K=16, one torch thread as ps
 of each step the server's loop thread runs for one gradient, with the project's own functions, in one
 process (no gRPC: what gRPC itself costs is the echo's share, measured end to end by bench/throughput):
 
-- receive: `common.wire.parse_worker_message` of the whole message (a view of the tensor, no copy), or for a
-  chunked tensor the pieces parsed and copied into place (`common.transport.Receiver`, in a buffer used again);
-- decode: the checks and the zero-copy tensor (`common.codec.decode`);
+- receive: `ormo_ps.common.wire.parse_worker_message` of the whole message (a view of the tensor, no copy), or for a
+  chunked tensor the pieces parsed and copied into place (`ormo_ps.common.transport.Receiver`, in a buffer used again);
+- decode: the checks and the zero-copy tensor (`ormo_ps.common.codec.decode`);
 - push: `ServerCore.push`: validation with the NaN/Inf check (one read of the gradient) and the rule's
   update (for OrMo: two model-sized in-place updates, plus a group opening every K gradients);
-- answer: the Parameters message(s) (`common.transport.Sender.parameters`: one copy of the parameters);
+- answer: the Parameters message(s) (`ormo_ps.common.transport.Sender.parameters`: one copy of the parameters);
 - books: the service's per-gradient record (`RunRecorder.gradient`).
 
 The echo (bench/grpc_echo.py) runs receive and answer only. Writes bench/results/step_cost.{json,md}.
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from common.chunks import DEFAULT_CHUNK_BYTES, BufferPool
-from common.codec import decode
-from common.malloc_tuning import tune_malloc
-from common.metrics import RunRecorder
-from common.transport import Receiver, Sender
-from common.wire import parse_worker_message
-from server.config import RunConfig
-from server.core import ServerCore
+from ormo_ps.common.chunks import DEFAULT_CHUNK_BYTES, BufferPool
+from ormo_ps.common.codec import decode
+from ormo_ps.common.malloc_tuning import tune_malloc
+from ormo_ps.common.metrics import RunRecorder
+from ormo_ps.common.transport import Receiver, Sender
+from ormo_ps.common.wire import parse_worker_message
+from ormo_ps.server.config import RunConfig
+from ormo_ps.server.core import ServerCore
 
 SIZES = {"resnet20": 269_722, "11M": 11_173_962, "25M": 25_557_032}
 K = 16

@@ -46,7 +46,7 @@ from bench.grad_pusher import (  # noqa: E402
     APPLIED, DONE, DOWN_BYTES, ERROR, FAILED, NUMEL, PAUSE, PAUSE_POLL, PAUSED, PID, READY, SENT, SERVER_PID, STATE, STOP,
     UP_BYTES, open_control, record_reply,
 )
-from common.malloc_tuning import tune_malloc  # noqa: E402
+from ormo_ps.common.malloc_tuning import tune_malloc  # noqa: E402
 
 PS_NAME = "ps"
 

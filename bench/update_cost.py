@@ -21,9 +21,9 @@ import time
 import torch
 
 from bench import harness
-from server.algorithms import ALGORITHMS
-from server.config import RunConfig
-from server.core import ServerCore
+from ormo_ps.server.algorithms import ALGORITHMS
+from ormo_ps.server.config import RunConfig
+from ormo_ps.server.core import ServerCore
 # Model-sized vectors each update must read or write at least once (g read; state read+write = 2).
 MIN_VECTORS = {"asgd": 3, "ssgd": 3, "asgdm": 5, "shifted-momentum": 5, "ormo": 5, "ormo-da": 5, "ssgdm": 5,
                "smega2": 8}

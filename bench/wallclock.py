@@ -18,10 +18,10 @@ import sys
 import time
 
 from bench import harness
-from launcher.cli import main as launch
-from report.plots import write_figures
-from report.runs import find_runs, method_key, method_label
-from report.tables import paper_table
+from ormo_ps.launcher.cli import main as launch
+from ormo_ps.report.plots import write_figures
+from ormo_ps.report.runs import find_runs, method_key, method_label
+from ormo_ps.report.tables import paper_table
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ A tensor larger than the chunk size travels as a header (the message that holds 
 in order (proto/ps/v1/parameter_server.proto). Why: over gRPC a 45-100 MB message crosses loopback at
 about 400 MB/s whatever the HTTP/2 options, the same bytes in 1-8 MB messages 3-4x faster, even when the
 receiver waits for all of them before answering (bench/results/transport_probe.md); below a few MB one
-message is faster. `common.wire` writes the messages (one copy of the tensor's bytes) and reads a chunk's
+message is faster. `ormo_ps.common.wire` writes the messages (one copy of the tensor's bytes) and reads a chunk's
 bytes as a view of the received buffer; an `Assembly` copies them into place, checking that they come in
 order and add up to the header's size exactly; a `Reassembly` is a stream's receiving side (the server's
 streams, ps-worker's and the benchmark's clients), with its buffers used again (`BufferPool`).

@@ -3,7 +3,7 @@ the client-process options of ps-worker and ps-eval (TLS and token options: comm
 
 Every flag also reads an environment variable `PS_<NAME>` (e.g. `PS_SERVER`, `PS_TOKEN`): the entry
 points call click with `auto_envvar_prefix="PS"`, so containers configure by environment. The run's own
-options come from its configuration's fields (`server.config.RunConfig`, `common.settings`).
+options come from its configuration's fields (`ormo_ps.server.config.RunConfig`, `ormo_ps.common.settings`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 
 import click
 
-from common.env_variables import PS_VARIABLES
-from common.malloc_tuning import tune_malloc
-from common.security import ClientSecurity
-from common.security_options import CLIENT_SECURITY_OPTIONS, apply_options, client_security_from
-from common.settings import ENV_PREFIX, env_name
+from ormo_ps.common.env_variables import PS_VARIABLES
+from ormo_ps.common.malloc_tuning import tune_malloc
+from ormo_ps.common.security import ClientSecurity
+from ormo_ps.common.security_options import CLIENT_SECURITY_OPTIONS, apply_options, client_security_from
+from ormo_ps.common.settings import ENV_PREFIX, env_name
 
 
 def setup_logging(verbose: bool, context: str | None = None) -> None:

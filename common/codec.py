@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import tensor_header
-from common.pb import parameter_server_pb2 as pb
-from common.tensor_checks import all_finite, check_finite, max_magnitude
-from common.tensor_header import CodecError
+from ormo_ps.common import tensor_header
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.tensor_checks import all_finite, check_finite, max_magnitude
+from ormo_ps.common.tensor_header import CodecError
 
 __all__ = ["CodecError", "all_finite", "check_finite", "chunked_nbytes", "decode", "dtype_from_pb", "dtype_to_pb",
            "encode", "max_magnitude"]
@@ -91,7 +91,7 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
 
 def wire_array(t: torch.Tensor | np.ndarray, dtype: torch.dtype | None = None) -> tuple[_Wire, np.ndarray]:
     """The wire dtype of `t` and its elements as a flat, C-contiguous, little-endian array: a view of `t`'s
-    memory whenever no cast, device transfer or byte swap is needed. (`encode` and `common.wire` use it.)"""
+    memory whenever no cast, device transfer or byte swap is needed. (`encode` and `ormo_ps.common.wire` use it.)"""
     if isinstance(t, np.ndarray):
         if dtype is not None:  # cast in torch, which knows bfloat16
             native = np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("="))
@@ -122,7 +122,7 @@ def encode(
 
     dtype, when given, casts first (e.g. torch.bfloat16 to halve a gradient's size). GPU tensors are
     copied to the host. The element bytes are copied once (``tobytes``) and protobuf copies them once
-    more into the message, which no protobuf API avoids (``common.wire`` frames the bytes by hand for the
+    more into the message, which no protobuf API avoids (``ormo_ps.common.wire`` frames the bytes by hand for the
     server's hot path). out, when given, is a pb.Tensor field of the message being built
     (``encode(g, out=msg.gradient.tensor)``): filling it in place saves the further full copy that
     assigning or CopyFrom-ing a finished pb.Tensor into a parent message costs.
@@ -154,8 +154,8 @@ def decode(
     (the server reading a gradient once may use it). Decoding to another device always copies.
 
     data, when given, stands for ``msg.data`` (which must then be empty): the bytes that
-    ``common.wire`` kept out of the message, as a view of the received buffer, or a chunked tensor's bytes
-    put back together (common.chunks). A chunked tensor (``msg.chunked``) must come with them.
+    ``ormo_ps.common.wire`` kept out of the message, as a view of the received buffer, or a chunked tensor's bytes
+    put back together (ormo_ps.common.chunks). A chunked tensor (``msg.chunked``) must come with them.
     """
     wire = _checked_header(msg, expected_numel, expected_dtype)
     numel = msg.numel

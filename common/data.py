@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.registry import call_imported, is_import_path, resolve
+from ormo_ps.common.registry import call_imported, is_import_path, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -661,7 +661,7 @@ def _load_imported(name: str, data_dir: str | None) -> Dataset:
     if (isinstance(loaded, (tuple, list)) and len(loaded) == 2
             and all(isinstance(split, torch.utils.data.Dataset) for split in loaded)):
         return from_torch_datasets(name, *loaded)
-    raise ValueError(f"dataset {name!r} returned a {type(loaded).__name__}; expected a common.data.Dataset "
+    raise ValueError(f"dataset {name!r} returned a {type(loaded).__name__}; expected a ormo_ps.common.data.Dataset "
                      "(ormo_ps.Dataset) or a (train, test) pair of torch.utils.data.Dataset")
 
 

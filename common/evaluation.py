@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.data import Dataset
-from common.models import FlatModel
+from ormo_ps.common.data import Dataset
+from ormo_ps.common.models import FlatModel
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common.models import FlatModel
+from ormo_ps.common.models import FlatModel
 
 
 class GradientComputer:

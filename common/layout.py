@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.codec import dtype_from_pb, dtype_to_pb
-from common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.codec import dtype_from_pb, dtype_to_pb
+from ormo_ps.common.pb import parameter_server_pb2 as pb
 
 __all__ = ["Layout", "ParamSpec", "from_pb", "from_state", "layout_of", "mismatch", "numel", "to_pb", "to_state"]
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.registry import call_imported, is_import_path, resolve
+from ormo_ps.common.registry import call_imported, is_import_path, resolve
 
 ModelFactory = Callable[[int, tuple[int, ...]], nn.Module]
 

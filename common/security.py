@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from common.log_limit import LimitedLog, shorten
+from ormo_ps.common.log_limit import LimitedLog, shorten
 
 logger = logging.getLogger(__name__)
 

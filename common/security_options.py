@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from common.security import ClientSecurity, ServerSecurity
+from ormo_ps.common.security import ClientSecurity, ServerSecurity
 
 _TOKEN_HELP = "Shared token: sent as 'authorization: Bearer TOKEN' on every call (checked on all but health)."
 SERVER_SECURITY_OPTIONS: list[Callable[[Any], Any]] = [

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import torch
 
-from common.tensor_header import CodecError
+from ormo_ps.common.tensor_header import CodecError
 
 __all__ = ["all_finite", "check_finite", "max_magnitude"]
 

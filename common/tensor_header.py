@@ -1,11 +1,11 @@
 """What a ps.v1.Tensor's header says, checked without torch: its dtype (one of the wire's four) and element
-count against what is expected, and how many bytes it stands for. `common.codec` decodes with these checks;
-`common.transport` checks a chunked tensor's header with them before its bytes come (the benchmark's
+count against what is expected, and how many bytes it stands for. `ormo_ps.common.codec` decodes with these checks;
+`ormo_ps.common.transport` checks a chunked tensor's header with them before its bytes come (the benchmark's
 pushers, which import no torch, receive through it too)."""
 
 from __future__ import annotations
 
-from common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2 as pb
 
 __all__ = ["ALLOWED", "CodecError", "ITEMSIZE", "check_header", "chunked_nbytes"]
 

@@ -6,7 +6,7 @@ header (the message, its tensor `chunked` and empty) followed by TensorChunk mes
 the last the rest (proto/ps/v1/parameter_server.proto). The server's streams, ps-worker's and
 RemoteOptimizer's client, the benchmark's echo and pushers all send with a `Sender` and receive with a
 `Receiver`, so the rules (negotiation, piece sizes, order, the header's checks) are written once, here:
-`common.wire` frames the messages (one copy of a tensor's bytes each way) and `common.chunks` puts the bytes
+`ormo_ps.common.wire` frames the messages (one copy of a tensor's bytes each way) and `ormo_ps.common.chunks` puts the bytes
 of one chunked tensor back together.
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from common.chunks import BufferPool, ChunkError, Reassembly
-from common.tensor_header import CodecError, chunked_nbytes
-from common.pb import parameter_server_pb2 as pb
-from common.wire import Received, gradient_messages, parameters_messages, ready_messages
+from ormo_ps.common.chunks import BufferPool, ChunkError, Reassembly
+from ormo_ps.common.tensor_header import CodecError, chunked_nbytes
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.wire import Received, gradient_messages, parameters_messages, ready_messages
 
 if TYPE_CHECKING:
     import numpy as np

@@ -19,7 +19,7 @@ largest single item). This module does the Train messages with one copy of the t
   plain one (the field repeated, groups, anything unexpected) it falls back to a full protobuf parse: the
   result is always the message `FromString(buf)` gives.
 
-`server.servicer.add_to_server` registers them as the server's Train (de)serializers, `train_call` as a
+`ormo_ps.server.servicer.add_to_server` registers them as the server's Train (de)serializers, `train_call` as a
 client's.
 """
 
@@ -33,8 +33,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from common.chunks import pieces
-from common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.chunks import pieces
+from ormo_ps.common.pb import parameter_server_pb2 as pb
 
 if TYPE_CHECKING:
     import torch
@@ -114,11 +114,11 @@ def _with_tensor(message: Message, body: Message, tensor: pb.Tensor, path: tuple
 
 
 def _flat(t: torch.Tensor | np.ndarray) -> tuple[int, np.ndarray]:
-    """The wire dtype of `t` and its elements as a flat little-endian array (`common.codec.wire_array`). A flat
+    """The wire dtype of `t` and its elements as a flat little-endian array (`ormo_ps.common.codec.wire_array`). A flat
     float32 array needs no torch: the benchmark's pushers send those and import no torch (290 MB each)."""
     if isinstance(t, np.ndarray) and t.dtype == _FLOAT32 and t.ndim == 1 and t.flags.c_contiguous:
         return pb.DTYPE_FLOAT32, t
-    from common.codec import wire_array  # torch's tensors come with torch imported already
+    from ormo_ps.common.codec import wire_array  # torch's tensors come with torch imported already
 
     wire, array = wire_array(t)
     return wire.pb_dtype, array

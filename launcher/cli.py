@@ -27,16 +27,16 @@ from pathlib import Path
 import click
 import grpc
 
-from common import settings
-from common.cli_options import env_names, run_cli
-from common.grpc_options import GRPC_OPTIONS
-from common.metrics import LAUNCH_FILE, read_metrics
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.progress import Progress
-from common.security import ClientSecurity
-from server.serving import listening_port
-from server.config import RunConfig
+from ormo_ps.common import settings
+from ormo_ps.common.cli_options import env_names, run_cli
+from ormo_ps.common.grpc_options import GRPC_OPTIONS
+from ormo_ps.common.metrics import LAUNCH_FILE, read_metrics
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.common.progress import Progress
+from ormo_ps.common.security import ClientSecurity
+from ormo_ps.server.serving import listening_port
+from ormo_ps.server.config import RunConfig
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -250,7 +250,7 @@ def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, console: _Con
     """Start the server, then the workers and the evaluator, and watch them until the run is evaluated."""
     py = [sys.executable, "-m"]
     console.say(f"starting ps-server (log: {procs.log_path('server')})")
-    procs.start("server", py + ["server.cli", *run.to_flags(), "--bind",
+    procs.start("server", py + ["ormo_ps.server.cli", *run.to_flags(), "--bind",
                                  f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60"],
                 capture_output=True)
     port = _read_port(procs, timeout=kw["timeout"], say=lambda m: console.say(f"server: {m}"))
@@ -260,12 +260,12 @@ def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, console: _Con
                 f"starting the workers and the evaluator; logs in {out}")
     data = ["--data-dir", run.data_dir] if run.data_dir else []
     # The evaluator first, polling often: ready as the run starts, it evaluates along even a run of a second.
-    evaluator = procs.start("evaluator", py + ["worker.evaluator", "--server", address, "--out", str(out),
+    evaluator = procs.start("evaluator", py + ["ormo_ps.worker.evaluator", "--server", address, "--out", str(out),
                                                 "--eval-every", str(kw["eval_every"]), "--poll", "0.05",
                                                 "--threads", "1", *data])
     for k in range(run.workers):
         slow = k >= run.workers - kw["slow_workers"]
-        procs.start(f"worker-{k}", py + ["worker.cli", "--server", address, "--threads", str(kw["threads"]),
+        procs.start(f"worker-{k}", py + ["ormo_ps.worker.cli", "--server", address, "--threads", str(kw["threads"]),
                                           "--name", f"local-{k}", *data,
                                           *(["--slowdown", str(kw["slowdown"])] if slow else [])],
                     nice=kw["worker_nice"])
@@ -324,7 +324,7 @@ def _relay(line: str) -> str | None:
     m = _LOG_LINE.match(line.strip())
     if m is None:
         return None
-    if m["level"] in ("WARNING", "ERROR", "CRITICAL") or (m["name"] == "common.data"
+    if m["level"] in ("WARNING", "ERROR", "CRITICAL") or (m["name"] == "ormo_ps.common.data"
                                                          and m["message"].startswith(("decoding", "downloading"))):
         return m["message"]
     return None

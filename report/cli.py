@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from common.cli_options import run_cli
-from report.plots import write_figures
-from report.runs import find_runs
-from report.tables import paper_table
-from report.tensorboard import export
+from ormo_ps.common.cli_options import run_cli
+from ormo_ps.report.plots import write_figures
+from ormo_ps.report.runs import find_runs
+from ormo_ps.report.tables import paper_table
+from ormo_ps.report.tensorboard import export
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})

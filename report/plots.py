@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from report.runs import Run, method_key, row_label, variants  # noqa: E402
+from ormo_ps.report.runs import Run, method_key, row_label, variants  # noqa: E402
 
 FIGURES = {
     "test_accuracy_vs_epoch": ("epoch", "test_accuracy", "epoch", "test accuracy"),

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.metrics import LAUNCH_FILE, read_metrics
-from server.algorithms import ALGORITHMS
-from server.config import RunConfig
+from ormo_ps.common.metrics import LAUNCH_FILE, read_metrics
+from ormo_ps.server.algorithms import ALGORITHMS
+from ormo_ps.server.config import RunConfig
 
 VANILLA = "-vanilla"  # a method name's suffix for OrMo's vanilla-SGD-step ablation (the paper's Table 4)
 

@@ -1,13 +1,13 @@
 """Tables in the paper's format: methods as rows, (K, hom./het.) as columns, mean ± std over seeds.
 
 A method whose runs in one column differ in more than the seed (the source, the learning rate, ...) gets one
-row per configuration, named by what differs (`report.runs.variants`)."""
+row per configuration, named by what differs (`ormo_ps.report.runs.variants`)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from report.runs import Run, mean_std, method_key, row_label, variants
+from ormo_ps.report.runs import Run, mean_std, method_key, row_label, variants
 
 
 def _cell(runs: list[Run], values: list[float | None], scale: float, digits: int) -> str:

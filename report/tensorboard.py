@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from report.runs import Run
+from ormo_ps.report.runs import Run
 
 # Record fields written as scalars, by record kind (the tag is KIND/FIELD).
 SCALARS = {

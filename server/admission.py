@@ -22,23 +22,23 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from common import layout as layouts
-from common.chunks import BufferPool
-from common.codec import CodecError, decode, dtype_to_pb
-from common.layout import Layout
-from common.log_limit import LimitedLog, shorten
-from common.pb import parameter_server_pb2 as pb
-from common.tensor_checks import check_finite
-from common.transport import Receiver, Sender
-from common.wire import Received
-from server.core import Dispatch
-from server.stream import END_STREAM, Connection, Rejected
+from ormo_ps.common import layout as layouts
+from ormo_ps.common.chunks import BufferPool
+from ormo_ps.common.codec import CodecError, decode, dtype_to_pb
+from ormo_ps.common.layout import Layout
+from ormo_ps.common.log_limit import LimitedLog, shorten
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.tensor_checks import check_finite
+from ormo_ps.common.transport import Receiver, Sender
+from ormo_ps.common.wire import Received
+from ormo_ps.server.core import Dispatch
+from ormo_ps.server.stream import END_STREAM, Connection, Rejected
 
 if TYPE_CHECKING:
-    from server.core import ServerCore
+    from ormo_ps.server.core import ServerCore
 
 # Admission is the service's own part: it logs as the service does.
-logger = logging.getLogger("server.service")
+logger = logging.getLogger("ormo_ps.server.service")
 
 
 class Admission:

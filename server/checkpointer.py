@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from ormo_ps.server.checkpoint import CHECKPOINT_NAME, save_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -15,22 +15,22 @@ from pathlib import Path
 import click
 import torch
 
-from common import settings
-from common.chunks import DEFAULT_CHUNK_BYTES, MIB
-from common.cli_options import run_cli, setup_logging
-from common.data import iterations_per_epoch, load_dataset
-from common.evaluation import Evaluator
-from common.layout import layout_of
-from common.malloc_tuning import tune_malloc
-from common.metrics import MetricsWriter
-from common.security import ServerSecurity
-from common.security_options import server_security_from, server_security_options
-from common.settings import setting
-from server.checkpoint import CheckpointError, load_checkpoint
-from server.config import RunConfig
-from server.core import ServerCore
-from server.service import ParameterServerService
-from server.serving import PortInUse, serve
+from ormo_ps.common import settings
+from ormo_ps.common.chunks import DEFAULT_CHUNK_BYTES, MIB
+from ormo_ps.common.cli_options import run_cli, setup_logging
+from ormo_ps.common.data import iterations_per_epoch, load_dataset
+from ormo_ps.common.evaluation import Evaluator
+from ormo_ps.common.layout import layout_of
+from ormo_ps.common.malloc_tuning import tune_malloc
+from ormo_ps.common.metrics import MetricsWriter
+from ormo_ps.common.security import ServerSecurity
+from ormo_ps.common.security_options import server_security_from, server_security_options
+from ormo_ps.common.settings import setting
+from ormo_ps.server.checkpoint import CheckpointError, load_checkpoint
+from ormo_ps.server.config import RunConfig
+from ormo_ps.server.core import ServerCore
+from ormo_ps.server.service import ParameterServerService
+from ormo_ps.server.serving import PortInUse, serve
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The run's configuration: what the server computes and on what, shared by the service, the simulator and
 (through the server's Welcome) the workers.
 
-Each field is declared once, with its help and its rule (`common.settings.setting`): the validation, the
+Each field is declared once, with its help and its rule (`ormo_ps.common.settings.setting`): the validation, the
 options of ps-server, ps-sim and ps-launch, the `PS_*` variables of the container files, resuming from a
 checkpoint and the flags ps-launch hands to its server all derive from this class. A new option is a new
 field here and nothing else.
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from common import settings
-from common.data import DATASETS, Dataset, resolve_dataset
-from common.models import FROM_CLIENT, MODELS, FlatModel, build_model, resolve_model
-from common.settings import setting
-from server.algorithms import ALGORITHMS, SCHEDULERS, get_algorithm
-from server.schedule import LRSchedule
+from ormo_ps.common import settings
+from ormo_ps.common.data import DATASETS, Dataset, resolve_dataset
+from ormo_ps.common.models import FROM_CLIENT, MODELS, FlatModel, build_model, resolve_model
+from ormo_ps.common.settings import setting
+from ormo_ps.server.algorithms import ALGORITHMS, SCHEDULERS, get_algorithm
+from ormo_ps.server.schedule import LRSchedule
 
 # The model trained when `--model` is not given, per dataset.
 DEFAULT_MODELS = {"cifar10": "resnet20", "cifar100": "resnet20", "digits": "mlp", "synthetic": "mlp"}

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from common.tensor_checks import all_finite, check_finite, max_magnitude
-from common.tensor_header import CodecError
-from server.algorithms import get_algorithm
-from server.config import RunConfig
+from ormo_ps.common.tensor_checks import all_finite, check_finite, max_magnitude
+from ormo_ps.common.tensor_header import CodecError
+from ormo_ps.server.algorithms import get_algorithm
+from ormo_ps.server.config import RunConfig
 
 logger = logging.getLogger(__name__)
 

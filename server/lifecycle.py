@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.pb import parameter_server_pb2 as pb
-from server.checkpoint import save_final
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.server.checkpoint import save_final
 
 if TYPE_CHECKING:
-    from common.metrics import RunRecorder
-    from server.checkpointer import Checkpointer
-    from server.core import ServerCore
-    from server.stream import Connection
+    from ormo_ps.common.metrics import RunRecorder
+    from ormo_ps.server.checkpointer import Checkpointer
+    from ormo_ps.server.core import ServerCore
+    from ormo_ps.server.stream import Connection
 
 # The lifecycle is the service's own part: it logs as the service does.
-logger = logging.getLogger("server.service")
+logger = logging.getLogger("ormo_ps.server.service")
 
 
 class RunLifecycle:

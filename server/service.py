@@ -22,21 +22,21 @@ from typing import Any
 import grpc
 import torch
 
-from common import layout as layouts
-from common.chunks import DEFAULT_CHUNK_BYTES, BufferPool
-from common.codec import CodecError, decode, encode
-from common.layout import Layout
-from common.log_limit import LimitedLog, shorten
-from common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
-from common.pb import parameter_server_pb2 as pb
-from common.transport import TransportError
-from common.wire import Received
-from server.admission import Admission
-from server.checkpointer import Checkpointer
-from server.core import Dispatch, PushRejected, ServerCore
-from server.faults import FaultBook
-from server.lifecycle import RunLifecycle
-from server.stream import Connection, Rejected, WorkerStream
+from ormo_ps.common import layout as layouts
+from ormo_ps.common.chunks import DEFAULT_CHUNK_BYTES, BufferPool
+from ormo_ps.common.codec import CodecError, decode, encode
+from ormo_ps.common.layout import Layout
+from ormo_ps.common.log_limit import LimitedLog, shorten
+from ormo_ps.common.metrics import DIVERGENCE_FACTOR, MetricsWriter, RunRecorder
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.transport import TransportError
+from ormo_ps.common.wire import Received
+from ormo_ps.server.admission import Admission
+from ormo_ps.server.checkpointer import Checkpointer
+from ormo_ps.server.core import Dispatch, PushRejected, ServerCore
+from ormo_ps.server.faults import FaultBook
+from ormo_ps.server.lifecycle import RunLifecycle
+from ormo_ps.server.stream import Connection, Rejected, WorkerStream
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class ParameterServerService:
         finally:
             not_ready.cancel()
 
-    # ----- what a stream asks of the service (server.stream.StreamOwner) ------------------------
+    # ----- what a stream asks of the service (ormo_ps.server.stream.StreamOwner) ------------------------
     def refusal_stop(self) -> pb.ServerMessage | None:
         return self.lifecycle.stop_message() if self.diverged is not None else None
 

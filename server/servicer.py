@@ -1,5 +1,5 @@
 """The gRPC servicer: a thin adapter from the `ParameterServer` service's methods to the run's service, and its
-registration with the hand-framed tensor (de)serializers of `common.wire` on Train (one copy of the tensor
+registration with the hand-framed tensor (de)serializers of `ormo_ps.common.wire` on Train (one copy of the tensor
 per direction instead of three or four)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import Any
 
 import grpc
 
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.wire import Received, parse_worker_message, serialize_message
-from server.service import ParameterServerService
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.common.wire import Received, parse_worker_message, serialize_message
+from ormo_ps.server.service import ParameterServerService
 
 SERVICE_NAME = "ps.v1.ParameterServer"
 

@@ -18,10 +18,10 @@ import click
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.grpc_options import client_model_receive_limit, server_options
-from common.security import ServerSecurity, warn_if_exposed
-from server.service import ParameterServerService
-from server.servicer import SERVICE_NAME, add_to_server
+from ormo_ps.common.grpc_options import client_model_receive_limit, server_options
+from ormo_ps.common.security import ServerSecurity, warn_if_exposed
+from ormo_ps.server.service import ParameterServerService
+from ormo_ps.server.servicer import SERVICE_NAME, add_to_server
 
 logger = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from typing import Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from common.log_limit import LimitedLog, shorten
-from common.pb import parameter_server_pb2 as pb
-from common.transport import Receiver, Sender
-from common.wire import Received
+from ormo_ps.common.log_limit import LimitedLog, shorten
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.transport import Receiver, Sender
+from ormo_ps.common.wire import Received
 
 # The stream is the service's own part: it logs as the service does.
-logger = logging.getLogger("server.service")
+logger = logging.getLogger("ormo_ps.server.service")
 
 END_STREAM = object()  # outbox sentinel: close the stream normally
 

@@ -9,7 +9,7 @@ gradient is the one its arrival applies: the same arrivals apply the same gradie
 one at a time, equal up to float rounding.
 
 `BatchedGradients.compute(params, x, y)` takes n stacked flat parameter vectors `(n, P)` and n mini-batches
-`(n, B, ...)` and returns what `common.gradients.GradientComputer` returns for each of the n, computed
+`(n, B, ...)` and returns what `ormo_ps.common.gradients.GradientComputer` returns for each of the n, computed
 together: the model's forward is `torch.func.vmap`-ed over the n parameter vectors (`functional_call`), so a
 linear layer becomes one batched matmul and a convolution one grouped convolution of n groups, and one
 autograd backward of the summed losses gives every worker's gradient (the losses are independent, so the
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
-from common.data import Draw
+from ormo_ps.common.data import Draw
 
 
 class BatchedGradients:
@@ -90,7 +90,7 @@ class BatchedGradients:
         if self.weight_decay:
             grads.add_(params, alpha=self.weight_decay)
         losses = losses.detach()
-        # As common.codec.all_finite, per row: a finite sum proves a row finite in one read; only a non-finite
+        # As ormo_ps.common.codec.all_finite, per row: a finite sum proves a row finite in one read; only a non-finite
         # sum (a NaN or Inf, or finite values overflowing) needs the element-wise check.
         rows_finite = torch.isfinite(grads.sum(dim=1))
         if not bool(rows_finite.all()):

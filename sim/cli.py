@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import click
 
-from common import settings
-from common.cli_options import DEVICE_HELP, Device, run_cli, setup_logging
-from common.data import iterations_per_epoch, load_dataset, split_validation
-from common.progress import Progress
-from server.config import RunConfig
-from sim.simulator import ComputeTimeModel, Simulator
+from ormo_ps.common import settings
+from ormo_ps.common.cli_options import DEVICE_HELP, Device, run_cli, setup_logging
+from ormo_ps.common.data import iterations_per_epoch, load_dataset, split_validation
+from ormo_ps.common.progress import Progress
+from ormo_ps.server.config import RunConfig
+from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})

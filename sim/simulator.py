@@ -22,17 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.tensor_checks import all_finite
-from common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
-from common.evaluation import Evaluator
-from common.gradients import GradientComputer
-from common.metrics import MetricsWriter, RunRecorder
-from common.progress import Progress
-from server.checkpoint import save_final
-from server.config import RunConfig
-from server.core import Dispatch, ServerCore
-from sim.batched import BatchedGradients
-from sim.timing import ComputeTimeModel
+from ormo_ps.common.tensor_checks import all_finite
+from ormo_ps.common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
+from ormo_ps.common.evaluation import Evaluator
+from ormo_ps.common.gradients import GradientComputer
+from ormo_ps.common.metrics import MetricsWriter, RunRecorder
+from ormo_ps.common.progress import Progress
+from ormo_ps.server.checkpoint import save_final
+from ormo_ps.server.config import RunConfig
+from ormo_ps.server.core import Dispatch, ServerCore
+from ormo_ps.sim.batched import BatchedGradients
+from ormo_ps.sim.timing import ComputeTimeModel
 
 logger = logging.getLogger(__name__)
 

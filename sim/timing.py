@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import settings
-from common.settings import setting
+from ormo_ps.common import settings
+from ormo_ps.common.settings import setting
 
 
 @dataclass(frozen=True)

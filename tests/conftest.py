@@ -15,13 +15,13 @@ import grpc
 import hypothesis
 import pytest
 
-from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from common.security import ServerSecurity
-from server.config import RunConfig
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from server.cli import ServeOptions, serve_run
-from server.service import ParameterServerService
+from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
+from ormo_ps.common.security import ServerSecurity
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.server.cli import ServeOptions, serve_run
+from ormo_ps.server.service import ParameterServerService
 
 T = TypeVar("T")
 

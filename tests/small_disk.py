@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.processes import wait_for_line
-from server.serving import LISTENING_PATTERN
+from ormo_ps.server.serving import LISTENING_PATTERN
 
 
 def unavailable() -> str | None:
@@ -32,7 +32,7 @@ class ServerOnSmallDisk:
         self.holder = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c",
              f'mount -t tmpfs -o size={size} tmpfs "{out}" && "$0" "$@"; echo "exit=$?"; exec sleep 120',
-             sys.executable, "-m", "server.cli", *server_args, "--out", str(out)],
+             sys.executable, "-m", "ormo_ps.server.cli", *server_args, "--out", str(out)],
             cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
         self.disk = Path(f"/proc/{self.holder.pid}/root") / str(out).lstrip("/")  # the tmpfs, seen from here
 

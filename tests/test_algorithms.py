@@ -8,11 +8,11 @@ from fractions import Fraction as F
 import pytest
 import torch
 
-from server.algorithms import ALGORITHMS
-from server.algorithms.ormo import delay_adaptive_lr, gradient_group
-from server.config import RunConfig
-from server.core import ServerCore
-from server.schedule import LRSchedule
+from ormo_ps.server.algorithms import ALGORITHMS
+from ormo_ps.server.algorithms.ormo import delay_adaptive_lr, gradient_group
+from ormo_ps.server.config import RunConfig
+from ormo_ps.server.core import ServerCore
+from ormo_ps.server.schedule import LRSchedule
 
 # ---------------------------------------------------------------------------------------------
 # The worked example: K=2, beta=1/2, eta=1, w0=0, arrivals A A A B A B A, gradients 1..7.

@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.data import BatchStream, Draw, load_dataset
-from common.gradients import GradientComputer
-from common.metrics import read_metrics
-from server.config import RunConfig
-from server.core import ServerCore
-from sim.batched import BatchedGradients
-from sim.cli import main as sim_main
-from sim.simulator import ComputeTimeModel, Simulator
+from ormo_ps.common.data import BatchStream, Draw, load_dataset
+from ormo_ps.common.gradients import GradientComputer
+from ormo_ps.common.metrics import read_metrics
+from ormo_ps.server.config import RunConfig
+from ormo_ps.server.core import ServerCore
+from ormo_ps.sim.batched import BatchedGradients
+from ormo_ps.sim.cli import main as sim_main
+from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 
 BN_MODELS = ["strided-cnn", "resnet20"]
 
@@ -264,7 +264,7 @@ def test_divergence_is_detected_at_the_same_iteration(digits, lr, why):
 def test_a_paused_batched_run_keeps_its_gradients_computed_ahead(augmented, tmp_path):
     """A checkpoint holds the gradients computed ahead of their arrivals (their mini-batches are drawn): the
     resumed run is the straight one bit for bit."""
-    from server.checkpoint import load_checkpoint, save_checkpoint
+    from ormo_ps.server.checkpoint import load_checkpoint, save_checkpoint
 
     run = run_config(model="strided-cnn", iterations=90)
     straight = Simulator(run, HET, dataset=augmented, eval_every=None, final_eval=False, batched=True).simulate()

@@ -22,27 +22,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common import layout as layouts
-from common.data import from_torch_datasets, load_dataset
-from common.models import MLP, build_model
-from common.pb import parameter_server_pb2 as pb
-from launcher.cli import cli as launch_cli
-from launcher.cli import main as launch_main
+from ormo_ps.common import layout as layouts
+from ormo_ps.common.data import from_torch_datasets, load_dataset
+from ormo_ps.common.models import MLP, build_model
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.launcher.cli import cli as launch_cli
+from ormo_ps.launcher.cli import main as launch_main
 from ormo_ps import RemoteOptimizer, ServerError
-from server.cli import ServeOptions, build_service
-from server.cli import cli as server_cli
-from server.cli import main as server_main
-from server.config import RunConfig
-from server.stream import END_STREAM, Rejected
-from sim.cli import cli as sim_cli
-from sim.cli import main as sim_main
-from sim.simulator import Simulator
+from ormo_ps.server.cli import ServeOptions, build_service
+from ormo_ps.server.cli import cli as server_cli
+from ormo_ps.server.cli import main as server_main
+from ormo_ps.server.config import RunConfig
+from ormo_ps.server.stream import END_STREAM, Rejected
+from ormo_ps.sim.cli import cli as sim_cli
+from ormo_ps.sim.cli import main as sim_main
+from ormo_ps.sim.simulator import Simulator
 from tests.logged_process import LoggedProcess
 from tests.test_service import assert_aborted, assert_same_state, snapshot, start_run
-from worker.cli import cli as worker_cli
-from worker.client import Worker, WorkerError, WorkerOptions
-from worker.evaluator import cli as eval_cli
-from worker.evaluator import run_evaluator
+from ormo_ps.worker.cli import cli as worker_cli
+from ormo_ps.worker.client import Worker, WorkerError, WorkerOptions
+from ormo_ps.worker.evaluator import cli as eval_cli
+from ormo_ps.worker.evaluator import run_evaluator
 
 if TYPE_CHECKING:
     from conftest import LiveServer, RawWorker
@@ -165,7 +165,7 @@ def test_what_an_import_path_returns_is_checked(user_modules, capsys):
         build_model("byom_user:not_a_module", 10, (1, 8, 8))
     with pytest.raises(ValueError, match=r"must take \(num_classes, input_shape\), or nothing; its signature is "):
         build_model("byom_user:three_arguments", 10, (1, 8, 8))
-    with pytest.raises(ValueError, match=r"returned a list; expected a common.data.Dataset \(ormo_ps.Dataset\) or a "):
+    with pytest.raises(ValueError, match=r"returned a list; expected a ormo_ps.common.data.Dataset \(ormo_ps.Dataset\) or a "):
         load_dataset("byom_user:not_a_dataset")
     with pytest.raises(ValueError, match="labels must be integer class indexes"):
         load_dataset("byom_user:float_labels")
@@ -480,14 +480,14 @@ def test_the_example_trains_four_client_processes_against_ps_server(tmp_path, se
         return processes[-1]
 
     try:
-        server = start("server", "server.cli", "--model", server_model, "--dataset", EXAMPLE_DATA, "--workers", "4",
+        server = start("server", "ormo_ps.server.cli", "--model", server_model, "--dataset", EXAMPLE_DATA, "--workers", "4",
                        "--batch-size", "32", "--lr", "0.05", "--epochs", "15", "--bind", "127.0.0.1:0",
                        "--out", str(tmp_path), "--linger", "60")
         port = server.wait_for(r"ps-server listening on \S+:(\d+)", timeout=120).group(1)
         address = f"127.0.0.1:{port}"
         clients = [start(f"client-{k}", "examples.byom.train", "--server", address, "--seed", str(k))
                    for k in range(4)]
-        evaluator = start("eval", "worker.evaluator", "--server", address, "--out", str(tmp_path),
+        evaluator = start("eval", "ormo_ps.worker.evaluator", "--server", address, "--out", str(tmp_path),
                           "--eval-every", "0", "--model", EXAMPLE_MODEL, "--dataset", EXAMPLE_DATA)
         for p in [*clients, evaluator, server]:
             assert p.proc.wait(300) == 0, p.output()[-3000:]
@@ -513,8 +513,8 @@ def test_a_client_model_of_any_size_starts_trains_and_is_evaluated(start_live_se
     1048576)` for ResNet20's 1.2M parameters) and the client said "all worker slots are taken". Now the limit
     is a chunk + 1 MiB and w_0 comes chunked like every other tensor: ResNet20 (1.1 MB) and an 11M-parameter
     model (44 MB) start, train and are evaluated."""
-    from common.models import build_model as build
-    from worker.evaluator import run_evaluator
+    from ormo_ps.common.models import build_model as build
+    from ormo_ps.worker.evaluator import run_evaluator
 
     run = RunConfig(algo="ormo", workers=1, dataset="digits", model="client", batch_size=32, lr=0.01, iterations=6)
     live, stop = start_live_server(run, bind="127.0.0.1:0", linger=30.0, out=str(tmp_path))

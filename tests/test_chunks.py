@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.chunks import MIB, Assembly, BufferPool, ChunkError, pieces
-from common.codec import CodecError, chunked_nbytes, decode, encode
-from common.pb import parameter_server_pb2 as pb
-from common.wire import gradient_messages, parameters_messages, parse_server_message, parse_worker_message
-from server.config import RunConfig
+from ormo_ps.common.chunks import MIB, Assembly, BufferPool, ChunkError, pieces
+from ormo_ps.common.codec import CodecError, chunked_nbytes, decode, encode
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.wire import gradient_messages, parameters_messages, parse_server_message, parse_worker_message
+from ormo_ps.server.config import RunConfig
 from tests.conftest import LiveServer, RawWorker, raw_worker_factory
 from tests.test_service import (NUM_PARAMETERS, RPC_TIMEOUT, assert_aborted, assert_same_state, counters,
                                 good_gradient, gradient_message, reference_core, snapshot)
-from worker.client import Worker, WorkerOptions
+from ormo_ps.worker.client import Worker, WorkerOptions
 
 CHUNK_MIB = 0.01
 CHUNK = round(CHUNK_MIB * MIB)  # 10,486 bytes

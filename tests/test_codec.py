@@ -18,10 +18,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import grpc_options
-from common.codec import CodecError, check_finite, decode, encode
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.common import grpc_options
+from ormo_ps.common.codec import CodecError, check_finite, decode, encode
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 PB_DTYPES = {

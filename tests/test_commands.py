@@ -14,20 +14,20 @@ from pathlib import Path
 import click
 import pytest
 
-from common.cli_options import env_names
-from common.metrics import read_metrics
-from launcher.cli import cli as launch_cli
-from launcher.cli import main as launch_main
-from report.runs import find_runs
-from report.cli import main as plot_main
-from server.cli import cli as server_cli
-from server.cli import main as server_main
-from sim.cli import cli as sim_cli
-from sim.cli import main as sim_main
-from worker.cli import cli as worker_cli
-from worker.cli import main as worker_main
-from worker.evaluator import cli as eval_cli
-from worker.evaluator import main as eval_main
+from ormo_ps.common.cli_options import env_names
+from ormo_ps.common.metrics import read_metrics
+from ormo_ps.launcher.cli import cli as launch_cli
+from ormo_ps.launcher.cli import main as launch_main
+from ormo_ps.report.runs import find_runs
+from ormo_ps.report.cli import main as plot_main
+from ormo_ps.server.cli import cli as server_cli
+from ormo_ps.server.cli import main as server_main
+from ormo_ps.sim.cli import cli as sim_cli
+from ormo_ps.sim.cli import main as sim_main
+from ormo_ps.worker.cli import cli as worker_cli
+from ormo_ps.worker.cli import main as worker_main
+from ormo_ps.worker.evaluator import cli as eval_cli
+from ormo_ps.worker.evaluator import main as eval_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -94,7 +94,7 @@ def test_ps_sims_former_slow_flags_still_work(tmp_path, capsys):
 
 
 def test_a_workers_log_lines_name_the_server_it_tries():
-    result = subprocess.run([sys.executable, "-m", "worker.cli", "--server", "127.0.0.1:1", "--server-timeout", "1"],
+    result = subprocess.run([sys.executable, "-m", "ormo_ps.worker.cli", "--server", "127.0.0.1:1", "--server-timeout", "1"],
                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]

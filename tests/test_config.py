@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 import pytest
 
-from common import settings
-from server.cli import cli as server_cli
-from server.config import RunConfig
+from ormo_ps.common import settings
+from ormo_ps.server.cli import cli as server_cli
+from ormo_ps.server.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_a_new_setting_reaches_every_place_from_its_field_alone(tmp_path):
     container files list it once regenerated."""
     copy = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "results", "*.egg-info")
-    for name in ("common", "server", "worker", "sim", "launcher", "report", "deploy"):
+    for name in ("ormo_ps", "common", "server", "worker", "sim", "launcher", "report", "deploy"):
         shutil.copytree(ROOT / name, copy / name, ignore=ignore)
     shutil.copy(ROOT / "docker-compose.yml", copy / "docker-compose.yml")
     config = copy / "server" / "config.py"
@@ -102,13 +102,13 @@ def test_a_new_setting_reaches_every_place_from_its_field_alone(tmp_path):
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    for module in ("server.cli", "sim.cli", "launcher.cli"):
+    for module in ("ormo_ps.server.cli", "ormo_ps.sim.cli", "ormo_ps.launcher.cli"):
         assert "--new-knob" in run("-m", module, "--help"), module
     probe = (
         "import json, sys\n"
-        "from common import settings\n"
-        "from server.cli import cli\n"
-        "from server.config import RunConfig\n"
+        "from ormo_ps.common import settings\n"
+        "from ormo_ps.server.cli import cli\n"
+        "from ormo_ps.server.config import RunConfig\n"
         "run = RunConfig(new_knob=2.0)\n"
         "flags = run.to_flags()\n"  # what ps-launch hands its ps-server
         "from_flags = settings.pop_settings(RunConfig, dict(cli.make_context('ps-server', list(flags)).params))\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.config import RunConfig
-from server.core import PushRejected, ServerCore
+from ormo_ps.server.config import RunConfig
+from ormo_ps.server.core import PushRejected, ServerCore
 
 
 def core_for(algo="ormo", k=2, n=4, **kw) -> ServerCore:

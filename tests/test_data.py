@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import common.data as data
-from common.data import (
+import ormo_ps.common.data as data
+from ormo_ps.common.data import (
     DATASETS,
     BatchStream,
     Dataset,
@@ -26,7 +26,7 @@ from common.data import (
     load_dataset,
     make_synthetic,
 )
-from common.evaluation import bn_calibration_batches, eval_batches, evaluate
+from ormo_ps.common.evaluation import bn_calibration_batches, eval_batches, evaluate
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"

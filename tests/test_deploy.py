@@ -25,7 +25,7 @@ import click
 import pytest
 import yaml
 
-from server.serving import LISTENING_PATTERN
+from ormo_ps.server.serving import LISTENING_PATTERN
 from tests.logged_process import LoggedProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,7 +293,8 @@ def test_image_installs_the_package_and_runs_as_a_user():
     assert f"torch=={args['TORCH_VERSION']}" in requires and f"torchvision=={args['TORCHVISION_VERSION']}" in requires
     # every package setup.cfg installs is copied, from a path that exists and the context keeps
     copied = {src.rstrip("/") for k, v in instructions if k == "COPY" for src in v.split()[:-1]}
-    packages = {p.strip() for p in cfg["options.packages.find"]["include"].split() if "*" not in p}
+    # (package_dir maps ormo_ps.<part> to the top-level folder <part>)
+    packages = {line.split("=")[1].strip() for line in cfg["options"]["package_dir"].strip().splitlines()}
     assert packages <= copied, f"Dockerfile misses COPY for {sorted(packages - copied)}"
     for src in copied:
         assert (ROOT / src).exists(), src
@@ -520,8 +521,8 @@ def test_the_run_settings_in_the_container_files_are_current():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     run_env = compose()["x-run-env"]
-    from common.settings import env_names
-    from server.config import RunConfig
+    from ormo_ps.common.settings import env_names
+    from ormo_ps.server.config import RunConfig
 
     assert list(run_env) == env_names(RunConfig)
     assert set(env_names(RunConfig)) <= set(service_env(compose()["services"]["server"]))

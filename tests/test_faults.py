@@ -13,13 +13,13 @@ import grpc
 import pytest
 import torch
 
-from common.codec import encode
-from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from server.serving import listening_port
-from server.config import RunConfig
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ormo_ps.common.codec import encode
+from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
+from ormo_ps.server.serving import listening_port
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.conftest import RawWorker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_a_checkpoint_with_objects_beyond_tensors_is_refused_without_running_the
 
 def test_ps_server_refuses_a_corrupt_checkpoint_with_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 a torn file")
-    r = subprocess.run([sys.executable, "-m", "server.cli", "--resume", str(tmp_path), "--bind", "127.0.0.1:0"],
+    r = subprocess.run([sys.executable, "-m", "ormo_ps.server.cli", "--resume", str(tmp_path), "--bind", "127.0.0.1:0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
@@ -152,12 +152,12 @@ def test_after_sigkill_and_resume_workers_reconnect_by_themselves(tmp_path):
             return pb_grpc.ParameterServerStub(ch).GetStatus(pb.GetStatusRequest(), timeout=5).iteration
 
     try:
-        server = start("server.cli", *args, "--bind", "127.0.0.1:0")
+        server = start("ormo_ps.server.cli", *args, "--bind", "127.0.0.1:0")
         port = port_of(server)
         logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
         # The second worker is slow: it is nearly always computing (sleeping) when the server dies, so its
         # next write meets a finished stream, which must read as a lost server, not crash the worker.
-        workers = [start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "60",
+        workers = [start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "60",
                          *slow, log=log) for log, slow in zip(logs, ([], ["--slowdown", "200"]))]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # until a checkpoint past iteration 150 is on disk
@@ -172,7 +172,7 @@ def test_after_sigkill_and_resume_workers_reconnect_by_themselves(tmp_path):
         saved = load_checkpoint(tmp_path)["core"]["iteration"]
         assert 150 <= saved < 4000
         # the same address again: the workers are retrying it
-        server2 = start("server.cli", *args, "--bind", f"127.0.0.1:{port}", "--resume", str(tmp_path))
+        server2 = start("ormo_ps.server.cli", *args, "--bind", f"127.0.0.1:{port}", "--resume", str(tmp_path))
         assert port_of(server2) == port
         assert server2.wait(120) == 0
         for w, log in zip(workers, logs):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.hostile import big_request
-from server.serving import listening_port
+from ormo_ps.server.serving import listening_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +56,14 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 def ps_server(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ormo_ps.server.cli", *argv], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
 # ----- 2: a port in use --------------------------------------------------------------------------------
 def test_a_second_server_on_a_port_in_use_is_a_one_line_error(tmp_path):
     first_log = tmp_path / "a.log"
-    first = start("server.cli", *RUN, "--iterations", "1000", "--bind", "127.0.0.1:0", "--out", str(tmp_path / "a"),
+    first = start("ormo_ps.server.cli", *RUN, "--iterations", "1000", "--bind", "127.0.0.1:0", "--out", str(tmp_path / "a"),
                   log=first_log)
     try:
         port = port_of(first, first_log)
@@ -86,7 +86,7 @@ def test_an_empty_token_is_refused_like_an_empty_token_file(tmp_path):
     assert "token file" in one_line_error(ps_server("--token-file", str(tmp_path / "empty")))
     assert "the token is empty" in one_line_error(ps_server("--token", ""))
     assert "the token is empty" in one_line_error(ps_server("--token", "  "))
-    worker = subprocess.run([sys.executable, "-m", "worker.cli", "--token", "", "--server", "127.0.0.1:1"], cwd=ROOT,
+    worker = subprocess.run([sys.executable, "-m", "ormo_ps.worker.cli", "--token", "", "--server", "127.0.0.1:1"], cwd=ROOT,
                             env=ENV, capture_output=True, text=True, timeout=60)
     assert "the token is empty" in one_line_error(worker)
 
@@ -116,7 +116,7 @@ def call_with(port: int, payload: bytes, token: str | None):
     """The status code of a raw GetParameters call carrying `payload`."""
     import grpc
 
-    from common.grpc_options import GRPC_MESSAGE_OPTIONS
+    from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
 
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_MESSAGE_OPTIONS) as channel:
         call = channel.unary_unary("/ps.v1.ParameterServer/GetParameters", request_serializer=lambda b: b,
@@ -134,7 +134,7 @@ def test_huge_requests_are_refused_before_they_are_read(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     log = tmp_path / "server.log"
-    server = start("server.cli", *RUN, "--iterations", "1000", "--bind", "127.0.0.1:0", "--out", str(tmp_path),
+    server = start("ormo_ps.server.cli", *RUN, "--iterations", "1000", "--bind", "127.0.0.1:0", "--out", str(tmp_path),
                    "--token", "s3cret", log=log)
     try:
         port = port_of(server, log)
@@ -155,8 +155,8 @@ def test_huge_requests_are_refused_before_they_are_read(tmp_path):
 def test_a_slot_never_made_ready_is_given_back_and_refused_workers_wait_for_one(start_live_server, tmp_path):
     import grpc
 
-    from common.pb import parameter_server_pb2 as pb
-    from server.config import RunConfig
+    from ormo_ps.common.pb import parameter_server_pb2 as pb
+    from ormo_ps.server.config import RunConfig
     from tests.conftest import RawWorker
 
     run = RunConfig(workers=2, dataset="digits", model="mlp", batch_size=32, iterations=60)
@@ -168,7 +168,7 @@ def test_a_slot_never_made_ready_is_given_back_and_refused_workers_wait_for_one(
             squatter.register()
             squatters.append(squatter)
         logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
-        workers = [start("worker.cli", "--server", live.target, "--threads", "1", "--server-timeout", "60", log=log)
+        workers = [start("ormo_ps.worker.cli", "--server", live.target, "--threads", "1", "--server-timeout", "60", log=log)
                    for log in logs]
         for squatter in squatters:
             error = squatter.expect_abort()
@@ -192,9 +192,9 @@ def test_huge_finite_gradients_never_reach_the_parameters_and_the_run_ends_as_di
     import grpc
     import torch
 
-    from common.codec import decode, encode
-    from common.pb import parameter_server_pb2 as pb
-    from server.config import RunConfig
+    from ormo_ps.common.codec import decode, encode
+    from ormo_ps.common.pb import parameter_server_pb2 as pb
+    from ormo_ps.server.config import RunConfig
     from tests.conftest import RawWorker
 
     run = RunConfig(workers=1, dataset="digits", model="mlp", batch_size=32, iterations=1000)
@@ -242,13 +242,13 @@ def test_huge_finite_gradients_never_reach_the_parameters_and_the_run_ends_as_di
 def test_a_run_with_a_huge_learning_rate_ends_as_diverged_and_every_process_says_so(tmp_path):
     log = tmp_path / "server.log"
     # --linger: the server stays a few seconds after the end, so workers that were reconnecting learn of it.
-    server = start("server.cli", *RUN, "--lr", "1e30", "--iterations", "2000", "--bind", "127.0.0.1:0",
+    server = start("ormo_ps.server.cli", *RUN, "--lr", "1e30", "--iterations", "2000", "--bind", "127.0.0.1:0",
                    "--out", str(tmp_path / "out"), "--linger", "15", log=log)
     workers = []
     try:
         port = port_of(server, log)
         logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
-        workers = [start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", log=wl) for wl in logs]
+        workers = [start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", log=wl) for wl in logs]
         assert server.wait(120) == 3, log.read_text()[-3000:]
         assert "Error: the run diverged at iteration" in log.read_text()
         for w, wl in zip(workers, logs):
@@ -274,7 +274,7 @@ def test_a_full_disk_ends_no_stream_keeps_the_last_good_checkpoint_and_is_report
     """The server writes into a 4 MiB tmpfs of its own mount namespace; the test fills it mid-run (through
     /proc/PID/root). Training goes on, each kind of failure is logged once, SIGTERM exits with one error line
     and the last good checkpoint is intact."""
-    from server.checkpoint import load_checkpoint
+    from ormo_ps.server.checkpoint import load_checkpoint
     from tests import small_disk
 
     if (why := small_disk.unavailable()) is not None:
@@ -286,14 +286,14 @@ def test_a_full_disk_ends_no_stream_keeps_the_last_good_checkpoint_and_is_report
     workers = []
     try:
         port = server.port()
-        workers = [start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "3",
+        workers = [start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1", "--server-timeout", "3",
                          log=tmp_path / f"w{i}.log") for i in range(2)]
         server.wait_for("checkpoint at iteration")
         server.fill()
         full_at = server.log.read_text().count("\n")
         time.sleep(3.0)  # several periodic checkpoints and progress records fail meanwhile
         after = server.log.read_text().splitlines()[full_at:]
-        iterations = [int(line.split("iter ")[1].split("/")[0]) for line in after if "server.service: iter " in line]
+        iterations = [int(line.split("iter ")[1].split("/")[0]) for line in after if "ormo_ps.server.service: iter " in line]
         assert len(iterations) > 5 and iterations[-1] > iterations[0], "training must go on"  # streams live on
         assert sum("cannot write the checkpoint" in line for line in after) == 1, "\n".join(after[-30:])
         assert sum("cannot write metrics" in line for line in after) == 1
@@ -316,7 +316,7 @@ def test_refused_calls_cannot_flood_the_log_and_two_tokens_are_refused(tmp_path)
     import grpc
 
     log = tmp_path / "server.log"
-    server = start("server.cli", *RUN, "--iterations", "1000", "--bind", "127.0.0.1:0", "--out", str(tmp_path),
+    server = start("ormo_ps.server.cli", *RUN, "--iterations", "1000", "--bind", "127.0.0.1:0", "--out", str(tmp_path),
                    "--token", "s3cret", log=log)
     try:
         port = port_of(server, log)
@@ -346,17 +346,17 @@ def test_a_silent_half_open_link_stalls_a_synchronous_run_no_longer_than_keepali
     passes): the round waits until the server's keepalive declares that stream dead, then goes on with
     the other worker. The README promises about 20 s (keepalive time + timeout); bench/results/hostile.md
     has the measured stall."""
-    from common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
+    from ormo_ps.common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
     from tests.freezable_proxy import FreezableProxy
 
     log = tmp_path / "server.log"
-    server = start("server.cli", *RUN, "--algo", "ssgd", "--iterations", "1000000", "--bind", "127.0.0.1:0",
+    server = start("ormo_ps.server.cli", *RUN, "--algo", "ssgd", "--iterations", "1000000", "--bind", "127.0.0.1:0",
                    "--out", str(tmp_path), "--log-every", "10", "--sync-timeout", "600", log=log)
     workers, proxy = [], None
     try:
         port = port_of(server, log)
         proxy = FreezableProxy(("127.0.0.1", port))
-        workers = [start("worker.cli", "--server", f"127.0.0.1:{p}", "--threads", "1", "--name", name,
+        workers = [start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{p}", "--threads", "1", "--name", name,
                          "--server-timeout", "120", log=tmp_path / f"{name}.log")
                    for p, name in ((proxy.port, "behind-proxy"), (port, "direct"))]
         deadline = time.monotonic() + 60
@@ -389,8 +389,8 @@ def test_streams_that_never_register_are_bounded_in_number_and_time(start_live_s
 
     import grpc
 
-    from common.pb import parameter_server_pb2 as pb
-    from server.config import RunConfig
+    from ormo_ps.common.pb import parameter_server_pb2 as pb
+    from ormo_ps.server.config import RunConfig
     from tests.conftest import RawWorker
 
     run = RunConfig(workers=1, dataset="digits", model="mlp", batch_size=32, iterations=50)

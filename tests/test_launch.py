@@ -14,15 +14,15 @@ import grpc
 import pytest
 import torch
 
-from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from server.serving import listening_port
-from server.config import RunConfig
-from common.metrics import read_metrics
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from launcher.cli import main as launch_main
-from server.checkpoint import load_checkpoint
-from sim.simulator import Simulator
+from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
+from ormo_ps.server.serving import listening_port
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.metrics import read_metrics
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.launcher.cli import main as launch_main
+from ormo_ps.server.checkpoint import load_checkpoint
+from ormo_ps.sim.simulator import Simulator
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ class Procs:
         return p
 
     def server(self, *args: str) -> tuple[subprocess.Popen, int]:
-        p = self.start("server.cli", "--bind", "127.0.0.1:0", *args)
+        p = self.start("ormo_ps.server.cli", "--bind", "127.0.0.1:0", *args)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             line = p.stdout.readline()
@@ -118,7 +118,7 @@ def test_one_worker_service_gives_the_simulators_numbers(algo, tmp_path, procs):
     args = ["--algo", algo, "--workers", "1", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
             "--lr", "0.05", "--iterations", str(iterations), "--seed", "5"]
     server, port = procs.server(*args, "--out", str(tmp_path), "--linger", "0")
-    worker = procs.start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
+    worker = procs.start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
     assert worker.wait(120) == 0
     assert server.wait(60) == 0
     served = torch.load(tmp_path / "final.pt", weights_only=True)
@@ -145,7 +145,7 @@ def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable
             "--iterations", str(total), "--out", str(tmp_path), "--linger", "0"]
     server, port = procs.server(*args)
     addr = f"127.0.0.1:{port}"
-    workers = [procs.start("worker.cli", "--server", addr, "--threads", "1", "--server-timeout", "3")
+    workers = [procs.start("ormo_ps.worker.cli", "--server", addr, "--threads", "1", "--server-timeout", "3")
                for _ in range(2)]
     wait_until(lambda: status(port).iteration > 50, 60, "50 iterations")
     workers[0].send_signal(signal.SIGKILL)
@@ -160,7 +160,7 @@ def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable
 
     server2, port2 = procs.server(*args, "--resume", str(tmp_path))
     assert status(port2).iteration == stopped_at
-    procs.start("worker.cli", "--server", f"127.0.0.1:{port2}", "--threads", "1")
+    procs.start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{port2}", "--threads", "1")
     assert server2.wait(120) == 0
     final = torch.load(tmp_path / "final.pt")
     assert final["iteration"] == total
@@ -174,7 +174,7 @@ def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable
 
 
 def test_processes_start_workers_at_the_nice_level_asked(tmp_path: Path) -> None:
-    from launcher.cli import Processes
+    from ormo_ps.launcher.cli import Processes
 
     procs = Processes(tmp_path, "token")
     try:
@@ -192,7 +192,7 @@ def test_a_finished_server_lingers_until_the_final_parameters_are_fetched(tmp_pa
     run does not sit idle for the whole linger)."""
     server, port = procs.server("--workers", "1", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
                                 "--iterations", "20", "--out", str(tmp_path), "--linger", "300")
-    worker = procs.start("worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
+    worker = procs.start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
     assert worker.wait(120) == 0
     wait_until(lambda: status(port).done, 30, "the run to finish")
     time.sleep(1.0)

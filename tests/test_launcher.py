@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.metrics import read_metrics
-from launcher.cli import error_line
-from sim.cli import main as sim_main
+from ormo_ps.common.metrics import read_metrics
+from ormo_ps.launcher.cli import error_line
+from ormo_ps.sim.cli import main as sim_main
 from tests.test_launch import wait_until
-from worker.cli import main as worker_main
-from worker.evaluator import main as eval_main
+from ormo_ps.worker.cli import main as worker_main
+from ormo_ps.worker.evaluator import main as eval_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 
 
 def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], env=env or ENV, cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "ormo_ps.launcher.cli", *args], env=env or ENV, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -94,7 +94,7 @@ def test_a_signal_to_ps_launch_stops_every_process_it_started(sig, tmp_path):
 
 @pytest.mark.slow
 def test_a_server_that_cannot_start_says_why_on_the_console(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "--dataset", "cifar10", "--data-dir",
+    result = subprocess.run([sys.executable, "-m", "ormo_ps.launcher.cli", "--dataset", "cifar10", "--data-dir",
                              str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "-q"],
                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
@@ -109,7 +109,7 @@ def test_a_port_in_use_is_named_on_the_console(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "launcher.cli", "--port", str(port), "--out", str(tmp_path),
+        result = subprocess.run([sys.executable, "-m", "ormo_ps.launcher.cli", "--port", str(port), "--out", str(tmp_path),
                                  "-q"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert error_line(tmp_path / "server.log") in result.stderr and str(port) in result.stderr
@@ -120,7 +120,7 @@ def test_a_port_in_use_is_named_on_the_console(tmp_path):
 def test_a_worker_that_fails_stops_the_run_with_its_error(tmp_path):
     """PS_DEVICE (no option of ps-launch) reaches the workers and the evaluator: a device this machine lacks
     is their usage error, and ps-launch shows it instead of waiting for workers that never come."""
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "--out", str(tmp_path), "-q", "--timeout", "120"],
+    result = subprocess.run([sys.executable, "-m", "ormo_ps.launcher.cli", "--out", str(tmp_path), "-q", "--timeout", "120"],
                             env=ENV | {"PS_DEVICE": "tpu"}, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 1
     assert "exited with code 2" in result.stderr
@@ -154,7 +154,7 @@ def test_an_unknown_or_missing_device_is_a_usage_error(main, device, capsys):
 def test_the_default_launch_evaluates_along_the_run_and_shows_progress(tmp_path):
     """The default run trains for about a second: the evaluator, started first and polling often, still
     evaluates several times along it, so ps-plot draws a curve; the console shows progress with rate."""
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "--out", str(tmp_path)], env=ENV, cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "ormo_ps.launcher.cli", "--out", str(tmp_path)], env=ENV, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     epochs = [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "eval"]

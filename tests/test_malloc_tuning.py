@@ -1,4 +1,4 @@
-"""common.malloc_tuning: applied on glibc, off with PS_MALLOC_TUNING=0, never an error."""
+"""ormo_ps.common.malloc_tuning: applied on glibc, off with PS_MALLOC_TUNING=0, never an error."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from common.malloc_tuning import tune_malloc
+from ormo_ps.common.malloc_tuning import tune_malloc
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from common.metrics import MetricsWriter, read_metrics
+from ormo_ps.common.metrics import MetricsWriter, read_metrics
 
 
 def test_a_writer_appending_to_a_file_goes_on_with_the_files_clock(tmp_path):

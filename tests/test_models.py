@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.evaluation import recompute_bn_stats
-from common.models import MODELS, FlatModel, build_model, cifar_resnet, count_parameters
+from ormo_ps.common.evaluation import recompute_bn_stats
+from ormo_ps.common.models import MODELS, FlatModel, build_model, cifar_resnet, count_parameters
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
-from server.checkpoint import CheckpointError, load_checkpoint
-from server.serving import LISTENING_PATTERN
+from ormo_ps.common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
+from ormo_ps.server.checkpoint import CheckpointError, load_checkpoint
+from ormo_ps.server.serving import LISTENING_PATTERN
 from tests.logged_process import LoggedProcess
 
 pytestmark = pytest.mark.slow
@@ -133,7 +133,7 @@ def progress(out: Path) -> tuple[int, list[int]]:
 def test_a_cut_worker_rejoins_across_namespaces_and_the_run_finishes(hosts, processes, tmp_path):
     out = tmp_path / "server"
     server = Host(hosts.server, "server", [
-        "-m", "server.cli", "--bind", f"{SERVER_ADDRESS}:0", "--workers", "2", "--dataset", "digits",
+        "-m", "ormo_ps.server.cli", "--bind", f"{SERVER_ADDRESS}:0", "--workers", "2", "--dataset", "digits",
         "--model", "mlp", "--iterations", str(ITERATIONS), "--out", str(out), "--linger", "0",
         "--log-every", "10", "--checkpoint-every", "0.25"], tmp_path / "server.log")
     processes.append(server)
@@ -145,7 +145,7 @@ def test_a_cut_worker_rejoins_across_namespaces_and_the_run_finishes(hosts, proc
     workers = {}
     for ns, name, slowdown in ((hosts.workers[0], "w1", "1"), (hosts.workers[1], "w2", "100")):
         workers[name] = Host(ns, name, [
-            "-m", "worker.cli", "--server", f"{SERVER_ADDRESS}:{port}", "--threads", "1", "--server-timeout", "60",
+            "-m", "ormo_ps.worker.cli", "--server", f"{SERVER_ADDRESS}:{port}", "--threads", "1", "--server-timeout", "60",
             "--name", name, "--slowdown", slowdown], tmp_path / f"{name}.log")
         processes.append(workers[name])
     cut_id = int(server.wait_for(r"worker (\d+) registered \(w1,", 60).group(1))
@@ -190,14 +190,14 @@ def test_a_silent_half_open_link_stalls_a_synchronous_run_no_longer_than_the_kee
     timeout); this measures the stall (issue #11, item 5)."""
     out = tmp_path / "server"
     server = Host(hosts.server, "server", [
-        "-m", "server.cli", "--bind", f"{SERVER_ADDRESS}:0", "--algo", "ssgd", "--workers", "2", "--dataset",
+        "-m", "ormo_ps.server.cli", "--bind", f"{SERVER_ADDRESS}:0", "--algo", "ssgd", "--workers", "2", "--dataset",
         "digits", "--model", "mlp", "--iterations", "100000", "--out", str(out), "--linger", "0", "--log-every", "10",
         "--sync-timeout", "600"], tmp_path / "server.log")
     processes.append(server)
     m = server.wait_for(LISTENING_PATTERN, 60)
     port = int(m.group(2))
     for ns, name in ((hosts.workers[0], "w1"), (hosts.workers[1], "w2")):
-        processes.append(Host(ns, name, ["-m", "worker.cli", "--server", f"{SERVER_ADDRESS}:{port}", "--threads", "1",
+        processes.append(Host(ns, name, ["-m", "ormo_ps.worker.cli", "--server", f"{SERVER_ADDRESS}:{port}", "--threads", "1",
                                          "--server-timeout", "120", "--name", name], tmp_path / f"{name}.log"))
     cut_id = int(server.wait_for(r"worker (\d+) registered \(w1,", 60).group(1))
     server.wait_for(r"iter (?:[3-9]\d|\d{3,})/", 60)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bench import convergence, paper_table
-from common.metrics import read_metrics
+from ormo_ps.common.metrics import read_metrics
 
 COLUMNS = ["16 hom.", "16 het.", "64 hom.", "64 het."]
 

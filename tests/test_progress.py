@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from common.progress import Progress, duration
-from launcher.cli import _relay
-from sim.cli import main as sim_main
+from ormo_ps.common.progress import Progress, duration
+from ormo_ps.launcher.cli import _relay
+from ormo_ps.sim.cli import main as sim_main
 from tests.test_data import CIFAR10_CLASSES, _write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
     c = Clock()
-    monkeypatch.setattr("common.progress.time.monotonic", c)
+    monkeypatch.setattr("ormo_ps.common.progress.time.monotonic", c)
     return c
 
 
@@ -122,10 +122,10 @@ def test_the_default_ps_sim_says_a_few_lines_not_one_per_record(tmp_path, capsys
 
 def test_ps_launch_repeats_what_explains_a_silence_and_nothing_else():
     line = "2026-12-01 12:35:19,075 {} {} [server 127.0.0.1:5]: {}"
-    assert _relay(line.format("INFO", "common.data", "decoding 60 cifar10 images from /d (cached afterwards)")) \
+    assert _relay(line.format("INFO", "ormo_ps.common.data", "decoding 60 cifar10 images from /d (cached afterwards)")) \
         == "decoding 60 cifar10 images from /d (cached afterwards)"
-    assert _relay(line.format("WARNING", "common.data", "could not write cache /c")) == "could not write cache /c"
-    assert _relay(line.format("INFO", "server.service", "worker 0 registered")) is None
+    assert _relay(line.format("WARNING", "ormo_ps.common.data", "could not write cache /c")) == "could not write cache /c"
+    assert _relay(line.format("INFO", "ormo_ps.server.service", "worker 0 registered")) is None
     assert _relay("ps-server listening on 127.0.0.1:5") is None
 
 
@@ -134,7 +134,7 @@ def test_ps_launch_announces_decoding_and_the_final_evaluation_and_shows_rate(tm
     data = tmp_path / "cifar10"
     _write_image_folder(data, CIFAR10_CLASSES, {"train": 4, "test": 2})
     env = os.environ | {"PYTHONPATH": str(ROOT), "ORMO_PS_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "--dataset", "cifar10", "--data-dir", str(data),
+    result = subprocess.run([sys.executable, "-m", "ormo_ps.launcher.cli", "--dataset", "cifar10", "--data-dir", str(data),
                              "--model", "strided-cnn", "--batch-size", "8", "--epochs", "4", "--workers", "2",
                              "--out", str(tmp_path / "out")], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=300)

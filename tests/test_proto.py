@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.pb import generate
-from common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import generate
+from ormo_ps.common.pb import parameter_server_pb2 as pb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO = REPO_ROOT / "proto" / "ps" / "v1" / "parameter_server.proto"
@@ -113,7 +113,7 @@ def test_makefile_proto_target_runs_the_generator() -> None:
     makefile = (REPO_ROOT / "Makefile").read_text()
     recipe = re.search(r"^proto:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
     assert recipe, "Makefile has no `proto` target"
-    assert "-m common.pb.generate" in recipe[1], recipe[1]
+    assert "-m ormo_ps.common.pb.generate" in recipe[1], recipe[1]
 
 
 def test_every_field_and_enum_value_is_commented(proto_items: list[_Item]) -> None:
@@ -172,7 +172,7 @@ def test_contract_shape() -> None:
         "register", "gradient", "ready", "chunk"]
     assert [f.name for f in pb.ServerMessage.DESCRIPTOR.oneofs_by_name["payload"].fields] == [
         "welcome", "parameters", "stop", "chunk"]
-    # A chunk has the same field number both ways: common.wire writes one chunk message for either direction.
+    # A chunk has the same field number both ways: ormo_ps.common.wire writes one chunk message for either direction.
     assert pb.WorkerMessage.DESCRIPTOR.fields_by_name["chunk"].number == pb.ServerMessage.DESCRIPTOR.fields_by_name[
         "chunk"].number
     assert tensor["chunked"].type == tensor["chunked"].TYPE_BOOL
@@ -180,7 +180,7 @@ def test_contract_shape() -> None:
 
 def test_grpc_stub_imports_pb2_through_the_package() -> None:
     source = (generate.PB_DIR / "parameter_server_pb2_grpc.py").read_text()
-    assert "from common.pb import parameter_server_pb2 as" in source
+    assert "from ormo_ps.common.pb import parameter_server_pb2 as" in source
     assert not re.search(r"^import parameter_server_pb2", source, re.MULTILINE)
 
 
@@ -188,7 +188,7 @@ def test_stubs_import_from_another_directory(tmp_path: Path) -> None:
     # As once installed: the package is on sys.path, the working directory is elsewhere.
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     code = (
-        "from common.pb import parameter_server_pb2 as pb, parameter_server_pb2_grpc as pb_grpc\n"
+        "from ormo_ps.common.pb import parameter_server_pb2 as pb, parameter_server_pb2_grpc as pb_grpc\n"
         "assert pb_grpc.ParameterServerStub and pb.Tensor.DESCRIPTOR.full_name == 'ps.v1.Tensor'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=60)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from common.data import load_dataset
-from common.metrics import MetricsWriter
-from report.cli import main as plot_main
-from report.plots import figure, too_short, write_figures
-from report.runs import Run, find_runs, load_run, variants
-from report.tables import paper_table
-from server.config import RunConfig
-from sim.simulator import ComputeTimeModel, Simulator
+from ormo_ps.common.data import load_dataset
+from ormo_ps.common.metrics import MetricsWriter
+from ormo_ps.report.cli import main as plot_main
+from ormo_ps.report.plots import figure, too_short, write_figures
+from ormo_ps.report.runs import Run, find_runs, load_run, variants
+from ormo_ps.report.tables import paper_table
+from ormo_ps.server.config import RunConfig
+from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_a_resumed_run_draws_the_redone_part_once(tmp_path):
     """The records past a resumed server's checkpoint were lost with the crash and are written again."""
     import json
 
-    from report.runs import load_run
+    from ormo_ps.report.runs import load_run
 
     config = {"algo": "ormo", "workers": 2, "seed": 0}
     lines = [dict(event="start", source="server", config=config)]
@@ -164,7 +164,7 @@ def test_a_service_run_whose_workers_said_they_are_slow_is_heterogeneous(tmp_pat
     """A compose or Kubernetes run has no launch.json: the server's summary lists each worker's slowdown."""
     import json
 
-    from report.runs import load_run
+    from ormo_ps.report.runs import load_run
 
     lines = [dict(event="start", source="server", config={"algo": "ormo", "workers": 4, "seed": 0}),
              dict(event="summary", iterations=10, worker_slowdowns=[1.0, 1.0, 1.0, 4.0])]

@@ -12,11 +12,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from server.config import RunConfig
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.security import ClientSecurity, ServerSecurity, is_loopback, warn_if_exposed
+from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.common.security import ClientSecurity, ServerSecurity, is_loopback, warn_if_exposed
 
 RUN = RunConfig(algo="ormo", workers=1, dataset="digits", model="mlp", batch_size=32, iterations=1_000_000)
 
@@ -133,7 +133,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(start_live
 def test_plaintext_on_another_address_is_warned_about(caplog):
     assert is_loopback("127.0.0.1:50051") and is_loopback("localhost:1") and is_loopback("[::1]:5")
     assert not is_loopback("0.0.0.0:50051") and not is_loopback("10.0.0.1:5")
-    with caplog.at_level(logging.WARNING, logger="common.security"):
+    with caplog.at_level(logging.WARNING, logger="ormo_ps.common.security"):
         warn_if_exposed("127.0.0.1:50051", ServerSecurity())
         assert not caplog.records
         warn_if_exposed("0.0.0.0:50051", ServerSecurity(token="t"))
@@ -162,7 +162,7 @@ def test_a_real_worker_trains_over_mutual_tls_with_a_token(start_live_server, pk
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")} | {"PS_TOKEN": "tok"}
         worker = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "--server", live.target, "--threads", "1", "--tls-ca",
+            [sys.executable, "-m", "ormo_ps.worker.cli", "--server", live.target, "--threads", "1", "--tls-ca",
              str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")],
             env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
         assert worker.returncode == 0, worker.stderr[-2000:]
@@ -181,7 +181,7 @@ def test_a_worker_names_the_cause_of_a_tls_mismatch(start_live_server, pki):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
 
     def worker(target: str, *flags: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "worker.cli", "--server", target, "--server-timeout", "2",
+        done = subprocess.run([sys.executable, "-m", "ormo_ps.worker.cli", "--server", target, "--server-timeout", "2",
                                *flags], env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -26,13 +26,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.codec import decode, encode
-from common.grpc_options import GRPC_MESSAGE_OPTIONS
-from server.serving import listening_port
-from server.config import RunConfig
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from server.core import ServerCore
+from ormo_ps.common.codec import decode, encode
+from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
+from ormo_ps.server.serving import listening_port
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.server.core import ServerCore
 
 if TYPE_CHECKING:
     from conftest import LiveServer, RawWorker
@@ -397,7 +397,7 @@ def test_real_processes_survive_a_killed_worker(tmp_path: Path):
         return p, []
 
     try:
-        server, server_lines = spawn("server.cli", "--bind", "127.0.0.1:0", "--workers", "2", "--iterations", "300",
+        server, server_lines = spawn("ormo_ps.server.cli", "--bind", "127.0.0.1:0", "--workers", "2", "--iterations", "300",
                                      "--dataset", "digits", "--model", "mlp", "--batch-size", "32", "--out", str(out),
                                      "--linger", "0")
         bound = threading.Event()
@@ -414,7 +414,7 @@ def test_real_processes_survive_a_killed_worker(tmp_path: Path):
 
         workers = []
         for _ in range(2):
-            p, lines = spawn("worker.cli", "--server", address, "--threads", "1")
+            p, lines = spawn("ormo_ps.worker.cli", "--server", address, "--threads", "1")
             t = threading.Thread(target=_pump, args=(p.stdout, lines), daemon=True)
             t.start()
             threads.append(t)
@@ -481,7 +481,7 @@ def test_a_worker_whose_id_was_taken_gets_a_free_slot(server: LiveServer, raw_wo
 def test_checkpoints_asked_for_at_once_are_written_one_after_the_other(tmp_path):
     """The final checkpoint can be asked for while a periodic one is being written: both write the same
     temporary file, so they must not overlap (they did: the run then never finished)."""
-    from server.cli import ServeOptions, build_service
+    from ormo_ps.server.cli import ServeOptions, build_service
 
     service = build_service(RunConfig(workers=1, dataset="digits", model="mlp", batch_size=32, iterations=10),
                             ServeOptions(out=str(tmp_path)))

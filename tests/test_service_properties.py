@@ -17,8 +17,8 @@ import numpy as np
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from server.config import RunConfig
-from common.pb import parameter_server_pb2 as pb
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.pb import parameter_server_pb2 as pb
 from tests.conftest import LiveServer, RawWorker, start_server
 
 ITEMSIZE = {1: 4, 2: 2, 3: 2, 4: 8}

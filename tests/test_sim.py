@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.config import RunConfig
-from common.data import BatchStream, load_dataset
-from common.metrics import read_metrics
-from common.models import FlatModel, build_model
-from sim.cli import main as sim_main
-from sim.simulator import ComputeTimeModel, Simulator
+from ormo_ps.server.config import RunConfig
+from ormo_ps.common.data import BatchStream, load_dataset
+from ormo_ps.common.metrics import read_metrics
+from ormo_ps.common.models import FlatModel, build_model
+from ormo_ps.sim.cli import main as sim_main
+from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -175,7 +175,7 @@ def test_a_finite_but_exploding_training_loss_is_reported_as_divergence(digits):
 
 @pytest.mark.parametrize("algo", ["ormo", "smega2", "shifted-momentum", "ssgdm", "dn", "ringmaster"])
 def test_resuming_a_checkpoint_gives_the_same_parameters_as_never_stopping(digits, tmp_path, algo):
-    from server.checkpoint import load_checkpoint, save_checkpoint
+    from ormo_ps.server.checkpoint import load_checkpoint, save_checkpoint
 
     run = small_run(algo=algo, iterations=90, workers=3)
     timing = ComputeTimeModel(jitter=0.3, slow_workers=1, slowdown=3)

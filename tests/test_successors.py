@@ -9,9 +9,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from common.codec import decode
-from server.config import RunConfig
-from sim.simulator import ComputeTimeModel, Simulator
+from ormo_ps.common.codec import decode
+from ormo_ps.server.config import RunConfig
+from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
 from tests.conftest import raw_worker_factory
 from tests.test_algorithms import ARRIVALS, WORKED
 from tests.test_service import NUM_PARAMETERS, gradient_message, status
@@ -55,7 +55,7 @@ def test_the_worked_example_over_the_wire(start_live_server, rule, options):
 
 @pytest.fixture(scope="module")
 def digits():
-    from common.data import load_dataset
+    from ormo_ps.common.data import load_dataset
 
     return load_dataset("digits")
 
@@ -85,7 +85,7 @@ def test_ps_launch_trains_the_default_job(algo, tmp_path, capsys):
     with each (the CLI's --algo; the rules' options at their defaults, N = R = K). Margin: the simulator's
     same job under 12 timings (jitter 0.3-0.85, up to 2 workers up to 12x slower) ends at 0.946-0.953 (DN) and
     0.926-0.936 (Ringmaster) at this eta, and at 0.92 / 0.896 at eta 0.02."""
-    from launcher.cli import main as launch_main
+    from ormo_ps.launcher.cli import main as launch_main
 
     launch_main(["--algo", algo, "--workers", "4", "--epochs", "8", "--batch-size", "32", "--lr", "0.05",
                  "--out", str(tmp_path), "--eval-every", "0", "-q", "--timeout", "300"])

@@ -1,4 +1,4 @@
-"""common.wire: the hand-framed Train messages read exactly as protobuf's own, for any input."""
+"""ormo_ps.common.wire: the hand-framed Train messages read exactly as protobuf's own, for any input."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.codec import decode, encode
-from common.pb import parameter_server_pb2 as pb
-from common.wire import Received, parse_worker_message, serialize_parameters, serialize_message
-from server.servicer import SERVICE_NAME, add_to_server
+from ormo_ps.common.codec import decode, encode
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.wire import Received, parse_worker_message, serialize_parameters, serialize_message
+from ormo_ps.server.servicer import SERVICE_NAME, add_to_server
 
 
 def reference_parameters(t: torch.Tensor, ite: int, epoch: float) -> pb.ServerMessage:
@@ -66,7 +66,7 @@ def test_a_plain_gradient_is_split_without_copying_its_tensor() -> None:
 
 
 def test_decode_refuses_tensor_bytes_given_twice() -> None:
-    from common.codec import CodecError
+    from ormo_ps.common.codec import CodecError
 
     t = encode(torch.ones(2))
     with pytest.raises(CodecError, match="twice"):

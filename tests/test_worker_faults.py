@@ -8,9 +8,9 @@ import grpc
 import pytest
 import torch
 
-from common.pb import parameter_server_pb2 as pb
-from server.faults import FaultBook
-from server.config import RunConfig
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.server.faults import FaultBook
+from ormo_ps.server.config import RunConfig
 from tests.conftest import LiveServer, RawWorker, raw_worker_factory
 from tests.test_service import (MakeWorker, assert_aborted, counters, gradient_message, good_gradient, snapshot,
                                 start_run, status)

@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from common.cli_options import client_process_options, run_cli, setup_client_process
-from common.data import resolve_dataset
-from common.models import resolve_model
-from worker.client import Worker, WorkerError, WorkerOptions
+from ormo_ps.common.cli_options import client_process_options, run_cli, setup_client_process
+from ormo_ps.common.data import resolve_dataset
+from ormo_ps.common.models import resolve_model
+from ormo_ps.worker.client import Worker, WorkerError, WorkerOptions
 
 EXIT_DIVERGED = 3  # as ps-server's and ps-sim's
 

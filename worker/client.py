@@ -20,17 +20,17 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from common.chunks import BufferPool
-from common.codec import decode
-from common.data import BatchStream, Dataset, load_dataset, resolve_dataset
-from common.gradients import GradientComputer
-from common.grpc_options import GRPC_OPTIONS
-from common.layout import layout_of, to_pb
-from common.models import FROM_CLIENT, FlatModel, build_model, resolve_model
-from common.pb import parameter_server_pb2 as pb
-from common.security import ClientSecurity
-from common.transport import Receiver, Sender, TransportError
-from common.wire import train_call
+from ormo_ps.common.chunks import BufferPool
+from ormo_ps.common.codec import decode
+from ormo_ps.common.data import BatchStream, Dataset, load_dataset, resolve_dataset
+from ormo_ps.common.gradients import GradientComputer
+from ormo_ps.common.grpc_options import GRPC_OPTIONS
+from ormo_ps.common.layout import layout_of, to_pb
+from ormo_ps.common.models import FROM_CLIENT, FlatModel, build_model, resolve_model
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.security import ClientSecurity
+from ormo_ps.common.transport import Receiver, Sender, TransportError
+from ormo_ps.common.wire import train_call
 
 logger = logging.getLogger(__name__)
 

@@ -18,17 +18,17 @@ from pathlib import Path
 import click
 import grpc
 
-from common.cli_options import client_process_options, run_cli, setup_client_process
-from common.codec import decode
-from common.data import load_dataset
-from common.grpc_options import GRPC_OPTIONS
-from common.evaluation import Evaluator
-from common.metrics import MetricsWriter, describe_eval, write_eval
-from common.models import FROM_CLIENT, FlatModel, build_model
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.security import ClientSecurity
-from worker.cli import model_options
+from ormo_ps.common.cli_options import client_process_options, run_cli, setup_client_process
+from ormo_ps.common.codec import decode
+from ormo_ps.common.data import load_dataset
+from ormo_ps.common.grpc_options import GRPC_OPTIONS
+from ormo_ps.common.evaluation import Evaluator
+from ormo_ps.common.metrics import MetricsWriter, describe_eval, write_eval
+from ormo_ps.common.models import FROM_CLIENT, FlatModel, build_model
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.common.security import ClientSecurity
+from ormo_ps.worker.cli import model_options
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(); loss.backward(); opt.step(loss=loss)
 
-It is a worker like ps-worker (`worker.client.Worker`: the same Train stream, reconnects, token and TLS)
+It is a worker like ps-worker (`ormo_ps.worker.client.Worker`: the same Train stream, reconnects, token and TLS)
 whose gradients come from the user's loop instead of the project's: `step()` sends the flat gradient with
 the iteration index of the parameters the model holds, and loads the parameters the server answers with.
 The server applies its configured rule (OrMo orders the gradients by that index; nothing is asked of the
@@ -29,14 +29,14 @@ import grpc
 import torch
 from torch import nn
 
-from common.codec import CodecError, decode
-from common.tensor_checks import check_finite
-from common.grpc_options import GRPC_OPTIONS
-from common.layout import layout_of, numel, to_pb
-from common.pb import parameter_server_pb2 as pb
-from common.pb import parameter_server_pb2_grpc as pb_grpc
-from common.security import ClientSecurity
-from worker.client import WorkerError, Worker, WorkerOptions
+from ormo_ps.common.codec import CodecError, decode
+from ormo_ps.common.tensor_checks import check_finite
+from ormo_ps.common.grpc_options import GRPC_OPTIONS
+from ormo_ps.common.layout import layout_of, numel, to_pb
+from ormo_ps.common.pb import parameter_server_pb2 as pb
+from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
+from ormo_ps.common.security import ClientSecurity
+from ormo_ps.worker.client import WorkerError, Worker, WorkerOptions
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Three systems, driven side by side in one run, for each model size and number of workers K:
 
-- `server`: the real `ps-server` (OrMo) in a subprocess, `python -m server.cli ...` (ResNet20 on the
+- `server`: the real `ps-server` (OrMo) in a subprocess, `python -m ormo_ps.server.cli ...` (ResNet20 on the
   synthetic data set), or `python -m bench.ps_server_sized` (the same CLI with a flat model of 11.2M /
   25.6M parameters registered, since the model registry has none that large), with K synthetic gradient
   pushers (`python -m bench.grad_pusher`: separate processes, raw Train streams, no model compute);

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from common.models import build_model, count_parameters
+    from ormo_ps.common.models import build_model, count_parameters
 
     assert count_parameters(build_model("resnet20", 10, (3, 8, 8))) == RESNET20_NUMEL
     run_notes = []

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import processes
-from server.serving import LISTENING_PATTERN
+from ormo_ps.server.serving import LISTENING_PATTERN
 from bench.grad_pusher import (
     APPLIED, COLUMNS, DONE, DOWN_BYTES, ERROR, FAILED, NUMEL, PAUSE, PAUSED, PID, READY, REPLIES, REPLY_NS_A,
     REPLY_NS_B, SENT, SERVER_PID, STATE, STOP, UP_BYTES,
@@ -110,8 +110,8 @@ class Group:
             return int(self.control[-1, APPLIED])
         import grpc
 
-        from common.pb import parameter_server_pb2 as pb
-        from common.pb import parameter_server_pb2_grpc as pb_grpc
+        from ormo_ps.common.pb import parameter_server_pb2 as pb
+        from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 
         if self._stub is None:
             self._channel = grpc.insecure_channel(self.target)
@@ -251,7 +251,7 @@ def server_command(size: str, numel: int, k: int, out_dir: Path, model: str | No
               "--iterations", "1000000000", "--out", str(out_dir), "--linger", "0", "--checkpoint-every", "1e9",
               *chunk_flags(chunk_mib)]
     if model or size == "resnet20":
-        return "server.cli", ["--model", model or "resnet20", *common]
+        return "ormo_ps.server.cli", ["--model", model or "resnet20", *common]
     return "bench.ps_server_sized", ["--numel", str(numel), "--", "--model", f"flat-{numel}", *common]
 
 

@@ -2,11 +2,11 @@
 
 protoc is run with the import mapping ``-Icommon/pb=proto/ps/v1``: the .proto is compiled under the
 virtual path ``common/pb/parameter_server.proto``, so the generated ``_pb2_grpc.py`` imports its
-``_pb2`` as ``from common.pb import parameter_server_pb2`` (a package import that works from the repo
+``_pb2`` as ``from ormo_ps.common.pb import parameter_server_pb2`` (a package import that works from the repo
 root and once installed) without any post-processing of generated text. The proto package stays
 ``ps.v1``; only the descriptor's file name is ``common/pb/parameter_server.proto``.
 
-Usage: ``python -m common.pb.generate [OUT_DIR]`` (default: this directory).
+Usage: ``python -m ormo_ps.common.pb.generate [OUT_DIR]`` (default: this directory).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 PB_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PB_DIR.parent.parent
 PROTO_DIR = REPO_ROOT / "proto" / "ps" / "v1"
-VIRTUAL_DIR = "common/pb"
+VIRTUAL_DIR = "ormo_ps/common/pb"
 PROTO_FILES = ("parameter_server.proto",)
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
@@ -31,7 +31,7 @@ def generated_files() -> list[str]:
 
 def main(out_dir: str | Path | None = None) -> list[Path]:
     """Compiles the protos and writes the stubs into out_dir; returns the written paths."""
-    # Imported here so that importing common.pb never needs grpcio-tools (a dev/test dependency).
+    # Imported here so that importing ormo_ps.common.pb never needs grpcio-tools (a dev/test dependency).
     import importlib.resources
 
     from grpc_tools import protoc

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from common.pb import parameter_server_pb2 as common_dot_pb_dot_parameter__server__pb2
+from ormo_ps.common.pb import parameter_server_pb2 as ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in common/pb/parameter_server_pb2_grpc.py depends on'
+        + ' but the generated code in ormo_ps/common/pb/parameter_server_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class ParameterServerStub:
         """
         self.Train = channel.stream_stream(
                 '/ps.v1.ParameterServer/Train',
-                request_serializer=common_dot_pb_dot_parameter__server__pb2.WorkerMessage.SerializeToString,
-                response_deserializer=common_dot_pb_dot_parameter__server__pb2.ServerMessage.FromString,
+                request_serializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.WorkerMessage.SerializeToString,
+                response_deserializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ServerMessage.FromString,
                 _registered_method=True)
         self.GetParameters = channel.unary_unary(
                 '/ps.v1.ParameterServer/GetParameters',
-                request_serializer=common_dot_pb_dot_parameter__server__pb2.GetParametersRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_parameter__server__pb2.Parameters.FromString,
+                request_serializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.GetParametersRequest.SerializeToString,
+                response_deserializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.Parameters.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/ps.v1.ParameterServer/GetStatus',
-                request_serializer=common_dot_pb_dot_parameter__server__pb2.GetStatusRequest.SerializeToString,
-                response_deserializer=common_dot_pb_dot_parameter__server__pb2.Status.FromString,
+                request_serializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.Status.FromString,
                 _registered_method=True)
 
 
@@ -83,18 +83,18 @@ def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Train': grpc.stream_stream_rpc_method_handler(
                     servicer.Train,
-                    request_deserializer=common_dot_pb_dot_parameter__server__pb2.WorkerMessage.FromString,
-                    response_serializer=common_dot_pb_dot_parameter__server__pb2.ServerMessage.SerializeToString,
+                    request_deserializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.WorkerMessage.FromString,
+                    response_serializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ServerMessage.SerializeToString,
             ),
             'GetParameters': grpc.unary_unary_rpc_method_handler(
                     servicer.GetParameters,
-                    request_deserializer=common_dot_pb_dot_parameter__server__pb2.GetParametersRequest.FromString,
-                    response_serializer=common_dot_pb_dot_parameter__server__pb2.Parameters.SerializeToString,
+                    request_deserializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.GetParametersRequest.FromString,
+                    response_serializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.Parameters.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=common_dot_pb_dot_parameter__server__pb2.GetStatusRequest.FromString,
-                    response_serializer=common_dot_pb_dot_parameter__server__pb2.Status.SerializeToString,
+                    request_deserializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.GetStatusRequest.FromString,
+                    response_serializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.Status.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -123,8 +123,8 @@ class ParameterServer:
             request_iterator,
             target,
             '/ps.v1.ParameterServer/Train',
-            common_dot_pb_dot_parameter__server__pb2.WorkerMessage.SerializeToString,
-            common_dot_pb_dot_parameter__server__pb2.ServerMessage.FromString,
+            ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.WorkerMessage.SerializeToString,
+            ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -150,8 +150,8 @@ class ParameterServer:
             request,
             target,
             '/ps.v1.ParameterServer/GetParameters',
-            common_dot_pb_dot_parameter__server__pb2.GetParametersRequest.SerializeToString,
-            common_dot_pb_dot_parameter__server__pb2.Parameters.FromString,
+            ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.GetParametersRequest.SerializeToString,
+            ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.Parameters.FromString,
             options,
             channel_credentials,
             insecure,
@@ -177,8 +177,8 @@ class ParameterServer:
             request,
             target,
             '/ps.v1.ParameterServer/GetStatus',
-            common_dot_pb_dot_parameter__server__pb2.GetStatusRequest.SerializeToString,
-            common_dot_pb_dot_parameter__server__pb2.Status.FromString,
+            ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.GetStatusRequest.SerializeToString,
+            ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.Status.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,7 @@
 """Update rules, one module each, chosen by name from the registry `ALGORITHMS`."""
 
-from server.algorithms import (asgdm, delayed_nesterov, ormo, ringmaster, sgd,  # noqa: F401  (registration)
+from ormo_ps.server.algorithms import (asgdm, delayed_nesterov, ormo, ringmaster, sgd,  # noqa: F401  (registration)
                                shifted_momentum, smega2)
-from server.algorithms.base import ALGORITHMS, SCHEDULERS, AlgorithmSpec, UpdateRule, get_algorithm
+from ormo_ps.server.algorithms.base import ALGORITHMS, SCHEDULERS, AlgorithmSpec, UpdateRule, get_algorithm
 
 __all__ = ["ALGORITHMS", "SCHEDULERS", "AlgorithmSpec", "UpdateRule", "get_algorithm"]

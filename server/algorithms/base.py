@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from common.registry import lookup
+from ormo_ps.common.registry import lookup
 
 SCHEDULERS = ("async", "sync")
 

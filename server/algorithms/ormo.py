@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from server.algorithms.base import UpdateRule, register
+from ormo_ps.server.algorithms.base import UpdateRule, register
 
 
 def gradient_group(iteration_index: int, num_workers: int) -> int:

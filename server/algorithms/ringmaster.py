@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from server.algorithms.base import UpdateRule, register
+from ormo_ps.server.algorithms.base import UpdateRule, register
 
 
 class Ringmaster(UpdateRule):

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from server.algorithms.base import UpdateRule, register
+from ormo_ps.server.algorithms.base import UpdateRule, register
 
 
 class SMEGA2(UpdateRule):
