@@ -80,6 +80,12 @@ VARIANTS = {
                       # a gradient's whole step is about eta / (N (1 - beta)), so its grid sits N (1 - beta)
                       # times above ASGD's (1.6x at K=16, 6.4x at K=64), around the momentum grid times K.
                       ("dn", 16): [0.005, 0.015, 0.05, 0.15], ("dn", 64): [0.006, 0.02, 0.06, 0.2]}),
+    # The wire-dtype study (issue #25): the k64 recipe at the eta the k64 grid chose in float32 (ASGD 0.03 / 0.003,
+    # OrMo and OrMo-DA 0.003 / 0.0003 at K=16 / 64, hom. and het. alike), so that runs differ only in the wire
+    # (`--wire-dtype`); their float32 counterparts are the k64 study's own runs.
+    "k64-wire": dict(dataset="cifar10", model="strided-cnn", subset=None, validation=5000, batch_size=32, lr=None,
+                     iterations=20000, epochs=None, warmup=0.5, eval_every=1.5, device="cpu",
+                     eta={("asgd", 16): 0.03, ("asgd", 64): 0.003, ("momentum", 16): 0.003, ("momentum", 64): 0.0003}),
 }
 
 
@@ -139,7 +145,8 @@ def one_run(spec: dict) -> dict:
     run = RunConfig(algo=algo, workers=spec["workers"], dataset=spec["dataset"], model=spec["model"],
                     batch_size=spec["batch_size"], lr=spec["lr"], warmup_epochs=spec["warmup"],
                     epochs=spec["epochs"] or 1.0, iterations=spec.get("iterations"), seed=spec["seed"],
-                    data_dir=spec["data_dir"], vanilla_sgd_step=spec["algo"] == ABLATION)
+                    data_dir=spec["data_dir"], vanilla_sgd_step=spec["algo"] == ABLATION,
+                    wire_dtype=spec.get("wire_dtype", "float32"))
     timing = ComputeTimeModel(jitter=0.2, slow_workers=round(0.25 * spec["workers"]) if spec["het"] else 0,
                               slowdown=spec["slow_factor"])
     device = spec["device"]
@@ -308,13 +315,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batched", choices=["auto", "on", "off"], default="auto",
                    help="the simulators' batched gradients (auto: on a GPU)")
     p.add_argument("--batch-limit", type=int, default=None, help="at most this many workers' gradients per batched call")
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="what gradients and parameters travel as (the simulator rounds as the service does)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds from now: runs stop there, and the table is written with what there is")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     deadline = None if args.deadline is None else time.time() + args.deadline
     v = dict(VARIANTS[args.variant], batched={"auto": None, "on": True, "off": False}[args.batched],
-             batch_limit=args.batch_limit)
+             batch_limit=args.batch_limit, wire_dtype=args.wire_dtype)
     if args.iterations:
         v = dict(v, iterations=args.iterations)
     if args.epochs and v.get("epochs"):

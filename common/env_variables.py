@@ -62,6 +62,7 @@ PS_VARIABLES = frozenset({
     "PS_VERBOSE",
     "PS_WARMUP_EPOCHS",
     "PS_WEIGHT_DECAY",
+    "PS_WIRE_DTYPE",
     "PS_WORKERS",
     "PS_WORKER_NICE",
 })

@@ -56,22 +56,37 @@ def carried_tensor(message: pb.WorkerMessage | pb.ServerMessage) -> tuple[str, p
 
 class Sender:
     """The messages one stream sends its tensors in: whole, or chunked above `chunk_bytes` (the Welcome's
-    size; 0: every tensor whole). Each method returns the serialized messages, to be written in order."""
+    size; 0: every tensor whole), gradients and parameters as the run's `wire_dtype` (a torch dtype; None:
+    as they are), rounded by `ormo_ps.common.wire_dtype.to_wire`. Each method returns the serialized messages,
+    to be written in order. (Imports no torch itself: the benchmark's pushers send prepared arrays.)"""
 
-    def __init__(self, chunk_bytes: int = 0) -> None:
+    def __init__(self, chunk_bytes: int = 0, wire_dtype: Any = None) -> None:
         if chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
+        self.wire_dtype = wire_dtype
+
+    def _on_wire(self, t: Any, what: str, check: bool) -> Any:
+        if self.wire_dtype is None or not hasattr(t, "is_floating_point") or t.dtype == self.wire_dtype:
+            return t
+        from ormo_ps.common.wire_dtype import to_wire  # (torch is imported already: t is a torch tensor)
+
+        return to_wire(t, self.wire_dtype, what, check)
 
     def gradient(self, t: torch.Tensor | np.ndarray, iteration_index: int, loss: float,
                  sample_count: int = 0) -> list[bytes]:
-        return gradient_messages(t, iteration_index, loss, sample_count, self.chunk_bytes)
+        """A float16 overflow goes as the Inf it is: the server refuses it, as any non-finite gradient."""
+        return gradient_messages(self._on_wire(t, "the gradient", check=False), iteration_index, loss,
+                                 sample_count, self.chunk_bytes)
 
     def parameters(self, t: torch.Tensor | np.ndarray, iteration_index: int, epoch: float) -> list[bytes]:
-        return parameters_messages(t, iteration_index, epoch, self.chunk_bytes)
+        """CodecError when the parameters overflow the float16 wire."""
+        return parameters_messages(self._on_wire(t, "the parameters", check=True), iteration_index, epoch,
+                                   self.chunk_bytes)
 
     def ready(self, ready: pb.Ready, t: torch.Tensor | np.ndarray) -> list[bytes]:
-        """`ready` with `t` as the client's initial parameters."""
+        """`ready` with `t` as the client's initial parameters (float32 whatever the wire dtype: they become the
+        server's master parameters)."""
         return ready_messages(ready, t, self.chunk_bytes)
 
 

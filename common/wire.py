@@ -113,9 +113,12 @@ def _with_tensor(message: Message, body: Message, tensor: pb.Tensor, path: tuple
     return [b"".join((_prefix(levels, path, nbytes), payload))]
 
 
-def _flat(t: torch.Tensor | np.ndarray) -> tuple[int, np.ndarray]:
+def _flat(t: torch.Tensor | np.ndarray | tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
     """The wire dtype of `t` and its elements as a flat little-endian array (`ormo_ps.common.codec.wire_array`). A flat
-    float32 array needs no torch: the benchmark's pushers send those and import no torch (290 MB each)."""
+    float32 array needs no torch: the benchmark's pushers send those and import no torch (290 MB each); so does a
+    (pb.DType, flat array) pair, the array already in that dtype's wire layout (bfloat16 as its 16-bit patterns)."""
+    if isinstance(t, tuple):
+        return t
     if isinstance(t, np.ndarray) and t.dtype == _FLOAT32 and t.ndim == 1 and t.flags.c_contiguous:
         return pb.DTYPE_FLOAT32, t
     from ormo_ps.common.codec import wire_array  # torch's tensors come with torch imported already

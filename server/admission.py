@@ -155,7 +155,8 @@ class Admission:
             self.adopt_layout(declared, shorten(reg.name or peer, 64))
         chunk_bytes = self.chunk_bytes if reg.accepts_chunks else 0
         conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
-                          new_slot=worker not in self.ever_assigned, sender=Sender(chunk_bytes))
+                          new_slot=worker not in self.ever_assigned,
+                          sender=Sender(chunk_bytes, wire_dtype=self.run.wire_torch_dtype))
         conn.incoming = Receiver(self.buffers, chunk_bytes, why_whole=(
             "the server sends and reads every tensor whole (--chunk-mib 0)" if self.chunk_bytes == 0
             else "the client's Register did not set accepts_chunks"),
@@ -271,5 +272,5 @@ class Admission:
         """What a chunked tensor on `conn` must be (numel, pb dtype), checked on its header before its bytes
         come: a gradient is the run's parameters' size; a client model's initial parameters its layout's."""
         if name == "gradient":
-            return self.core.w.numel(), dtype_to_pb(self.core.w.dtype)
+            return self.core.w.numel(), dtype_to_pb(self.run.wire_torch_dtype)
         return self.initial_numel(conn, message.ready), pb.DTYPE_FLOAT32

@@ -85,6 +85,11 @@ class RunConfig:
         None, "Ringmaster ASGD (--algo ringmaster): discard gradients this many iterations stale or more "
               "(default: K).", min=1)
     allow_nonfinite: bool = setting(False, "Apply NaN/Inf gradients instead of rejecting them.")
+    wire_dtype: str = setting(
+        "float32", "What gradients and the parameters sent to workers travel as: bfloat16 and float16 halve the "
+                   "bytes (the server keeps float32 parameters and applies in float32; float16 overflows above "
+                   "65504). bench/results/wire_dtype.md measures speed and accuracy.",
+        choices=lambda: ("float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
         settings.validate(self)
@@ -113,6 +118,11 @@ class RunConfig:
     def model_from_client(self) -> bool:
         """The run names no model (`--model client`): the first client that registers brings its own."""
         return self.model == FROM_CLIENT
+
+    @property
+    def wire_torch_dtype(self) -> torch.dtype:
+        """The torch dtype of `wire_dtype`."""
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.wire_dtype]
 
     @property
     def effective_scheduler(self) -> str:

@@ -23,6 +23,7 @@ import grpc
 import torch
 
 from ormo_ps.common import layout as layouts
+from ormo_ps.common import wire_dtype as wire_dtypes
 from ormo_ps.common.chunks import DEFAULT_CHUNK_BYTES, BufferPool
 from ormo_ps.common.codec import CodecError, decode, encode
 from ormo_ps.common.layout import Layout
@@ -152,7 +153,7 @@ class ParameterServerService:
             algorithm=run.algo, model=run.model_name, dataset=run.dataset, num_classes=self.num_classes,
             batch_size=run.batch_size, weight_decay=run.weight_decay, seed=run.seed,
             total_iterations=self.core.total_iterations, num_workers=run.workers,
-            num_parameters=self.core.w.numel(),
+            num_parameters=self.core.w.numel(), wire_dtype=wire_dtypes.to_pb(run.wire_torch_dtype),
         )
 
     # ----- Train: one stream per worker -----------------------------------------------------
@@ -215,10 +216,14 @@ class ParameterServerService:
         core = self.core
         if self.ended:
             return  # in flight when the run ended: dropped
+        wire = self.run.wire_torch_dtype
         try:
-            # copy=False: the core only reads the gradient, within this call (no await in between)
-            grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=core.w.dtype, copy=False,
+            # copy=False: the core only reads the gradient, within this call (no await in between); a bfloat16 or
+            # float16 one is widened to the parameters' float32, exactly
+            grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=wire, copy=False,
                           data=received.tensor_data)
+            if grad.dtype != core.w.dtype:
+                grad = grad.to(core.w.dtype)
         except CodecError as e:
             self.counters.reject("tensor")
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
@@ -242,7 +247,8 @@ class ParameterServerService:
                                    f"worker {conn.worker} dropped: {streak} gradients in a row from it were "
                                    f"non-finite or would have made the parameters non-finite (the last: {e}); "
                                    "the run goes on without it") from None
-            raise Rejected(getattr(grpc.StatusCode, e.code), str(e)) from None
+            hint = wire_dtypes.overflow_hint(wire) if e.reason == "nonfinite" else ""
+            raise Rejected(getattr(grpc.StatusCode, e.code), f"{e}{hint}") from None
         self.faults.applied(conn.worker)
         if core.iteration == before:  # valid but ignored by the rule (Ringmaster: too stale); the current w goes back
             self.counters.gradients_discarded += 1
@@ -268,8 +274,12 @@ class ParameterServerService:
                     continue
                 messages = forms.get(conn.sender.chunk_bytes)
                 if messages is None:
-                    messages = forms[conn.sender.chunk_bytes] = conn.sender.parameters(
-                        d.params, d.iteration_index, self.core.epoch)
+                    try:
+                        messages = forms[conn.sender.chunk_bytes] = conn.sender.parameters(
+                            d.params, d.iteration_index, self.core.epoch)
+                    except CodecError as e:  # the parameters outgrew the float16 wire: no worker can hold them
+                        self.lifecycle.diverge(str(e))
+                        return
                 for msg in messages:
                     conn.send(msg)
 

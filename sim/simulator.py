@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from ormo_ps.common.tensor_checks import all_finite
+from ormo_ps.common.tensor_header import CodecError
+from ormo_ps.common.wire_dtype import overflow_hint, round_trip
 from ormo_ps.common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
 from ormo_ps.common.evaluation import Evaluator
 from ormo_ps.common.gradients import GradientComputer
@@ -73,6 +75,7 @@ class Simulator:
             raise ValueError(f"batch_size {run.batch_size} is larger than the train set ({self.dataset.num_train})")
         self.model = run.initial_model(self.dataset, self.device)
         self.core = ServerCore(self.model.params, run, self.iters_per_epoch)
+        self.wire = run.wire_torch_dtype  # what gradients and parameters travel as in the service (wire_dtype.py)
         self.gradients = GradientComputer(self.model, run.weight_decay)
         self.batched = self.device.type != "cpu" if batched is None else batched
         if batch_limit is not None and batch_limit < 1:
@@ -124,7 +127,9 @@ class Simulator:
 
     def _deliver(self, dispatches: list[Dispatch]) -> None:
         for d in dispatches:
-            params = d.params.clone()  # shared read-only by every receiver of this dispatch
+            # What its receivers hold, as the service sends it: rounded to the run's wire dtype and widened back
+            # (a copy, shared read-only by every receiver of this dispatch). CodecError on a float16 overflow.
+            params = round_trip(d.params, self.wire, "the parameters")
             for k in d.workers:
                 assert k not in self.held and k not in self.computed, f"worker {k} has a gradient outstanding"
                 self.held[k] = (params, d.iteration_index)
@@ -158,12 +163,19 @@ class Simulator:
             self.now, _, k = heapq.heappop(self.queue)
             grad, loss, finite = self._gradient(k)
             _, ite = self.held.pop(k)
+            if finite and self.wire != grad.dtype:  # it crosses the wire as the service's workers' do
+                grad = round_trip(grad, self.wire, check=False)
+                finite = all_finite(grad)
             if not finite:
-                recorder.diverged(core.iteration, "non-finite loss or gradient")
+                recorder.diverged(core.iteration, "non-finite loss or gradient" + overflow_hint(self.wire))
                 break
             delay = core.iteration - ite
             before = core.iteration
-            self._deliver(core.push(k, grad, ite))
+            try:
+                self._deliver(core.push(k, grad, ite))
+            except CodecError as e:  # the parameters outgrew the float16 wire, as the service finds
+                recorder.diverged(core.iteration, str(e))
+                break
             if core.iteration == before:  # discarded by the rule (Ringmaster: too stale): no iteration to book
                 continue
             record = recorder.gradient(core.iteration, core.epoch, core.lr(), loss, delay)

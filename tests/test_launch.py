@@ -111,12 +111,14 @@ def test_each_method_trains_four_worker_processes(algo, tmp_path, capsys):
         assert [r[key] for r in records] == sorted(r[key] for r in records), key
 
 
-@pytest.mark.parametrize("algo", ["ormo", "smega2"])
-def test_one_worker_service_gives_the_simulators_numbers(algo, tmp_path, procs):
-    """Same arrival order (one worker), same seed and data order: the same parameters as the simulator."""
+@pytest.mark.parametrize("algo,wire", [("ormo", "float32"), ("smega2", "float32"), ("ormo", "bfloat16"),
+                                       ("smega2", "float16")])
+def test_one_worker_service_gives_the_simulators_numbers(algo, wire, tmp_path, procs):
+    """Same arrival order (one worker), same seed and data order: the same parameters as the simulator, also on
+    a bfloat16 or float16 wire (the simulator rounds gradients and parameters where the service sends them)."""
     iterations = 30
     args = ["--algo", algo, "--workers", "1", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
-            "--lr", "0.05", "--iterations", str(iterations), "--seed", "5"]
+            "--lr", "0.05", "--iterations", str(iterations), "--seed", "5", "--wire-dtype", wire]
     server, port = procs.server(*args, "--out", str(tmp_path), "--linger", "0")
     worker = procs.start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
     assert worker.wait(120) == 0
@@ -127,7 +129,7 @@ def test_one_worker_service_gives_the_simulators_numbers(algo, tmp_path, procs):
     torch.set_num_threads(1)
     try:
         run = RunConfig(algo=algo, workers=1, dataset="digits", model="mlp", batch_size=32, lr=0.05,
-                        iterations=iterations, seed=5)
+                        iterations=iterations, seed=5, wire_dtype=wire)
         simulated = Simulator(run, eval_every=None, final_eval=False, out_dir=tmp_path / "sim").simulate().params
     finally:
         torch.set_num_threads(threads)

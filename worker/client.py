@@ -29,6 +29,7 @@ from ormo_ps.common.layout import layout_of, to_pb
 from ormo_ps.common.models import FROM_CLIENT, FlatModel, build_model, resolve_model
 from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.security import ClientSecurity
+from ormo_ps.common import wire_dtype as wire_dtypes
 from ormo_ps.common.transport import Receiver, Sender, TransportError
 from ormo_ps.common.wire import train_call
 
@@ -50,6 +51,11 @@ class WorkerError(Exception):
         self.code = code
         self.details = details
         self.diverged = diverged
+
+
+def widened(params: torch.Tensor) -> torch.Tensor:
+    """Parameters that came as the run's wire dtype (bfloat16, float16), as the model's float32 (exact)."""
+    return params if params.dtype == torch.float32 else params.to(torch.float32)
 
 
 def _waiting_for(code: grpc.StatusCode, details: str, opts: WorkerOptions) -> str:
@@ -124,7 +130,8 @@ class Worker:
         self._stop_detail = ""  # the server's words with its last Stop
         self._welcomed = False  # a Welcome was handled: this worker did some work
         self._parameters_received = False  # in the current session
-        self._sender = Sender()  # its tensors, chunked above the size the Welcome says (0: whole)
+        # Its tensors, chunked above the size the Welcome says (0: whole), as the run's wire dtype.
+        self._sender = Sender(wire_dtype=torch.float32)
         self._w0: torch.Tensor | None = None  # initial parameters to send with the Ready (the run wants them)
         self._buffers = BufferPool(max_bytes=1 << 62)  # one receive buffer, used again
 
@@ -225,6 +232,7 @@ class Worker:
                 owned = kind == "parameters" and msg.parameters.tensor.chunked
                 if kind == "welcome":
                     self._sender.chunk_bytes = incoming.chunk_bytes = msg.welcome.chunk_bytes
+                    self._sender.wire_dtype = wire_dtypes.from_pb(msg.welcome.config.wire_dtype)
                     ready = await asyncio.to_thread(self._on_welcome, msg.welcome)
                     self._welcomed = True
                     for m in self._ready_messages(ready):
@@ -248,8 +256,8 @@ class Worker:
         framing, or the chunks put back together in a buffer this worker `owned`), checked against its model."""
         if self._model is None:
             raise RuntimeError("parameters arrived before the Welcome")
-        return decode(tensor, expected_numel=self._model.numel, expected_dtype=torch.float32,
-                      device=self.options.device, data=data, copy=not owned)
+        return widened(decode(tensor, expected_numel=self._model.numel, expected_dtype=self._sender.wire_dtype,
+                              device=self.options.device, data=data, copy=not owned))
 
     def _ready_messages(self, ready: pb.Ready) -> list[pb.WorkerMessage | bytes]:
         """The messages that send `ready`, with the initial parameters `_on_welcome` set aside when the run

@@ -36,7 +36,7 @@ from ormo_ps.common.layout import layout_of, numel, to_pb
 from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 from ormo_ps.common.security import ClientSecurity
-from ormo_ps.worker.client import WorkerError, Worker, WorkerOptions
+from ormo_ps.worker.client import WorkerError, Worker, WorkerOptions, widened
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ class _ClientWorker(Worker):
 
 
     def _decode_parameters(self, tensor: pb.Tensor, data: memoryview | None, owned: bool) -> torch.Tensor:
-        return decode(tensor, expected_numel=self.owner.numel, expected_dtype=torch.float32, data=data,
-                      copy=not owned)
+        return widened(decode(tensor, expected_numel=self.owner.numel, expected_dtype=self._sender.wire_dtype,
+                              data=data, copy=not owned))
 
     async def _gradient(self, params: torch.Tensor, iteration_index: int) -> list[bytes]:
         owner = self.owner

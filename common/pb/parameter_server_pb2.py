@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(ormo_ps/common/pb/parameter_server.proto\x12\x05ps.v1\"S\n\x06Tensor\x12\x1b\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0c.ps.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63hunked\x18\x04 \x01(\x08\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x1b\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0c.ps.v1.DType\";\n\x0fParameterLayout\x12(\n\nparameters\x18\x01 \x03(\x0b\x32\x14.ps.v1.ParameterSpec\"\xa4\x01\n\x08Register\x12 \n\x13requested_worker_id\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08slowdown\x18\x03 \x01(\x01\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12\x16\n\x0e\x61\x63\x63\x65pts_chunks\x18\x05 \x01(\x08\x42\x16\n\x14_requested_worker_id\"\xd2\x01\n\tRunConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x18\n\x10total_iterations\x18\x08 \x01(\x03\x12\x13\n\x0bnum_workers\x18\t \x01(\x05\x12\x16\n\x0enum_parameters\x18\n \x01(\x04\"\xa9\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12 \n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x10.ps.v1.RunConfig\x12\x11\n\tdata_seed\x18\x03 \x01(\x04\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12\x19\n\x11parameters_wanted\x18\x05 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x04\"f\n\x08Gradient\x12\x1d\n\x06tensor\x18\x01 \x01(\x0b\x32\r.ps.v1.Tensor\x12\x17\n\x0fiteration_index\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x14\n\x0csample_count\x18\x04 \x01(\r\"S\n\nParameters\x12\x1d\n\x06tensor\x18\x01 \x01(\x0b\x32\r.ps.v1.Tensor\x12\x17\n\x0fiteration_index\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\"9\n\x04Stop\x12!\n\x06reason\x18\x01 \x01(\x0e\x32\x11.ps.v1.StopReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"R\n\x05Ready\x12&\n\x06layout\x18\x01 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12!\n\nparameters\x18\x02 \x01(\x0b\x32\r.ps.v1.Tensor\"\xa8\x01\n\rWorkerMessage\x12#\n\x08register\x18\x01 \x01(\x0b\x32\x0f.ps.v1.RegisterH\x00\x12#\n\x08gradient\x18\x02 \x01(\x0b\x32\x0f.ps.v1.GradientH\x00\x12\x1d\n\x05ready\x18\x03 \x01(\x0b\x32\x0c.ps.v1.ReadyH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.ps.v1.TensorChunkH\x00\x42\t\n\x07payload\"\xa8\x01\n\rServerMessage\x12!\n\x07welcome\x18\x01 \x01(\x0b\x32\x0e.ps.v1.WelcomeH\x00\x12\'\n\nparameters\x18\x02 \x01(\x0b\x32\x11.ps.v1.ParametersH\x00\x12\x1b\n\x04stop\x18\x03 \x01(\x0b\x32\x0b.ps.v1.StopH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.ps.v1.TensorChunkH\x00\x42\t\n\x07payload\"/\n\x14GetParametersRequest\x12\x17\n\x0ftraining_client\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\x87\x02\n\x06Status\x12\x11\n\titeration\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x01\x12\x19\n\x11workers_connected\x18\x03 \x01(\x05\x12\x19\n\x11gradients_applied\x18\x04 \x01(\x04\x12\x1a\n\x12gradients_rejected\x18\x05 \x01(\x04\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12 \n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x10.ps.v1.RunConfig\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x10\n\x08\x64iverged\x18\n \x01(\x08\x12\x1b\n\x13gradients_discarded\x18\x0b \x01(\x04*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04*\x8d\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_DONE\x10\x01\x12\x18\n\x14STOP_REASON_SHUTDOWN\x10\x02\x12\x18\n\x14STOP_REASON_REJECTED\x10\x03\x12\x18\n\x14STOP_REASON_DIVERGED\x10\x04\x32\xc0\x01\n\x0fParameterServer\x12\x37\n\x05Train\x12\x14.ps.v1.WorkerMessage\x1a\x14.ps.v1.ServerMessage(\x01\x30\x01\x12?\n\rGetParameters\x12\x1b.ps.v1.GetParametersRequest\x1a\x11.ps.v1.Parameters\x12\x33\n\tGetStatus\x12\x17.ps.v1.GetStatusRequest\x1a\r.ps.v1.Statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(ormo_ps/common/pb/parameter_server.proto\x12\x05ps.v1\"S\n\x06Tensor\x12\x1b\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0c.ps.v1.DType\x12\r\n\x05numel\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07\x63hunked\x18\x04 \x01(\x08\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x1b\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0c.ps.v1.DType\";\n\x0fParameterLayout\x12(\n\nparameters\x18\x01 \x03(\x0b\x32\x14.ps.v1.ParameterSpec\"\xa4\x01\n\x08Register\x12 \n\x13requested_worker_id\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08slowdown\x18\x03 \x01(\x01\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12\x16\n\x0e\x61\x63\x63\x65pts_chunks\x18\x05 \x01(\x08\x42\x16\n\x14_requested_worker_id\"\xf4\x01\n\tRunConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x18\n\x10total_iterations\x18\x08 \x01(\x03\x12\x13\n\x0bnum_workers\x18\t \x01(\x05\x12\x16\n\x0enum_parameters\x18\n \x01(\x04\x12 \n\nwire_dtype\x18\x0b \x01(\x0e\x32\x0c.ps.v1.DType\"\xa9\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12 \n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x10.ps.v1.RunConfig\x12\x11\n\tdata_seed\x18\x03 \x01(\x04\x12&\n\x06layout\x18\x04 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12\x19\n\x11parameters_wanted\x18\x05 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\x04\"f\n\x08Gradient\x12\x1d\n\x06tensor\x18\x01 \x01(\x0b\x32\r.ps.v1.Tensor\x12\x17\n\x0fiteration_index\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x14\n\x0csample_count\x18\x04 \x01(\r\"S\n\nParameters\x12\x1d\n\x06tensor\x18\x01 \x01(\x0b\x32\r.ps.v1.Tensor\x12\x17\n\x0fiteration_index\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\"9\n\x04Stop\x12!\n\x06reason\x18\x01 \x01(\x0e\x32\x11.ps.v1.StopReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"R\n\x05Ready\x12&\n\x06layout\x18\x01 \x01(\x0b\x32\x16.ps.v1.ParameterLayout\x12!\n\nparameters\x18\x02 \x01(\x0b\x32\r.ps.v1.Tensor\"\xa8\x01\n\rWorkerMessage\x12#\n\x08register\x18\x01 \x01(\x0b\x32\x0f.ps.v1.RegisterH\x00\x12#\n\x08gradient\x18\x02 \x01(\x0b\x32\x0f.ps.v1.GradientH\x00\x12\x1d\n\x05ready\x18\x03 \x01(\x0b\x32\x0c.ps.v1.ReadyH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.ps.v1.TensorChunkH\x00\x42\t\n\x07payload\"\xa8\x01\n\rServerMessage\x12!\n\x07welcome\x18\x01 \x01(\x0b\x32\x0e.ps.v1.WelcomeH\x00\x12\'\n\nparameters\x18\x02 \x01(\x0b\x32\x11.ps.v1.ParametersH\x00\x12\x1b\n\x04stop\x18\x03 \x01(\x0b\x32\x0b.ps.v1.StopH\x00\x12#\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x12.ps.v1.TensorChunkH\x00\x42\t\n\x07payload\"/\n\x14GetParametersRequest\x12\x17\n\x0ftraining_client\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\x87\x02\n\x06Status\x12\x11\n\titeration\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x01\x12\x19\n\x11workers_connected\x18\x03 \x01(\x05\x12\x19\n\x11gradients_applied\x18\x04 \x01(\x04\x12\x1a\n\x12gradients_rejected\x18\x05 \x01(\x04\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12 \n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x10.ps.v1.RunConfig\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x10\n\x08\x64iverged\x18\n \x01(\x08\x12\x1b\n\x13gradients_discarded\x18\x0b \x01(\x04*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04*\x8d\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_DONE\x10\x01\x12\x18\n\x14STOP_REASON_SHUTDOWN\x10\x02\x12\x18\n\x14STOP_REASON_REJECTED\x10\x03\x12\x18\n\x14STOP_REASON_DIVERGED\x10\x04\x32\xc0\x01\n\x0fParameterServer\x12\x37\n\x05Train\x12\x14.ps.v1.WorkerMessage\x1a\x14.ps.v1.ServerMessage(\x01\x30\x01\x12?\n\rGetParameters\x12\x1b.ps.v1.GetParametersRequest\x1a\x11.ps.v1.Parameters\x12\x33\n\tGetStatus\x12\x17.ps.v1.GetStatusRequest\x1a\r.ps.v1.Statusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ormo_ps.common.pb.parameter_server_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1878
-  _globals['_DTYPE']._serialized_end=1985
-  _globals['_STOPREASON']._serialized_start=1988
-  _globals['_STOPREASON']._serialized_end=2129
+  _globals['_DTYPE']._serialized_start=1912
+  _globals['_DTYPE']._serialized_end=2019
+  _globals['_STOPREASON']._serialized_start=2022
+  _globals['_STOPREASON']._serialized_end=2163
   _globals['_TENSOR']._serialized_start=51
   _globals['_TENSOR']._serialized_end=134
   _globals['_TENSORCHUNK']._serialized_start=136
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTER']._serialized_start=318
   _globals['_REGISTER']._serialized_end=482
   _globals['_RUNCONFIG']._serialized_start=485
-  _globals['_RUNCONFIG']._serialized_end=695
-  _globals['_WELCOME']._serialized_start=698
-  _globals['_WELCOME']._serialized_end=867
-  _globals['_GRADIENT']._serialized_start=869
-  _globals['_GRADIENT']._serialized_end=971
-  _globals['_PARAMETERS']._serialized_start=973
-  _globals['_PARAMETERS']._serialized_end=1056
-  _globals['_STOP']._serialized_start=1058
-  _globals['_STOP']._serialized_end=1115
-  _globals['_READY']._serialized_start=1117
-  _globals['_READY']._serialized_end=1199
-  _globals['_WORKERMESSAGE']._serialized_start=1202
-  _globals['_WORKERMESSAGE']._serialized_end=1370
-  _globals['_SERVERMESSAGE']._serialized_start=1373
-  _globals['_SERVERMESSAGE']._serialized_end=1541
-  _globals['_GETPARAMETERSREQUEST']._serialized_start=1543
-  _globals['_GETPARAMETERSREQUEST']._serialized_end=1590
-  _globals['_GETSTATUSREQUEST']._serialized_start=1592
-  _globals['_GETSTATUSREQUEST']._serialized_end=1610
-  _globals['_STATUS']._serialized_start=1613
-  _globals['_STATUS']._serialized_end=1876
-  _globals['_PARAMETERSERVER']._serialized_start=2132
-  _globals['_PARAMETERSERVER']._serialized_end=2324
+  _globals['_RUNCONFIG']._serialized_end=729
+  _globals['_WELCOME']._serialized_start=732
+  _globals['_WELCOME']._serialized_end=901
+  _globals['_GRADIENT']._serialized_start=903
+  _globals['_GRADIENT']._serialized_end=1005
+  _globals['_PARAMETERS']._serialized_start=1007
+  _globals['_PARAMETERS']._serialized_end=1090
+  _globals['_STOP']._serialized_start=1092
+  _globals['_STOP']._serialized_end=1149
+  _globals['_READY']._serialized_start=1151
+  _globals['_READY']._serialized_end=1233
+  _globals['_WORKERMESSAGE']._serialized_start=1236
+  _globals['_WORKERMESSAGE']._serialized_end=1404
+  _globals['_SERVERMESSAGE']._serialized_start=1407
+  _globals['_SERVERMESSAGE']._serialized_end=1575
+  _globals['_GETPARAMETERSREQUEST']._serialized_start=1577
+  _globals['_GETPARAMETERSREQUEST']._serialized_end=1624
+  _globals['_GETSTATUSREQUEST']._serialized_start=1626
+  _globals['_GETSTATUSREQUEST']._serialized_end=1644
+  _globals['_STATUS']._serialized_start=1647
+  _globals['_STATUS']._serialized_end=1910
+  _globals['_PARAMETERSERVER']._serialized_start=2166
+  _globals['_PARAMETERSERVER']._serialized_end=2358
 # @@protoc_insertion_point(module_scope)

@@ -84,7 +84,7 @@ class Register(_message.Message):
     def __init__(self, requested_worker_id: _Optional[int] = ..., name: _Optional[str] = ..., slowdown: _Optional[float] = ..., layout: _Optional[_Union[ParameterLayout, _Mapping]] = ..., accepts_chunks: _Optional[bool] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "model", "dataset", "num_classes", "batch_size", "weight_decay", "seed", "total_iterations", "num_workers", "num_parameters")
+    __slots__ = ("algorithm", "model", "dataset", "num_classes", "batch_size", "weight_decay", "seed", "total_iterations", "num_workers", "num_parameters", "wire_dtype")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class RunConfig(_message.Message):
     TOTAL_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     model: str
     dataset: str
@@ -105,7 +106,8 @@ class RunConfig(_message.Message):
     total_iterations: int
     num_workers: int
     num_parameters: int
-    def __init__(self, algorithm: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., num_classes: _Optional[int] = ..., batch_size: _Optional[int] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., total_iterations: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_parameters: _Optional[int] = ...) -> None: ...
+    wire_dtype: DType
+    def __init__(self, algorithm: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., num_classes: _Optional[int] = ..., batch_size: _Optional[int] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., total_iterations: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_parameters: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("worker_id", "config", "data_seed", "layout", "parameters_wanted", "chunk_bytes")
