@@ -60,6 +60,18 @@ def record_reply(row: np.ndarray, replies: int) -> None:
     row[REPLY_NS_B] = now
 
 
+def on_wire(g: np.ndarray, wire_dtype: int) -> np.ndarray | tuple[int, np.ndarray]:
+    """A float32 gradient as the run's wire dtype says (the Welcome's), in that dtype's wire layout, without torch:
+    bfloat16 as the upper 16 bits rounded to nearest even (torch's cast), float16 by numpy."""
+    if wire_dtype in (pb.DTYPE_UNSPECIFIED, pb.DTYPE_FLOAT32):
+        return g
+    if wire_dtype == pb.DTYPE_FLOAT16:
+        return pb.DTYPE_FLOAT16, g.astype("<f2")
+    bits = g.view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # (no NaN here: small finite values)
+    return pb.DTYPE_BFLOAT16, rounded.astype("<u2").view("<i2")
+
+
 def gradient_bytes(numel: int, seed: int) -> bytes:
     """Small float32 values (|g| ~ 1e-4), little-endian: a plausible gradient that never overflows."""
     rng = np.random.default_rng(seed)
@@ -82,15 +94,16 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
             welcome = first.message.welcome
             numel, chunk_bytes = welcome.config.num_parameters, welcome.chunk_bytes
             row[NUMEL] = numel
-            gradient = np.frombuffer(gradient_bytes(numel, slot), dtype="<f4")
+            gradient = on_wire(np.frombuffer(gradient_bytes(numel, slot), dtype="<f4"), welcome.config.wire_dtype)
             sender = Sender(chunk_bytes)
             row[UP_BYTES] = sum(map(len, sender.gradient(gradient, 0, 0.0, 128)))
             await call.write(pb.WorkerMessage(ready=pb.Ready()))
             row[STATE] = READY
             replies = -1  # the first Parameters answers Ready, not a gradient
             # One receive buffer, used again, as ps-worker's; float32 parameters (the pushers import no torch).
+            wire = welcome.config.wire_dtype or pb.DTYPE_FLOAT32
             incoming = Receiver(BufferPool(max_bytes=1 << 62), chunk_bytes, announcement="Parameters",
-                                expect=lambda name, message: (None, pb.DTYPE_FLOAT32))
+                                expect=lambda name, message: (None, wire))
             while True:
                 got = await _parameters(call, incoming)
                 if got is None:

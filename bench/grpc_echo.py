@@ -34,15 +34,18 @@ from ormo_ps.server.servicer import add_to_server
 
 
 class EchoService(pb_grpc.ParameterServerServicer):
-    def __init__(self, numel: int, chunk_bytes: int) -> None:
+    def __init__(self, numel: int, chunk_bytes: int, wire_dtype: int = pb.DTYPE_FLOAT32) -> None:
         self.numel = numel
         self.chunk_bytes = chunk_bytes
         self.buffers = BufferPool()  # receive buffers used again, as ps-server's
         self.echoed = 0
         self.started = time.monotonic()
         self.config = pb.RunConfig(algorithm="echo", model=f"flat-{numel}", dataset="none", num_classes=1,
-                                   batch_size=128, total_iterations=0, num_workers=0, num_parameters=numel)
-        self.initial = np.zeros(numel, dtype=np.float32)
+                                   batch_size=128, total_iterations=0, num_workers=0, num_parameters=numel,
+                                   wire_dtype=wire_dtype)
+        # w_0 in the run's wire dtype, as ps-server sends it (zeros: the same bits in every dtype's layout)
+        self.initial = ((wire_dtype, np.zeros(numel, dtype="<i2")) if wire_dtype != pb.DTYPE_FLOAT32
+                        else np.zeros(numel, dtype=np.float32))
         self.next_id = 0
 
     async def Train(self, request_iterator, context):
@@ -58,9 +61,11 @@ class EchoService(pb_grpc.ParameterServerServicer):
             if kind == "gradient":
                 g = msg.gradient
                 self.echoed += 1
-                # One copy of the tensor's bytes, as ps-server's reply costs.
+                # One copy of the tensor's bytes, as ps-server's reply costs; back in the dtype it came in.
                 data = received.tensor_data if received.tensor_data is not None else g.tensor.data
-                for reply in sender.parameters(np.frombuffer(data, dtype=np.float32), g.iteration_index + 1, 0.0):
+                tensor = (g.tensor.dtype, np.frombuffer(data, dtype=np.float32 if g.tensor.dtype == pb.DTYPE_FLOAT32
+                                                        else "<i2"))
+                for reply in sender.parameters(tensor, g.iteration_index + 1, 0.0):
                     yield reply
             elif kind == "register":
                 self.next_id += 1
@@ -76,9 +81,9 @@ class EchoService(pb_grpc.ParameterServerServicer):
                          uptime_seconds=time.monotonic() - self.started)
 
 
-async def serve(bind: str, numel: int, chunk_bytes: int) -> None:
+async def serve(bind: str, numel: int, chunk_bytes: int, wire_dtype: int = pb.DTYPE_FLOAT32) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    add_to_server(EchoService(numel, chunk_bytes), server)  # ps-server's registration: the same Train serializers
+    add_to_server(EchoService(numel, chunk_bytes, wire_dtype), server)  # ps-server's registration: the same Train serializers
     port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"could not bind {bind}")
@@ -98,11 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--numel", type=int, required=True, help="parameters announced in the Welcome")
     p.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_BYTES / MIB,
                    help="chunk tensors larger than this (MiB) as ps-server --chunk-mib does; 0: whole")
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the wire dtype its Welcome announces, as ps-server --wire-dtype")
     args = p.parse_args(argv)
     tune_malloc()  # as ps-server does: the ceiling gets the same allocator settings
     if not args.bind.startswith("127.0.0.1:"):
         p.error("the benchmark listens on 127.0.0.1 only")
-    asyncio.run(serve(args.bind, args.numel, round(args.chunk_mib * MIB)))
+    wire = {"float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16, "float16": pb.DTYPE_FLOAT16}[args.wire_dtype]
+    asyncio.run(serve(args.bind, args.numel, round(args.chunk_mib * MIB), wire))
 
 
 if __name__ == "__main__":

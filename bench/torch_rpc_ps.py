@@ -53,6 +53,7 @@ PS_NAME = "ps"
 param_server = None
 global_lock = threading.Lock()
 _control = None  # the control file, opened by every rank
+_wire = torch.float32  # what gradients and parameters travel as (--wire-dtype): the server applies in float32
 
 
 class ParameterServer:
@@ -70,11 +71,11 @@ class ParameterServer:
     def update_and_fetch(ps_rref: rpc.RRef, grad: torch.Tensor) -> torch.Tensor:
         self = ps_rref.local_value()
         with self.lock:
-            self.w.grad = grad
+            self.w.grad = grad if grad.dtype == torch.float32 else grad.float()
             self.optimizer.step()
             self.applied += 1
             _control[-1, APPLIED] = self.applied
-            return self.w.detach().clone()
+            return self.w.detach().clone() if _wire == torch.float32 else self.w.detach().to(_wire)
 
 
 def get_parameter_server(numel: int = 0, lr: float = 0.01) -> ParameterServer:
@@ -92,8 +93,9 @@ def run_worker(rank: int, numel: int, max_round_trips: int, max_seconds: float) 
     params = ps_rref.rpc_sync().get_parameters()
     if params.numel() != numel:
         raise RuntimeError(f"the server has {params.numel()} parameters, expected {numel}")
-    grad = torch.randn(numel, generator=torch.Generator().manual_seed(rank)) * 1e-4
-    row[NUMEL], row[UP_BYTES], row[DOWN_BYTES] = numel, 4 * numel, 4 * numel  # tensor payload only
+    grad = (torch.randn(numel, generator=torch.Generator().manual_seed(rank)) * 1e-4).to(_wire)
+    size = grad.element_size() * numel
+    row[NUMEL], row[UP_BYTES], row[DOWN_BYTES] = numel, size, size  # tensor payload only
     row[STATE] = READY
     owner = ps_rref.owner()
     replies = 0
@@ -112,8 +114,9 @@ def run_worker(rank: int, numel: int, max_round_trips: int, max_seconds: float) 
 
 
 def run_rank(args: argparse.Namespace, rank: int) -> None:
-    global _control
+    global _control, _wire
     _control = open_control(args.control, args.world - 1)
+    _wire = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.wire_dtype]
     tune_malloc()  # the same allocator settings as ps-server and its pushers: the designs are compared
     slot = rank - 1 if rank else -1
     if rank:
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-round-trips", type=int, default=10**9)
     p.add_argument("--max-seconds", type=float, default=600.0)
     p.add_argument("--rpc-timeout", type=float, default=300.0)
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="gradients and parameters sent as this (the server applies in float32)")
     args = p.parse_args(argv)
     if args.rank is None:
         return launch(args)

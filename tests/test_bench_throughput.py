@@ -54,6 +54,20 @@ def test_counts_add_up(system: str, chunk_mib: float | None, tmp_path: Path) -> 
     assert 4 * numel < counts["down_bytes"] < 4 * numel + framing
 
 
+# The bfloat16 wire (issue #25): pushers send 2 bytes an element where the Welcome says so, the echo echoes them,
+# ps-server applies them and answers in bfloat16; torch RPC's ranks send bfloat16 tensors too.
+@pytest.mark.parametrize("system", [pytest.param("server-bf16", marks=pytest.mark.slow), "echo-bf16",
+                                    pytest.param("torch-rpc-bf16", marks=pytest.mark.slow)])
+def test_counts_add_up_on_a_bfloat16_wire(system: str, tmp_path: Path) -> None:
+    numel = 192 * 128 + 128 + 128 * 10 + 10
+    counts = run_counted(system, K, ROUND_TRIPS, size="resnet20", numel=numel, workdir=tmp_path, timeout=60.0,
+                         model="mlp")
+    assert counts["pushers_done"] == K and counts["replies"] == counts["sent"] == K * ROUND_TRIPS
+    assert counts["applied"] == counts["sent"]
+    assert 2 * numel <= counts["up_bytes"] < 2 * numel + 64  # half of float32's
+    assert 2 * numel <= counts["down_bytes"] < 2 * numel + 64
+
+
 @pytest.mark.parametrize("name", ["throughput", "throughput_large_k16", "throughput_whole",
                                   "throughput_profile_11M_k4"])
 def test_report_redraws_the_committed_results(name: str) -> None:

@@ -106,7 +106,7 @@ class Group:
     # -- counters
     def applied(self) -> int:
         """Updates applied (gradients echoed) by the server so far."""
-        if self.system == "torch-rpc":
+        if self.system.startswith("torch-rpc"):
             return int(self.control[-1, APPLIED])
         import grpc
 
@@ -138,7 +138,7 @@ class Group:
     def cpu(self) -> tuple[float, float, float, float]:
         """CPU seconds of (the server process, all the pushers, the server's main thread, the whole machine); the
         processes write their pids themselves. The main thread of ps-server and the echo runs their event loop."""
-        server = int(self.control[-1, SERVER_PID]) if self.system == "torch-rpc" else self.server.pid
+        server = int(self.control[-1, SERVER_PID]) if self.system.startswith("torch-rpc") else self.server.pid
         return (cpu_seconds(server) if server else 0.0,
                 sum(cpu_seconds(int(pid)) for pid in self.control[: self.k, PID] if pid),
                 cpu_seconds(server, server) if server else 0.0, machine_busy_seconds())
@@ -177,13 +177,13 @@ class Group:
             self.control.flush()
             deadline = time.monotonic() + STOP_TIMEOUT
             # gRPC pushers end right after their next reply; torch-rpc's ranks end together (rpc.shutdown)
-            for p in self.procs if self.system == "torch-rpc" else self.pushers:
+            for p in self.procs if self.system.startswith("torch-rpc") else self.pushers:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(max(0.1, deadline - time.monotonic()))
             final = dict(sent=self.column(SENT), replies=self.column(REPLIES),
                          pushers_done=int((self.control[: self.k, STATE] == DONE).sum()),
                          pusher_errors=self.column(ERROR))
-            if self.system == "torch-rpc":
+            if self.system.startswith("torch-rpc"):
                 final["applied"] = self.applied()
             elif self.server is not None and self.server.poll() is None and self.target:
                 with contextlib.suppress(Exception):
@@ -238,18 +238,24 @@ def _wait_ready(group: Group, timeout: float) -> None:
                        f"after {timeout:.0f}s")
 
 
+def split_system(system: str) -> tuple[str, str]:
+    """(the system, its wire dtype): `server-bf16` is ps-server with `--wire-dtype bfloat16`, likewise the echo
+    and torch-rpc (issue #25); the plain names are float32."""
+    return (system[:-5], "bfloat16") if system.endswith("-bf16") else (system, "float32")
+
+
 def chunk_flags(chunk_mib: float | None) -> list[str]:
     """ps-server's and the echo's --chunk-mib, when the benchmark sets one (else their default)."""
     return [] if chunk_mib is None else ["--chunk-mib", repr(chunk_mib)]
 
 
 def server_command(size: str, numel: int, k: int, out_dir: Path, model: str | None = None,
-                   chunk_mib: float | None = None) -> tuple[str, list[str]]:
+                   chunk_mib: float | None = None, wire_dtype: str = "float32") -> tuple[str, list[str]]:
     """ps-server for K workers, as (module, arguments): a registered model by name (ResNet20 by default), or
     flat-N for 11M/25M."""
     common = ["--bind", "127.0.0.1:0", "--workers", str(k), "--dataset", "synthetic", "--algo", "ormo",
               "--iterations", "1000000000", "--out", str(out_dir), "--linger", "0", "--checkpoint-every", "1e9",
-              *chunk_flags(chunk_mib)]
+              "--wire-dtype", wire_dtype, *chunk_flags(chunk_mib)]
     if model or size == "resnet20":
         return "ormo_ps.server.cli", ["--model", model or "resnet20", *common]
     return "bench.ps_server_sized", ["--numel", str(numel), "--", "--model", f"flat-{numel}", *common]
@@ -261,22 +267,23 @@ def start_group(system: str, size: str, numel: int, k: int, workdir: Path, *, ma
     """Start one system with K pushers (or K torch ranks) and return once every one of them is ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     group = Group(system, k, numel, workdir, _new_control(workdir / "control.bin", k))
+    base, wire = split_system(system)
     try:
         limits = ["--max-round-trips", str(max_round_trips), "--max-seconds", str(max_seconds)]
-        if system == "torch-rpc":  # one launcher forks the server rank and the K worker ranks
+        if base == "torch-rpc":  # one launcher forks the server rank and the K worker ranks
             group.server = group.spawn("bench.torch_rpc_ps", ["--world", str(k + 1), "--port", str(free_port()),
-                                                              "--numel", str(numel),
+                                                              "--numel", str(numel), "--wire-dtype", wire,
                                                               "--control", str(group.control.filename), *limits],
                                        "server")
             _wait_ready(group, START_TIMEOUT)
             return group
-        if system == "server":
-            group.server = group.spawn(*server_command(size, numel, k, workdir / "run", model, chunk_mib), "server",
-                                       env=server_env)
+        if base == "server":
+            group.server = group.spawn(*server_command(size, numel, k, workdir / "run", model, chunk_mib, wire),
+                                       "server", env=server_env)
             group.target = group.wait_for_address("server", group.server, LISTENING_PATTERN, START_TIMEOUT)
         else:
             group.server = group.spawn("bench.grpc_echo", ["--bind", "127.0.0.1:0", "--numel", str(numel),
-                                                           *chunk_flags(chunk_mib)], "server")
+                                                           "--wire-dtype", wire, *chunk_flags(chunk_mib)], "server")
             group.target = group.wait_for_address("server", group.server, r"echo listening on ([\d.]+):(\d+)",
                                                   START_TIMEOUT)
         for i in range(k):

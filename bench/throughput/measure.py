@@ -23,7 +23,7 @@ def mem_available() -> int:
 def estimated_bytes(system: str, numel: int, k: int) -> int:
     """Rough peak memory of a group: a few message-sized copies per process plus the interpreter."""
     msg = 4 * numel
-    if system == "torch-rpc":  # forked ranks share torch's pages
+    if system.startswith("torch-rpc"):  # forked ranks share torch's pages
         return (k + 1) * (3 * msg + (60 << 20)) + (300 << 20)
     return k * (4 * msg + (60 << 20)) + 8 * msg + (400 << 20)
 
