@@ -23,6 +23,7 @@ import torch
 from bench import harness
 from ormo_ps.server.algorithms import ALGORITHMS
 from ormo_ps.server.config import RunConfig
+from ormo_ps.common.wire_dtype import Scratch, to_wire
 from ormo_ps.server.core import ServerCore
 # Model-sized vectors each update must read or write at least once (g read; state read+write = 2).
 MIN_VECTORS = {"asgd": 3, "ssgd": 3, "asgdm": 5, "shifted-momentum": 5, "ormo": 5, "ormo-da": 5, "ssgdm": 5,
@@ -65,14 +66,14 @@ def wire_step_time(n: int, k: int, repeats: int, wire: torch.dtype) -> float:
                                                 iterations=10**9))
     held = {w: 0 for w in core.start().workers}
     g_wire = (torch.rand(n) * 1e-3).to(wire)
+    scratch = Scratch()  # as the service's: the conversions reuse their buffers
     times = []
     for i in range(repeats + k):
         w = i % k
         t = time.perf_counter()
-        g = g_wire if wire == torch.float32 else g_wire.to(torch.float32)
+        g = scratch.widen(g_wire)
         for d in core.push(w, g, held.pop(w)):
-            if wire != torch.float32:
-                d.params.to(wire)
+            to_wire(d.params, wire, "the parameters", scratch=scratch)
             for r in d.workers:
                 held[r] = d.iteration_index
         if i >= k:

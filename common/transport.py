@@ -60,18 +60,20 @@ class Sender:
     as they are), rounded by `ormo_ps.common.wire_dtype.to_wire`. Each method returns the serialized messages,
     to be written in order. (Imports no torch itself: the benchmark's pushers send prepared arrays.)"""
 
-    def __init__(self, chunk_bytes: int = 0, wire_dtype: Any = None) -> None:
+    def __init__(self, chunk_bytes: int = 0, wire_dtype: Any = None, scratch: Any = None) -> None:
         if chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = wire_dtype
+        # (common.wire_dtype.Scratch) buffers the rounding reuses: the messages copy the bytes before the next use
+        self.scratch = scratch
 
     def _on_wire(self, t: Any, what: str, check: bool) -> Any:
         if self.wire_dtype is None or not hasattr(t, "is_floating_point") or t.dtype == self.wire_dtype:
             return t
         from ormo_ps.common.wire_dtype import to_wire  # (torch is imported already: t is a torch tensor)
 
-        return to_wire(t, self.wire_dtype, what, check)
+        return to_wire(t, self.wire_dtype, what, check, self.scratch)
 
     def gradient(self, t: torch.Tensor | np.ndarray, iteration_index: int, loss: float,
                  sample_count: int = 0) -> list[bytes]:

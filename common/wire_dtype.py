@@ -18,7 +18,7 @@ from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.tensor_checks import all_finite, max_magnitude
 from ormo_ps.common.tensor_header import CodecError
 
-__all__ = ["WIRE_DTYPES", "from_pb", "overflow_hint", "round_trip", "to_pb", "to_wire"]
+__all__ = ["WIRE_DTYPES", "Scratch", "from_pb", "overflow_hint", "round_trip", "to_pb", "to_wire"]
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PB = {torch.float32: pb.DTYPE_FLOAT32, torch.bfloat16: pb.DTYPE_BFLOAT16, torch.float16: pb.DTYPE_FLOAT16}
@@ -47,13 +47,41 @@ def overflow_hint(dtype: torch.dtype) -> str:
             "float32's range)")
 
 
-def to_wire(t: torch.Tensor, dtype: torch.dtype, what: str = "tensor", check: bool = True) -> torch.Tensor:
-    """`t` (float32) as the wire dtype, rounded to nearest even; `t` itself for float32. With `check`, a float16
-    overflow (a finite element beyond float16's range) is a CodecError, not an infinity sent."""
+class Scratch:
+    """Conversion buffers used again, one per dtype and size: converting 11M parameters into a fresh tensor costs
+    page faults (a 44 MB float32 buffer is above glibc's mmap threshold) several times the conversion itself
+    (bench/results/update_cost.md: 9.8 ms against 1.2 ms into a buffer used again). A buffer handed out is valid
+    until the next call for the same dtype and size: its reader copies or frames it before then."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+
+    def get(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buffer = self._buffers.get((dtype, numel))
+        if buffer is None:
+            buffer = self._buffers[(dtype, numel)] = torch.empty(numel, dtype=dtype)
+        return buffer
+
+    def widen(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`t` (a flat bfloat16 or float16 tensor on the CPU) as `dtype`, exactly, in a buffer used again."""
+        if t.dtype == dtype:
+            return t
+        return self.get(dtype, t.numel()).copy_(t)
+
+
+def to_wire(t: torch.Tensor, dtype: torch.dtype, what: str = "tensor", check: bool = True,
+            scratch: Scratch | None = None) -> torch.Tensor:
+    """`t` (float32) as the wire dtype, rounded to nearest even (in a buffer of `scratch` when given and `t` is a
+    flat CPU tensor); `t` itself for float32. With `check`, a float16 overflow (a finite element beyond
+    float16's range) is a CodecError, not an infinity sent."""
     if dtype == t.dtype:
         return t
-    out = t.to(dtype)
-    if check and dtype == torch.float16 and not all_finite(out) and all_finite(t):
+    if scratch is not None and t.dim() == 1 and t.device.type == "cpu":
+        out = scratch.get(dtype, t.numel()).copy_(t)
+    else:
+        out = t.to(dtype)
+    # (aminmax of the float16 result: a fast read, where a float32 sum of float16 would not be)
+    if check and dtype == torch.float16 and max_magnitude(out) == float("inf") and all_finite(t):
         raise CodecError(f"{what} would overflow the float16 wire: the largest magnitude, {max_magnitude(t):.4g}, is "
                          f"above {FLOAT16_MAX:g}; --wire-dtype bfloat16 keeps float32's range")
     return out

@@ -30,6 +30,7 @@ from ormo_ps.common.log_limit import LimitedLog, shorten
 from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.tensor_checks import check_finite
 from ormo_ps.common.transport import Receiver, Sender
+from ormo_ps.common.wire_dtype import Scratch
 from ormo_ps.common.wire import Received
 from ormo_ps.server.core import Dispatch
 from ormo_ps.server.stream import END_STREAM, Connection, Rejected
@@ -57,6 +58,7 @@ class Admission:
         self.ended = ended
         self.stop_message = stop_message
         self.buffers = buffers  # for chunked tensors, every stream's
+        self.scratch = Scratch()  # for the parameters rounded to the wire dtype (one dispatch at a time)
         if chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must be >= 0, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes  # tensors larger than this travel chunked to and from clients that read them
@@ -156,7 +158,7 @@ class Admission:
         chunk_bytes = self.chunk_bytes if reg.accepts_chunks else 0
         conn = Connection(worker, shorten(reg.name or peer, 64), reg.slowdown or 1.0,
                           new_slot=worker not in self.ever_assigned,
-                          sender=Sender(chunk_bytes, wire_dtype=self.run.wire_torch_dtype))
+                          sender=Sender(chunk_bytes, wire_dtype=self.run.wire_torch_dtype, scratch=self.scratch))
         conn.incoming = Receiver(self.buffers, chunk_bytes, why_whole=(
             "the server sends and reads every tensor whole (--chunk-mib 0)" if self.chunk_bytes == 0
             else "the client's Register did not set accepts_chunks"),

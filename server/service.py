@@ -223,7 +223,7 @@ class ParameterServerService:
             grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=wire, copy=False,
                           data=received.tensor_data)
             if grad.dtype != core.w.dtype:
-                grad = grad.to(core.w.dtype)
+                grad = self.admission.scratch.widen(grad, core.w.dtype)  # (read by the push below, then free)
         except CodecError as e:
             self.counters.reject("tensor")
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bad gradient tensor: {e}") from None
