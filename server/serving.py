@@ -1,5 +1,5 @@
 """Serving a built service (server/cli.py's `build_service`): the gRPC server with health checks, the
-line that says where it listens, signals (a first SIGTERM/SIGINT checkpoints and stops, a second exits),
+line that says where it listens, signals (a first SIGTERM/SIGINT checkpoints and stops, a second a second later exits),
 a port already in use named in one line, and the end of the run (evaluators get `linger` seconds).
 """
 
@@ -37,20 +37,32 @@ def listening_port(line: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
+# A second signal this soon after the first is the same request, not an "exit now": a ps-launch killed with
+# SIGKILL delivers its children's death signal (PR_SET_PDEATHSIG) once for each of its threads as they die
+# (the kernel hands the children from a dying thread to the next one, signalling each time), within
+# milliseconds. A person's second Ctrl-C, or an operator's second `kill`, comes later than this.
+SAME_REQUEST_SECONDS = 1.0
+
+
 @contextlib.asynccontextmanager
-async def graceful_exit(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> AsyncIterator[asyncio.Event]:
-    """An event the first SIGTERM/SIGINT sets (stop gracefully); a second signal exits at once (code 130).
+async def graceful_exit(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), *,
+                        same_request: float = SAME_REQUEST_SECONDS) -> AsyncIterator[asyncio.Event]:
+    """An event the first SIGTERM/SIGINT sets (stop gracefully); a second signal, `same_request` seconds or
+    more after the first, exits at once (code 130); one sooner is the first one again and only logged.
     Outside the main thread (a server embedded in a test) no handler can be installed: the event stays clear."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    received = 0
+    first: float | None = None
 
     def on_signal() -> None:
-        nonlocal received
-        received += 1
-        if received == 1:
+        nonlocal first
+        now = loop.time()
+        if first is None:
+            first = now
             logger.info("signal received: checkpointing and stopping (again to exit at once)")
             stop.set()
+        elif now - first < same_request:
+            logger.info("signal received again %.3f s after the first: still checkpointing and stopping", now - first)
         else:
             raise SystemExit(130)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -173,6 +174,46 @@ def test_killed_worker_does_not_stop_an_async_run_and_sigterm_leaves_a_resumable
     # The resumed part begins with a start record of its own, naming the iteration it continues from.
     starts = [r for r in records if r["event"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from_iteration"] == stopped_at
+
+
+def test_a_burst_of_sigterms_is_one_request_to_checkpoint_and_stop(tmp_path, procs):
+    """A ps-launch killed with SIGKILL delivers each child's death signal once per launcher thread, within
+    milliseconds (seen: 2-3 SIGTERMs). They must not count as the operator's second signal (exit at once):
+    the server still writes its checkpoint and exits cleanly."""
+    args = ["--algo", "ormo", "--workers", "2", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
+            "--iterations", "100000", "--out", str(tmp_path), "--linger", "0"]
+    server, port = procs.server(*args)
+    addr = f"127.0.0.1:{port}"
+    for _ in range(2):
+        procs.start("ormo_ps.worker.cli", "--server", addr, "--threads", "1", "--server-timeout", "3")
+    wait_until(lambda: status(port).iteration > 20, 60, "20 iterations")
+    for _ in range(3):
+        server.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    assert load_checkpoint(tmp_path)["core"]["iteration"] > 20
+
+
+def test_a_second_signal_a_while_after_the_first_exits_at_once():
+    """The operator's way out of a slow checkpoint: a signal `same_request` seconds or more after the first."""
+    from ormo_ps.server.serving import graceful_exit
+
+    reached = []
+
+    async def main() -> None:
+        async with graceful_exit(same_request=0.2) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(stop.wait(), 10)
+            await asyncio.sleep(0.05)  # both signals handled: the second was the first one again
+            reached.append("after the burst")
+            await asyncio.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(10)
+            reached.append("after the late signal")
+
+    with pytest.raises(SystemExit) as exited:
+        asyncio.run(main())
+    assert exited.value.code == 130 and reached == ["after the burst"]
 
 
 def test_processes_start_workers_at_the_nice_level_asked(tmp_path: Path) -> None:
