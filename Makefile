@@ -3,7 +3,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: help install install-test proto deploy-env test test-fast test-containers image launch sim bench-quick bench bench-stability paper-table
+.PHONY: help install install-test proto deploy-env test test-fast test-containers test-cluster image launch sim bench-quick bench bench-stability paper-table
 
 help:
 	@echo "make install      install the package (pinned torch, grpc) in editable mode"
@@ -13,6 +13,7 @@ help:
 	@echo "make test-fast    the tests without the slow (multi-process, training) ones"
 	@echo "make image        build the Docker image ormo-ps:0.1.0 (deploy/build-image.sh; no registry needed)"
 	@echo "make test-containers  a Docker engine and Compose (deploy/docker-host.sh), the image, tests/test_containers.py"
+	@echo "make test-cluster a Slurm cluster of network namespaces (root; installs slurm-wlm, munge), tests/test_cluster.py"
 	@echo "make proto        regenerate the gRPC stubs in common/pb/ from proto/ps/v1/"
 	@echo "make deploy-env   write the run's settings (server/config.py) into docker-compose.yml and deploy/k8s/run.env"
 	@echo "make bench-quick  the benchmarks in minutes (results in bench/results/)"
@@ -36,6 +37,9 @@ test: install-test
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
+
+test-cluster: install-test
+	ORMO_TEST_CLUSTER=1 $(PYTHON) -m pytest -q -s -m cluster tests/test_cluster.py
 
 image:
 	deploy/build-image.sh
