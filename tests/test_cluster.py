@@ -91,6 +91,17 @@ def test_a_three_node_job_trains_to_the_end(cluster, tmp_path):
     assert (out / "evaluator.log").read_text().count(f"[server {cluster.address('node1')}:50051]") > 0
 
 
+def test_a_job_whose_workers_cannot_start_fails_instead_of_waiting(cluster, tmp_path):
+    """Workers that exit at once (here: a setting they refuse) leave a server with nobody to train: the script
+    stops it and the job fails, with the reason in its output, instead of holding the nodes until the limit."""
+    out = tmp_path / "run"
+    job = cluster.submit(SBATCH, run_variables(out, PS_ITERATIONS="600", PS_SERVER_TIMEOUT="-5"))
+    info = cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 180)
+    assert info["JobState"] == "FAILED", (info, cluster.job_output(job))
+    assert "every worker ended before the run did" in cluster.job_output(job)
+    assert "Invalid value" in (out / "worker-0.log").read_text()
+
+
 @pytest.fixture
 def patient_cluster() -> Iterator[Cluster]:
     """A controller that waits two minutes before declaring a silent node down (Slurm's default is five)."""
