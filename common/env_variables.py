@@ -28,6 +28,8 @@ PS_VARIABLES = frozenset({
     "PS_LR_GAMMA",
     "PS_LR_MILESTONES",
     "PS_MAX_PENDING",
+    "PS_METRICS_HOST",
+    "PS_METRICS_PORT",
     "PS_MODEL",
     "PS_MOMENTUM",
     "PS_NAME",

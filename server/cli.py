@@ -23,6 +23,7 @@ from ormo_ps.common.evaluation import Evaluator
 from ormo_ps.common.layout import layout_of
 from ormo_ps.common.malloc_tuning import tune_malloc
 from ormo_ps.common.metrics import MetricsWriter
+from ormo_ps.common.observe import MetricsPortInUse
 from ormo_ps.common.security import ServerSecurity
 from ormo_ps.common.security_options import server_security_from, server_security_options
 from ormo_ps.common.settings import setting
@@ -75,6 +76,12 @@ class ServeOptions:
         "whole (chunked ones are refused). "
         "Pieces of a few MB cross gRPC 3-4x faster than one 45-100 MB message (bench/results/transport_probe.md).",
         min=0)
+    metrics_port: int | None = setting(
+        None, "Serve Prometheus metrics at http://HOST:PORT/metrics (counts, rates and times; never parameters or "
+              "the token); 0 picks a free port and prints it. Off when not given.", min=0, max=65535, metavar="PORT")
+    metrics_host: str | None = setting(
+        None, "Address the metrics endpoint binds to. Default: loopback, or --bind's host when that is not "
+              "loopback (--bind 0.0.0.0:50051 serves metrics on 0.0.0.0 too).", metavar="HOST")
     threads: int = setting(1, "torch CPU threads for the updates. One keeps a core free for gRPC and the event "
                               "loop (more threads only pay off for updates of tens of millions of parameters).",
                            min=1)
@@ -134,7 +141,7 @@ async def serve_run(run: RunConfig, options: ServeOptions = ServeOptions(out=Non
     """Build the service of `run` and serve it (ps-server's whole job)."""
     service = build_service(run, options)
     await serve(service, bind=options.bind, security=security, linger=options.linger, grace=grace,
-                on_started=on_started)
+                on_started=on_started, metrics_port=options.metrics_port, metrics_host=options.metrics_host)
     return service
 
 
@@ -160,7 +167,7 @@ def cli(**kwargs) -> None:
         raise click.ClickException(f"cannot write to --out {options.out}: {e.strerror}") from None
     try:
         service = asyncio.run(serve_run(run, options, security=security))
-    except (CheckpointError, FileNotFoundError, ValueError, PortInUse) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, PortInUse, MetricsPortInUse) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import grpc
 
-from ormo_ps.common.cli_options import client_process_options, run_cli, setup_client_process
+from ormo_ps.common.cli_options import client_metrics, client_process_options, run_cli, setup_client_process
 from ormo_ps.common.codec import decode
 from ormo_ps.common.data import load_dataset
 from ormo_ps.common.grpc_options import GRPC_OPTIONS
@@ -29,6 +29,7 @@ from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 from ormo_ps.common.security import ClientSecurity
 from ormo_ps.worker.cli import model_options
+from ormo_ps.worker.prom_metrics import EvalMeters
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                   eval_every: float = 1.0, poll: float = 1.0, server_timeout: float = 60.0,
                   rpc_timeout: float = 60.0, device: str = "cpu",
                   security: ClientSecurity = ClientSecurity(), model: str | None = None,
-                  dataset: str | None = None) -> dict | None:
+                  dataset: str | None = None, meters: EvalMeters | None = None) -> dict | None:
     """Evaluate until the run is done; returns the last eval record (None if the server never answered).
-    `model` and `dataset` (names or import paths) stand for those the server names."""
+    `model` and `dataset` (names or import paths) stand for those the server names; `meters` (Prometheus)
+    take each eval record's values."""
     metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a") if out_dir else None
     evaluator: Evaluator | None = None
     next_eval = eval_every if eval_every > 0 else math.inf
@@ -83,10 +85,13 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                     if last_record is None or last_record["iteration"] != params.iteration_index:
                         logger.info("evaluating the parameters of iteration %d%s", params.iteration_index,
                                     " (the final ones)" if status.done else "")
+                        began = time.monotonic()
                         result = evaluator(decode(params.tensor, expected_numel=evaluator.model.numel))
                         train_loss = status.train_loss if math.isfinite(status.train_loss) else None
                         last_record = write_eval(metrics, params.iteration_index, params.epoch,
                                                  status.uptime_seconds, train_loss, result)
+                        if meters is not None:
+                            meters.evaluated(last_record, time.monotonic() - began)
                         logger.info("%s", describe_eval(last_record))
                     while next_eval <= status.epoch:
                         next_eval += eval_every
@@ -110,13 +115,18 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
 def cli(**kw) -> None:
     """Evaluate a running server's parameters every few epochs and at the end."""
     security = setup_client_process(kw)
+    registry, endpoint = client_metrics(kw, "ps-eval")
     try:
         record = run_evaluator(kw["server"], data_dir=kw["data_dir"],
                                out_dir=Path(kw["out"]) if kw["out"] else None, eval_every=kw["eval_every"],
                                poll=kw["poll"], server_timeout=kw["server_timeout"], device=kw["device"],
-                               security=security, model=kw["model"], dataset=kw["dataset"])
+                               security=security, model=kw["model"], dataset=kw["dataset"],
+                               meters=EvalMeters(registry) if registry else None)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     click.echo(json.dumps(record))
     if record is None:
         raise SystemExit(1)
