@@ -50,6 +50,7 @@ PS_VARIABLES = frozenset({
     "PS_SLOW_WORKERS",
     "PS_START_WHEN_ALL",
     "PS_SYNC_TIMEOUT",
+    "PS_TENSORBOARD",
     "PS_THREADS",
     "PS_TIMEOUT",
     "PS_TLS_CA",

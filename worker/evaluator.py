@@ -22,6 +22,7 @@ from ormo_ps.common.cli_options import client_metrics, client_process_options, r
 from ormo_ps.common.codec import decode
 from ormo_ps.common.data import load_dataset
 from ormo_ps.common.grpc_options import GRPC_OPTIONS
+from ormo_ps.common.live_tensorboard import LiveTensorBoard, run_dir
 from ormo_ps.common.evaluation import Evaluator
 from ormo_ps.common.metrics import MetricsWriter, describe_eval, write_eval
 from ormo_ps.common.models import FROM_CLIENT, FlatModel, build_model
@@ -38,11 +39,16 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                   eval_every: float = 1.0, poll: float = 1.0, server_timeout: float = 60.0,
                   rpc_timeout: float = 60.0, device: str = "cpu",
                   security: ClientSecurity = ClientSecurity(), model: str | None = None,
-                  dataset: str | None = None, meters: EvalMeters | None = None) -> dict | None:
+                  dataset: str | None = None, meters: EvalMeters | None = None,
+                  tensorboard: Path | None = None) -> dict | None:
     """Evaluate until the run is done; returns the last eval record (None if the server never answered).
     `model` and `dataset` (names or import paths) stand for those the server names; `meters` (Prometheus)
-    take each eval record's values."""
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a") if out_dir else None
+    take each eval record's values, and TensorBoard events of them go to `tensorboard`/<out_dir's name>/eval
+    as they are written (common/live_tensorboard.py)."""
+    if tensorboard is not None and out_dir is None:
+        raise ValueError("--tensorboard writes what metrics.jsonl holds: it needs --out")
+    listeners = [LiveTensorBoard(run_dir(tensorboard, out_dir, "eval"))] if tensorboard is not None else []
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a", listeners=listeners) if out_dir else None
     evaluator: Evaluator | None = None
     next_eval = eval_every if eval_every > 0 else math.inf
     last_record: dict | None = None
@@ -110,6 +116,10 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
               help="Append eval records to OUT/metrics.jsonl.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0, help="Epochs between evaluations (0: end only).")
 @click.option("--poll", type=click.FloatRange(min=0.05), default=1.0, help="Seconds between status polls.")
+@click.option("--tensorboard", type=click.Path(), default=None, metavar="DIRECTORY",
+              help="Write the eval records as TensorBoard events as they are written, into DIRECTORY/<--out's "
+                   "name>/eval (ps-server --tensorboard DIRECTORY writes the progress into DIRECTORY/<--out's name>). "
+                   "Needs --out.")
 @model_options
 @client_process_options
 def cli(**kw) -> None:
@@ -121,7 +131,8 @@ def cli(**kw) -> None:
                                out_dir=Path(kw["out"]) if kw["out"] else None, eval_every=kw["eval_every"],
                                poll=kw["poll"], server_timeout=kw["server_timeout"], device=kw["device"],
                                security=security, model=kw["model"], dataset=kw["dataset"],
-                               meters=EvalMeters(registry) if registry else None)
+                               meters=EvalMeters(registry) if registry else None,
+                               tensorboard=Path(kw["tensorboard"]) if kw["tensorboard"] else None)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     finally:
