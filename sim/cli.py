@@ -11,6 +11,7 @@ import click
 from ormo_ps.common import settings
 from ormo_ps.common.cli_options import DEVICE_HELP, Device, run_cli, setup_logging
 from ormo_ps.common.live_tensorboard import LiveTensorBoard, run_dir
+from ormo_ps.common.live_tensorboard import check as check_tensorboard
 from ormo_ps.common.data import iterations_per_epoch, load_dataset, split_validation
 from ormo_ps.common.progress import Progress
 from ormo_ps.server.config import RunConfig
@@ -60,6 +61,8 @@ def cli(**kwargs) -> None:
     validation_size = kwargs.pop("validation_size")
     tensorboard = kwargs.pop("tensorboard")
     try:
+        if tensorboard:
+            check_tensorboard(tensorboard)  # (its own words name the directory given)
         listeners = [LiveTensorBoard(run_dir(tensorboard, kwargs["out"]))] if tensorboard else []
     except ValueError as e:
         raise click.ClickException(str(e)) from None

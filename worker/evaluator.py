@@ -23,6 +23,7 @@ from ormo_ps.common.codec import decode
 from ormo_ps.common.data import load_dataset
 from ormo_ps.common.grpc_options import GRPC_OPTIONS
 from ormo_ps.common.live_tensorboard import LiveTensorBoard, run_dir
+from ormo_ps.common.live_tensorboard import check as check_tensorboard
 from ormo_ps.common.evaluation import Evaluator
 from ormo_ps.common.metrics import MetricsWriter, describe_eval, write_eval
 from ormo_ps.common.models import FROM_CLIENT, FlatModel, build_model
@@ -47,6 +48,8 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
     as they are written (common/live_tensorboard.py)."""
     if tensorboard is not None and out_dir is None:
         raise ValueError("--tensorboard writes what metrics.jsonl holds: it needs --out")
+    if tensorboard is not None:
+        check_tensorboard(tensorboard)  # (its own words name the directory given)
     listeners = [LiveTensorBoard(run_dir(tensorboard, out_dir, "eval"))] if tensorboard is not None else []
     metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a", listeners=listeners) if out_dir else None
     evaluator: Evaluator | None = None
