@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ormo_ps.common import live_tensorboard
@@ -24,7 +27,7 @@ from ormo_ps.common.metrics import MetricsWriter, read_metrics
 from ormo_ps.launcher.cli import TARGETS_FILE
 from ormo_ps.sim.cli import main as sim_main
 from tests.test_launch import wait_until
-from tests.test_launcher import ENV, children, launch
+from tests.test_launcher import ENV, ROOT, children, launch
 from tests.test_observe import parse
 
 TOKEN = "a-token-no-metrics-page-may-show-7f3c"  # the run's shared secret (PS_TOKEN)
@@ -210,3 +213,54 @@ def test_ps_sim_writes_its_records_live(tmp_path):
     steps = [r["iteration"] for r in records if r["event"] == "progress"]
     assert [e.step for e in events.Scalars("train/epoch")] == steps == [10, 20, 30, 40]
     assert [e.step for e in events.Scalars("eval/test_accuracy")] == [40]
+
+
+@pytest.mark.slow
+def test_prometheus_scrapes_every_process_of_a_launch_from_its_targets_file(tmp_path):
+    """A real Prometheus (where it is installed) finds a ps-launch run's processes through
+    OUT/prometheus_targets.json, as deploy/prometheus/local.yml points it there, and scrapes them all."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
+    out = tmp_path / "runs" / "launch"
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "local.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["file_sd_configs"][0] |= {"files": [str(out / TARGETS_FILE)], "refresh_interval": "1s"}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with socket.socket() as probe:  # Prometheus cannot say which port 0 gave it: a free one, picked here
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = launch("--workers", "2", "--epochs", "2000", "--out", str(out), "--metrics-port", "0", "-q",
+                      "--timeout", "300")
+    prometheus = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def get(path: str) -> dict:
+        try:
+            with urllib.request.urlopen(api + path, timeout=5) as reply:
+                return json.loads(reply.read())["data"]
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return {}
+
+    def healthy() -> set[str]:
+        return {t["labels"]["process"] for t in get("/targets").get("activeTargets", []) if t["health"] == "up"}
+
+    try:
+        wait_until(lambda: healthy() == {"server", "evaluator", "worker-0", "worker-1"}, 120, "Prometheus' targets")
+        query = "/query?query=ormo_ps_server_gradients_applied_total"
+        wait_until(lambda: [r for r in get(query).get("result", []) if float(r["value"][1]) > 0], 60,
+                   "a scraped counter")
+        (result,) = get(query)["result"]
+        assert result["metric"]["role"] == "server" and result["metric"]["job"] == "ormo-ps"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.communicate(timeout=60)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait()
