@@ -20,6 +20,7 @@ import click
 
 from ormo_ps.common.env_variables import PS_VARIABLES
 from ormo_ps.common.malloc_tuning import tune_malloc
+from ormo_ps.common.observe import DEFAULT_HOST, MetricsEndpoint, new_registry, serve_metrics
 from ormo_ps.common.security import ClientSecurity
 from ormo_ps.common.security_options import CLIENT_SECURITY_OPTIONS, apply_options, client_security_from
 from ormo_ps.common.settings import ENV_PREFIX, env_name
@@ -130,18 +131,28 @@ class Device(click.ParamType):
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda where there is one)."
 
+METRICS_PORT_HELP = ("Serve Prometheus metrics at http://HOST:PORT/metrics (counts and times; never parameters or "
+                     "the token); 0 picks a free port and prints it. Off when not given.")
+CLIENT_METRICS_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None, metavar="PORT",
+                 help=METRICS_PORT_HELP),
+    click.option("--metrics-host", default=DEFAULT_HOST, metavar="HOST",
+                 help="Address the metrics endpoint binds to (0.0.0.0 in a container Prometheus scrapes)."),
+]
+
 CLIENT_PROCESS_OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--server-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
                  help="Exit when the server has been unreachable this many seconds."),
     click.option("--device", type=Device(), default="cpu", help=DEVICE_HELP),
     click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's)."),
     *CLIENT_SECURITY_OPTIONS,
+    *CLIENT_METRICS_OPTIONS,
     click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging."),
 ]
 
 
 def client_process_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """What every client process of a server takes: timeout, device, threads, TLS/token, logging."""
+    """What every client process of a server takes: timeout, device, threads, TLS/token, metrics, logging."""
     return apply_options(CLIENT_PROCESS_OPTIONS, f)
 
 
@@ -156,3 +167,16 @@ def setup_client_process(kwargs: dict[str, Any]) -> ClientSecurity:
 
         torch.set_num_threads(threads)
     return client_security_from(kwargs)
+
+
+def client_metrics(kwargs: dict[str, Any], prog: str) -> tuple[Any, MetricsEndpoint | None]:
+    """The registry and endpoint `--metrics-port` asks for (None, None without it), taken from
+    `client_process_options`' keyword arguments; a port in use or a bad host is the command's error."""
+    port, host = kwargs.pop("metrics_port"), kwargs.pop("metrics_host")
+    if port is None:
+        return None, None
+    registry = new_registry()
+    try:
+        return registry, serve_metrics(registry, host, port, prog)
+    except OSError as e:
+        raise click.ClickException(str(e)) from None

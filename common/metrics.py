@@ -6,9 +6,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -18,16 +18,28 @@ EVENTS = ("start", "progress", "eval", "summary")
 LAUNCH_FILE = "launch.json"
 
 
+class RecordListener(Protocol):
+    """Something that watches a run's records as they are written (common/live_tensorboard.py)."""
+
+    def record(self, record: dict[str, Any]) -> None:
+        """One record, as written to the file (never raises: a listener's trouble is its own)."""
+
+    def close(self) -> None:
+        """The writer is closed."""
+
+
 class MetricsWriter:
     """Appends one JSON object per line to `path`, each line one write, so a crash loses nothing written.
 
     Every record carries `timestamp` (Unix time) and `wall_time`: seconds since the file's first record, whoever
     wrote it; a writer appending to a file (the evaluator beside the server, a resumed server) goes on with
     the file's clock, so both fields only grow down the file, whichever processes share it. A line that
-    cannot be written (a full disk) is dropped, said once, and never stops the run: training matters more."""
+    cannot be written (a full disk) is dropped, said once, and never stops the run: training matters more.
+    Each record is also handed to the `listeners` (a live TensorBoard), the same values as the file's."""
 
-    def __init__(self, path: str | Path, mode: str = "w") -> None:
+    def __init__(self, path: str | Path, mode: str = "w", listeners: Sequence[RecordListener] = ()) -> None:
         self.path = Path(path)
+        self.listeners = list(listeners)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._t0 = _file_origin(self.path) if mode == "a" else None
         self._file: IO[bytes] = open(self.path, mode + "b", buffering=0)  # one write per line: none is torn
@@ -41,6 +53,12 @@ class MetricsWriter:
         now = round(time.time(), 3)  # wall_time from the timestamp as written: both order the records alike
         record = _finite({"event": event, "wall_time": round(now - self._t0, 3), "timestamp": now, **fields})
         line = (json.dumps(record, default=_jsonable, allow_nan=False) + "\n").encode()
+        self._write_line(line)
+        for listener in self.listeners:  # after the file: a record a listener shows is in the file (or dropped)
+            listener.record(record)
+        return record
+
+    def _write_line(self, line: bytes) -> None:
         try:
             self._file.write(line)
         except OSError as e:
@@ -48,14 +66,15 @@ class MetricsWriter:
                 logger.error("cannot write metrics to %s (%s): records are dropped until writing works again",
                              self.path, e.strerror)
             self.dropped += 1
-            return record
+            return
         if self.dropped:
             logger.warning("metrics are written to %s again; %d records were dropped", self.path, self.dropped)
             self.dropped = 0
-        return record
 
     def close(self) -> None:
         self._file.close()
+        for listener in self.listeners:
+            listener.close()
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -27,16 +27,22 @@ from pathlib import Path
 import click
 import grpc
 
-from ormo_ps.common import settings
+from ormo_ps.common import live_tensorboard, settings
 from ormo_ps.common.cli_options import env_names, run_cli
 from ormo_ps.common.grpc_options import GRPC_OPTIONS
 from ormo_ps.common.metrics import LAUNCH_FILE, read_metrics
+from ormo_ps.common.observe import metrics_address
 from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 from ormo_ps.common.progress import Progress
 from ormo_ps.common.security import ClientSecurity
 from ormo_ps.server.serving import listening_port
 from ormo_ps.server.config import RunConfig
+
+
+# Beside metrics.jsonl with --metrics-port: where each process serves its metrics, as Prometheus' file-based
+# service discovery reads targets (file_sd_configs), so a local Prometheus can scrape a ps-launch run.
+TARGETS_FILE = "prometheus_targets.json"
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -209,6 +215,14 @@ def _read_port(procs: Processes, timeout: float, say: Callable[[str], None]) -> 
               help="Run the workers at this nice level: when K workers oversubscribe the cores, the server and "
                    "the evaluator keep up (evaluations land where asked instead of whenever the CPU allows).")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=0, help="Server port on 127.0.0.1 (0: any free).")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None, metavar="PORT",
+              help="Serve every process's Prometheus metrics on 127.0.0.1: the server's on PORT, the evaluator's on "
+                   "PORT+1, worker k's on PORT+2+k (0: each on a free port). The addresses are said and written to "
+                   f"OUT/{TARGETS_FILE} (Prometheus' file_sd format). Off when not given.")
+@click.option("--tensorboard", type=click.Path(file_okay=False), default=None, metavar="DIRECTORY",
+              help="The server and the evaluator write the progress and eval records as TensorBoard events while "
+                   "the run trains, into DIRECTORY/<--out's name> (and .../eval): `tensorboard --logdir DIRECTORY` "
+                   "shows the run live.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=3600.0, help="Give up after this many seconds.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
 def cli(**kw) -> None:
@@ -219,6 +233,14 @@ def cli(**kw) -> None:
                                f"import path (--model {run.model} is for a ps-server whose clients bring their own)")
     if kw["slow_workers"] > run.workers:
         raise click.UsageError(f"--slow-workers {kw['slow_workers']} is more than --workers {run.workers}")
+    if kw["metrics_port"] and kw["metrics_port"] + 1 + run.workers > 65535:
+        raise click.UsageError(f"--metrics-port {kw['metrics_port']} leaves no room for the evaluator's and "
+                               f"{run.workers} workers' ports after it (at most {65535 - 1 - run.workers})")
+    if kw["tensorboard"] is not None:
+        try:
+            live_tensorboard.check(kw["tensorboard"])
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     out = Path(kw["out"])
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -249,9 +271,17 @@ def cli(**kw) -> None:
 def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, console: _Console, started: float) -> None:
     """Start the server, then the workers and the evaluator, and watch them until the run is evaluated."""
     py = [sys.executable, "-m"]
+    metrics_port = kw["metrics_port"]
+
+    def metrics(offset: int) -> list[str]:
+        """A process's --metrics-port: PORT + offset, or each a free one (0)."""
+        return [] if metrics_port is None else ["--metrics-port", str(metrics_port + offset if metrics_port else 0)]
+
+    tensorboard = ["--tensorboard", kw["tensorboard"]] if kw["tensorboard"] is not None else []
     console.say(f"starting ps-server (log: {procs.log_path('server')})")
     procs.start("server", py + ["ormo_ps.server.cli", *run.to_flags(), "--bind",
-                                 f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60"],
+                                 f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60", *metrics(0),
+                                 *tensorboard],
                 capture_output=True)
     port = _read_port(procs, timeout=kw["timeout"], say=lambda m: console.say(f"server: {m}"))
     address = f"127.0.0.1:{port}"
@@ -262,15 +292,54 @@ def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, console: _Con
     # The evaluator first, polling often: ready as the run starts, it evaluates along even a run of a second.
     evaluator = procs.start("evaluator", py + ["ormo_ps.worker.evaluator", "--server", address, "--out", str(out),
                                                 "--eval-every", str(kw["eval_every"]), "--poll", "0.05",
-                                                "--threads", "1", *data])
+                                                "--threads", "1", *data, *metrics(1), *tensorboard])
     for k in range(run.workers):
         slow = k >= run.workers - kw["slow_workers"]
         procs.start(f"worker-{k}", py + ["ormo_ps.worker.cli", "--server", address, "--threads", str(kw["threads"]),
                                           "--name", f"local-{k}", *data,
-                                          *(["--slowdown", str(kw["slowdown"])] if slow else [])],
+                                          *(["--slowdown", str(kw["slowdown"])] if slow else []), *metrics(2 + k)],
                     nice=kw["worker_nice"])
+    targets = MetricsTargets(procs, out / TARGETS_FILE, console.say) if metrics_port is not None else None
     _watch(address, procs, evaluator, console, kw["timeout"], started, ClientSecurity(token=procs.token),
-           run.workers, out / "metrics.jsonl")
+           run.workers, out / "metrics.jsonl", targets)
+
+
+class MetricsTargets:
+    """The metrics endpoints of the launched processes, read from the line each prints once it serves them
+    (common/observe.py's METRICS_LINE, in its log), and written to `path` as Prometheus file_sd targets each
+    time more are known. A process's log is read until its line is found, no longer."""
+
+    def __init__(self, procs: Processes, path: Path, say: Callable[[str], None]) -> None:
+        self.procs = procs
+        self.path = path
+        self.say = say
+        self.found: dict[str, tuple[str, int]] = {}  # process name -> (host, port)
+
+    def scan(self) -> None:
+        new = False
+        for name in self.procs.procs:
+            if name in self.found:
+                continue
+            try:
+                text = self.procs.log_path(name).read_text(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if (address := metrics_address(line)) is not None:
+                    self.found[name] = address[1:]
+                    new = True
+                    break
+        if not new:
+            return
+        targets = [{"targets": [f"{host}:{port}"], "labels": {"role": name.split("-")[0], "process": name}}
+                   for name, (host, port) in self.found.items()]
+        partial = self.path.with_suffix(".json.partial")
+        partial.write_text("[\n" + ",\n".join(json.dumps(t) for t in targets) + "\n]\n")
+        partial.replace(self.path)  # Prometheus never reads half a file
+        if len(self.found) == len(self.procs.procs):
+            host, port = self.found["server"]
+            self.say(f"metrics: the server's on http://{host}:{port}/metrics; all {len(self.found)} processes' in "
+                     f"{self.path} (Prometheus file_sd)")
 
 
 class _Console:
@@ -346,12 +415,15 @@ def _new_records(path: Path, offset: int) -> tuple[list[dict], int]:
 
 
 def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, console: _Console, timeout: float,
-           started: float, security: ClientSecurity, workers: int, metrics: Path) -> None:
+           started: float, security: ClientSecurity, workers: int, metrics: Path,
+           targets: MetricsTargets | None = None) -> None:
     """Progress until the evaluator has evaluated the final parameters (it exits then)."""
     offset = 0
     with security.channel(address, GRPC_OPTIONS) as channel:
         stub = pb_grpc.ParameterServerStub(channel)
         while evaluator.poll() is None:
+            if targets is not None:
+                targets.scan()
             records, offset = _new_records(metrics, offset)  # first: the summary is written before the server exits
             for record in records:
                 console.recorded(record)

@@ -7,16 +7,12 @@ Needs the `tensorboard` package (`pip install 'ormo-ps[tensorboard]'`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ormo_ps.common.live_tensorboard import SCALARS, config_text, scalars, summary_writer_class
 from ormo_ps.report.runs import Run
 
-# Record fields written as scalars, by record kind (the tag is KIND/FIELD).
-SCALARS = {
-    "train": ("train_loss", "lr", "staleness_mean", "staleness_max", "epoch"),
-    "eval": ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_loss"),
-}
+__all__ = ["SCALARS", "export", "run_names"]
 
 
 def run_names(runs: list[Run]) -> list[str]:
@@ -30,22 +26,20 @@ def run_names(runs: list[Run]) -> list[str]:
 
 
 def export(runs: list[Run], out_dir: Path) -> list[Path]:
-    """Write one event-file folder per run under `out_dir`; returns the folders."""
+    """Write one event-file folder per run under `out_dir`; returns the folders. The tags, steps and wall times
+    are those a live run writes (common/live_tensorboard.py)."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'ormo-ps[tensorboard]'") from None
+        SummaryWriter = summary_writer_class()
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
     folders = []
     for run, name in zip(runs, run_names(runs), strict=True):
         folder = out_dir / name
         with SummaryWriter(log_dir=str(folder)) as writer:
-            writer.add_text("config", "```\n" + json.dumps(run.config | {"source": run.source, "slow": run.slow},
-                                                          indent=1) + "\n```", 0)
+            writer.add_text("config", config_text(run.config | {"source": run.source, "slow": run.slow}), 0)
             for kind, records in (("train", run.progress), ("eval", run.evals)):
                 for record in records:
-                    for field in SCALARS[kind]:
-                        if record.get(field) is not None:
-                            writer.add_scalar(f"{kind}/{field}", record[field], record["iteration"],
-                                              walltime=record.get("timestamp"))
+                    for tag, value in scalars(kind, record):
+                        writer.add_scalar(tag, value, record["iteration"], walltime=record.get("timestamp"))
         folders.append(folder)
     return folders

@@ -32,6 +32,9 @@ class Checkpointer:
         self.iteration: int | None = None  # the iteration of the last checkpoint written (or resumed from)
         self.failures: list[str] = []  # files the run could not write at its end or on shutdown
         self.error: str | None = None  # why the last checkpoint could not be written
+        self.written_at: float | None = None  # Unix time of the last checkpoint written (its metrics' age)
+        self.written = 0  # checkpoints written by this process
+        self.write_failures = 0  # writes that failed (each, not only the first of a series, as `error` says)
         self._last = time.monotonic()
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -52,6 +55,8 @@ class Checkpointer:
             state = self.snapshot()  # on the loop; the write happens in a thread
             path = await asyncio.to_thread(save_checkpoint, self.out_dir / CHECKPOINT_NAME, state)
         self.iteration = state["core"]["iteration"]
+        self.written_at = time.time()
+        self.written += 1
         logger.info("checkpoint at iteration %d written to %s", self.iteration, path)
         return path
 
@@ -60,6 +65,7 @@ class Checkpointer:
         try:
             await self.write()
         except OSError as e:
+            self.write_failures += 1
             if self.error is None:
                 kept = (f"the last good one (iteration {self.iteration}) is kept" if self.iteration is not None
                         else "there is none yet")

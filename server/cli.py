@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import torch
 
-from ormo_ps.common import settings
+from ormo_ps.common import live_tensorboard, settings
 from ormo_ps.common.chunks import DEFAULT_CHUNK_BYTES, MIB
 from ormo_ps.common.cli_options import run_cli, setup_logging
 from ormo_ps.common.data import iterations_per_epoch, load_dataset
@@ -23,6 +23,7 @@ from ormo_ps.common.evaluation import Evaluator
 from ormo_ps.common.layout import layout_of
 from ormo_ps.common.malloc_tuning import tune_malloc
 from ormo_ps.common.metrics import MetricsWriter
+from ormo_ps.common.observe import MetricsPortInUse
 from ormo_ps.common.security import ServerSecurity
 from ormo_ps.common.security_options import server_security_from, server_security_options
 from ormo_ps.common.settings import setting
@@ -75,6 +76,17 @@ class ServeOptions:
         "whole (chunked ones are refused). "
         "Pieces of a few MB cross gRPC 3-4x faster than one 45-100 MB message (bench/results/transport_probe.md).",
         min=0)
+    metrics_port: int | None = setting(
+        None, "Serve Prometheus metrics at http://HOST:PORT/metrics (counts, rates and times; never parameters or "
+              "the token); 0 picks a free port and prints it. Off when not given.", min=0, max=65535, metavar="PORT")
+    metrics_host: str | None = setting(
+        None, "Address the metrics endpoint binds to. Default: loopback, or --bind's host when that is not "
+              "loopback (--bind 0.0.0.0:50051 serves metrics on 0.0.0.0 too).", metavar="HOST")
+    tensorboard: str | None = setting(
+        None, "Write the progress records as TensorBoard events while the run trains, into "
+              "DIRECTORY/<--out's name> (ps-eval --tensorboard DIRECTORY: its eval records into .../eval): "
+              "`tensorboard --logdir DIRECTORY` shows the run live. Needs the tensorboard package.",
+        metavar="DIRECTORY")
     threads: int = setting(1, "torch CPU threads for the updates. One keeps a core free for gRPC and the event "
                               "loop (more threads only pay off for updates of tens of millions of parameters).",
                            min=1)
@@ -107,6 +119,11 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
         raise ValueError(f"the run in {options.resume} is already finished ({state['core']['iteration']} "
                          "iterations); nothing to resume")
     out = Path(options.out) if options.out is not None else None
+    listeners = []
+    if options.tensorboard is not None:
+        if out is None:
+            raise ValueError("--tensorboard writes what metrics.jsonl holds: it needs --out")
+        listeners.append(live_tensorboard.LiveTensorBoard(live_tensorboard.run_dir(options.tensorboard, out)))
 
     def model_state(params: torch.Tensor) -> dict:
         """final.pt's model state dict at `params`, BatchNorm statistics recomputed (as the simulator's)."""
@@ -114,7 +131,8 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
 
     service = ParameterServerService(
         core, num_classes=dataset.num_classes, out_dir=out,
-        metrics=MetricsWriter(out / "metrics.jsonl", mode="a") if out else None, log_every=options.log_every,
+        metrics=MetricsWriter(out / "metrics.jsonl", mode="a", listeners=listeners) if out else None,
+        log_every=options.log_every,
         checkpoint_every=options.checkpoint_every, wait_for_all_workers=options.start_when_all,
         sync_timeout=options.sync_timeout, ready_timeout=options.ready_timeout, layout=layout,
         first_message_timeout=options.first_message_timeout, max_pending=options.max_pending,
@@ -134,7 +152,7 @@ async def serve_run(run: RunConfig, options: ServeOptions = ServeOptions(out=Non
     """Build the service of `run` and serve it (ps-server's whole job)."""
     service = build_service(run, options)
     await serve(service, bind=options.bind, security=security, linger=options.linger, grace=grace,
-                on_started=on_started)
+                on_started=on_started, metrics_port=options.metrics_port, metrics_host=options.metrics_host)
     return service
 
 
@@ -158,9 +176,14 @@ def cli(**kwargs) -> None:
         probe.unlink()
     except OSError as e:
         raise click.ClickException(f"cannot write to --out {options.out}: {e.strerror}") from None
+    if options.tensorboard is not None:
+        try:
+            live_tensorboard.check(options.tensorboard)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     try:
         service = asyncio.run(serve_run(run, options, security=security))
-    except (CheckpointError, FileNotFoundError, ValueError, PortInUse) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, PortInUse, MetricsPortInUse) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None

@@ -59,6 +59,15 @@ class Counters:
         self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
 
 
+@dataclass
+class Traffic:
+    """Bytes of the service's gRPC messages, as they cross its (de)serializers (server/servicer.py): requests
+    received and answers sent, on every method (Train's tensors, GetParameters' too), without gRPC's framing."""
+
+    received_bytes: int = 0
+    sent_bytes: int = 0
+
+
 class ParameterServerService:
     """The service of one run: its core, its workers' streams, its books (`recorder`) and its files."""
 
@@ -85,7 +94,9 @@ class ParameterServerService:
         self.num_classes = num_classes
         self.sync_timeout = sync_timeout
         self._sent_at: dict[int, float] = {}  # when each worker was last sent parameters
+        self.seen_at: dict[int, float] = {}  # Unix time of each worker's last message (its metrics' last-seen)
         self.counters = Counters()
+        self.traffic = Traffic()
         self.faults = FaultBook(core.num_workers)  # non-finite gradients per worker id
         self._start_time = time.monotonic()
         self._rejections = LimitedLog(logger, "rejected messages", burst=30)
@@ -191,6 +202,7 @@ class ParameterServerService:
     def on_message(self, conn: Connection, received: Received) -> None:
         """Take one message (a piece of a chunked tensor, or a whole one) and, once whole, handle it: Ready, or a
         gradient to decode and apply, then route the answers. No await: atomic on the loop."""
+        self.seen_at[conn.worker] = time.time()
         kind = received.message.WhichOneof("payload")
         if not conn.incoming.receiving and kind != "chunk":
             expected = "a Gradient" if conn.ready else "Ready"

@@ -4,7 +4,7 @@ per direction instead of three or four)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -12,7 +12,7 @@ import grpc
 from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 from ormo_ps.common.wire import Received, parse_worker_message, serialize_message
-from ormo_ps.server.service import ParameterServerService
+from ormo_ps.server.service import ParameterServerService, Traffic
 
 SERVICE_NAME = "ps.v1.ParameterServer"
 
@@ -33,20 +33,44 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return self.service.status()
 
 
+def _received(parse: Callable[[bytes], Any], traffic: Traffic) -> Callable[[bytes], Any]:
+    def deserialize(buf: bytes) -> Any:
+        traffic.received_bytes += len(buf)
+        return parse(buf)
+
+    return deserialize
+
+
+def _sent(serialize: Callable[[Any], bytes], traffic: Traffic) -> Callable[[Any], bytes]:
+    def serialized(message: Any) -> bytes:
+        data = serialize(message)
+        traffic.sent_bytes += len(data)
+        return data
+
+    return serialized
+
+
 def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
     """Register `servicer` (a run's service, wrapped here, or any object with the service's three methods, such
-    as the benchmark's echo) on `server`."""
+    as the benchmark's echo) on `server`. A run's service has its messages' bytes counted (`Traffic`): one
+    addition per message, in the (de)serializer gRPC calls anyway."""
+    traffic = None
     if isinstance(servicer, ParameterServerService):
+        traffic = servicer.traffic
         servicer = ParameterServerServicer(servicer)
+
+    def counted(parse: Callable[[bytes], Any], serialize: Callable[[Any], bytes]) -> dict[str, Any]:
+        if traffic is None:
+            return dict(request_deserializer=parse, response_serializer=serialize)
+        return dict(request_deserializer=_received(parse, traffic), response_serializer=_sent(serialize, traffic))
+
     handlers = {
         "Train": grpc.stream_stream_rpc_method_handler(
-            servicer.Train, request_deserializer=parse_worker_message, response_serializer=serialize_message),
+            servicer.Train, **counted(parse_worker_message, serialize_message)),
         "GetParameters": grpc.unary_unary_rpc_method_handler(
-            servicer.GetParameters, request_deserializer=pb.GetParametersRequest.FromString,
-            response_serializer=pb.Parameters.SerializeToString),
+            servicer.GetParameters, **counted(pb.GetParametersRequest.FromString, pb.Parameters.SerializeToString)),
         "GetStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.GetStatus, request_deserializer=pb.GetStatusRequest.FromString,
-            response_serializer=pb.Status.SerializeToString),
+            servicer.GetStatus, **counted(pb.GetStatusRequest.FromString, pb.Status.SerializeToString)),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

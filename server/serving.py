@@ -19,7 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ormo_ps.common.grpc_options import client_model_receive_limit, server_options
+from ormo_ps.common.observe import host_for_bind, new_registry, serve_metrics
 from ormo_ps.common.security import ServerSecurity, warn_if_exposed
+from ormo_ps.server import prom_metrics
 from ormo_ps.server.service import ParameterServerService
 from ormo_ps.server.servicer import SERVICE_NAME, add_to_server
 
@@ -124,10 +126,27 @@ def check_port_free(bind: str) -> None:
 
 async def serve(service: ParameterServerService, *, bind: str = "127.0.0.1:0",
                 security: ServerSecurity = ServerSecurity(), linger: float = 10.0, grace: float = 5.0,
-                on_started: Callable[[ParameterServerService, int], None] | None = None) -> None:
+                on_started: Callable[[ParameterServerService, int], None] | None = None,
+                metrics_port: int | None = None, metrics_host: str | None = None) -> None:
     """Serve `service` on `bind` until its run finishes (then up to `linger` seconds more for evaluators)
-    or a signal arrives (then checkpoint and tell the workers)."""
+    or a signal arrives (then checkpoint and tell the workers); with `metrics_port`, its Prometheus metrics
+    too (server/prom_metrics.py), on `metrics_host` (default: see common/observe.py's `host_for_bind`),
+    from before the gRPC server listens until after it stopped."""
     check_port_free(bind)
+    endpoint = None
+    if metrics_port is not None:
+        registry = new_registry()
+        prom_metrics.register(service, registry)
+        endpoint = serve_metrics(registry, metrics_host or host_for_bind(bind), metrics_port, "ps-server")
+    try:
+        await _serve(service, bind, security, linger, grace, on_started)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+async def _serve(service: ParameterServerService, bind: str, security: ServerSecurity, linger: float, grace: float,
+                 on_started: Callable[[ParameterServerService, int], None] | None) -> None:
     numel = service.core.w.numel()  # 0: a run whose first client brings the model
     limit = client_model_receive_limit(service.chunk_bytes) if numel == 0 else None
     server = grpc.aio.server(options=server_options(numel, limit), interceptors=security.interceptors())

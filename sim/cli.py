@@ -10,6 +10,8 @@ import click
 
 from ormo_ps.common import settings
 from ormo_ps.common.cli_options import DEVICE_HELP, Device, run_cli, setup_logging
+from ormo_ps.common.live_tensorboard import LiveTensorBoard, run_dir
+from ormo_ps.common.live_tensorboard import check as check_tensorboard
 from ormo_ps.common.data import iterations_per_epoch, load_dataset, split_validation
 from ormo_ps.common.progress import Progress
 from ormo_ps.server.config import RunConfig
@@ -32,6 +34,9 @@ from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
                    "evaluations report val_accuracy beside test_accuracy, for choosing hyperparameters.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/sim",
               help="Output directory: metrics.jsonl and final.pt.")
+@click.option("--tensorboard", type=click.Path(), default=None, metavar="DIRECTORY",
+              help="Write the progress and eval records as TensorBoard events as they are written, into "
+                   "DIRECTORY/<--out's name>: `tensorboard --logdir DIRECTORY` shows the run while it trains.")
 @click.option("--device", type=Device(), default="cpu", help=DEVICE_HELP)
 @click.option("--batched/--one-at-a-time", default=None, show_default="batched on a GPU, one at a time on the CPU",
               help="Compute all outstanding workers' gradients in one vmapped call (equal to one at a time up to "
@@ -54,6 +59,13 @@ def cli(**kwargs) -> None:
     quiet = kwargs.pop("quiet")
     eval_every = kwargs.pop("eval_every") or None
     validation_size = kwargs.pop("validation_size")
+    tensorboard = kwargs.pop("tensorboard")
+    try:
+        if tensorboard:
+            check_tensorboard(tensorboard)  # (its own words name the directory given)
+        listeners = [LiveTensorBoard(run_dir(tensorboard, kwargs["out"]))] if tensorboard else []
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     try:
         dataset = load_dataset(run.dataset, run.data_dir, run.download)
         if validation_size:
@@ -62,7 +74,8 @@ def cli(**kwargs) -> None:
         meter = None if quiet else Progress(total)
         sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out"),
                         device=kwargs.pop("device"), eval_every=eval_every, log_every=kwargs.pop("log_every"),
-                        meter=meter, batched=kwargs.pop("batched"), batch_limit=kwargs.pop("batch_limit"))
+                        meter=meter, batched=kwargs.pop("batched"), batch_limit=kwargs.pop("batch_limit"),
+                        listeners=listeners)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
     if meter is not None:

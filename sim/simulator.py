@@ -14,7 +14,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from ormo_ps.common.wire_dtype import overflow_hint, round_trip
 from ormo_ps.common.data import BatchStream, Dataset, iterations_per_epoch, load_dataset
 from ormo_ps.common.evaluation import Evaluator
 from ormo_ps.common.gradients import GradientComputer
-from ormo_ps.common.metrics import MetricsWriter, RunRecorder
+from ormo_ps.common.metrics import MetricsWriter, RecordListener, RunRecorder
 from ormo_ps.common.progress import Progress
 from ormo_ps.server.checkpoint import save_final
 from ormo_ps.server.config import RunConfig
@@ -60,11 +60,14 @@ class Simulator:
         meter: Progress | None = None,
         batched: bool | None = None,
         batch_limit: int | None = None,
+        listeners: Sequence[RecordListener] = (),
     ) -> None:
         """`progress(line)` receives a line per progress and eval record; `meter` shows them instead (a bar on
         a terminal, periodic lines with rate and time left elsewhere). `batched`: compute the outstanding
         gradients together (None: on a GPU, not on the CPU, where one at a time is faster for convolutional
-        models: bench/results/batched_sim.md), at most `batch_limit` workers' per call (None: all)."""
+        models: bench/results/batched_sim.md), at most `batch_limit` workers' per call (None: all).
+        `listeners` watch the records as they are written to OUT/metrics.jsonl (a live TensorBoard)."""
+        self.listeners = list(listeners)
         self.run = run
         self.timing = timing
         self.device = torch.device(device)
@@ -141,8 +144,8 @@ class Simulator:
         if not self.out_dir:
             return None
         if self.core.started:  # resumed: keep what the first part wrote
-            return MetricsWriter(self.out_dir / "metrics.jsonl", mode="a")
-        self.recorder.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
+            return MetricsWriter(self.out_dir / "metrics.jsonl", mode="a", listeners=self.listeners)
+        self.recorder.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", listeners=self.listeners)
         self.recorder.start("sim", self.run.to_dict(), num_parameters=self.model.numel,
                             iterations_per_epoch=self.iters_per_epoch, timing=vars(self.timing),
                             gradients="batched" if self.batched else "one at a time",

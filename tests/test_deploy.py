@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import click
 import pytest
 import yaml
 
+from ormo_ps.common.observe import METRICS_PATTERN
 from ormo_ps.server.serving import LISTENING_PATTERN
 from tests.logged_process import LoggedProcess
 
@@ -36,6 +38,9 @@ K8S = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.30.0"  # native gRPC probes are GA since 1.27
 APP_DIR = "/app"  # where the Dockerfile puts the sources (WORKDIR /app)
 ENV_PREFIX = "PS"
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+METRICS_PORT = "9190"  # every container's metrics port
+METRICS_HERE = {"PS_METRICS_PORT": "0", "PS_METRICS_HOST": "127.0.0.1"}  # the same services as local processes
 
 
 # ----- helpers ------------------------------------------------------------------------------------
@@ -425,6 +430,46 @@ def test_k8s_server_is_probed_over_grpc_and_data_is_read_only():
                 assert claims["runs"]["claimName"] == "ps-runs" and mounts["runs"]["mountPath"] == "/runs"
 
 
+def test_every_role_serves_metrics_where_prometheus_finds_them():
+    """compose: every service on port 9190 of its container, on its addresses (the server through PS_BIND, the
+    others through PS_METRICS_HOST), the server's published on the host's loopback only, and the scrape
+    configuration names those services and that port; kubernetes: every pod carries the prometheus.io
+    annotations with the port its container serves on."""
+    services = compose()["services"]
+    for name in ("server", "worker", "slow-worker", "evaluator"):
+        env = service_env(services[name])
+        assert env["PS_METRICS_PORT"] == METRICS_PORT, name
+        host = env.get("PS_METRICS_HOST") or env["PS_BIND"].rsplit(":", 1)[0]
+        assert host == "0.0.0.0", name
+    assert services["server"]["ports"] == [f"127.0.0.1:{METRICS_PORT}:{METRICS_PORT}"]
+    assert compose({"ORMO_METRICS_PORT": "9999"})["services"]["server"]["ports"] == [f"127.0.0.1:9999:{METRICS_PORT}"]
+    scrape = yaml.safe_load((PROMETHEUS / "compose.yml").read_text())["scrape_configs"]
+    addresses = {t for job in scrape for c in job.get("static_configs", []) for t in c["targets"]}
+    addresses |= {f"{n}:{c['port']}" for job in scrape for c in job.get("dns_sd_configs", []) for n in c["names"]}
+    assert addresses == {f"{name}:{METRICS_PORT}" for name in ("server", "worker", "slow-worker", "evaluator")}
+    for obj in k8s_objects():
+        if obj["kind"] != "Job":
+            continue
+        pod = obj["spec"]["template"]
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+        env = k8s_env(obj)
+        assert annotations["prometheus.io/port"] == env["PS_METRICS_PORT"] == METRICS_PORT, obj["metadata"]["name"]
+        assert (env.get("PS_METRICS_HOST") or env["PS_BIND"].rsplit(":", 1)[0]) == "0.0.0.0"
+        ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == int(METRICS_PORT)
+
+
+def test_the_prometheus_configurations_pass_promtool():
+    configs = sorted(PROMETHEUS.glob("*.yml"))
+    assert [p.name for p in configs] == ["compose.yml", "local.yml"]
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (it comes with Prometheus; Debian: apt-get install prometheus)")
+    result = run_tool(promtool, "check", "config", *map(str, configs))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # ----- the compose services as processes -----------------------------------------------------------
 class Role(LoggedProcess):
     """One compose service's command, run as a local process with the service's environment."""
@@ -468,6 +513,8 @@ def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
 
     def environment(name: str, **overrides: str) -> dict[str, str]:
         env = service_env(services[name]) | overrides
+        # Metrics on port 9190 of each container; here the processes share one host: each a free port, on loopback.
+        env |= {k: v for k, v in METRICS_HERE.items() if k in env}
         for container_path, local in volumes.items():  # the volumes, mounted here
             env = {k: v.replace(container_path, str(local), 1) if v.startswith(container_path) else v
                    for k, v in env.items()}
@@ -484,6 +531,10 @@ def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
     server_env = environment("server", PS_BIND="127.0.0.1:0")
     server = start("server", server_env)
     port = int(server.wait_for(LISTENING_PATTERN, timeout=60).group(2))
+    metrics_port = int(server.wait_for(METRICS_PATTERN, timeout=10).group(3))
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    assert "ormo_ps_server_workers_expected 2.0" in text and knobs["PS_TOKEN"] not in text
     server_env["PS_BIND"] = f"127.0.0.1:{port}"  # the probe reads the port of PS_BIND, as in the container
     health = as_process(services["server"]["healthcheck"]["test"][1:])
     probe = subprocess.run(health, env=server_env, capture_output=True, text=True, timeout=30, check=False)

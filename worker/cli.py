@@ -10,10 +10,11 @@ from typing import Any
 
 import click
 
-from ormo_ps.common.cli_options import client_process_options, run_cli, setup_client_process
+from ormo_ps.common.cli_options import client_metrics, client_process_options, run_cli, setup_client_process
 from ormo_ps.common.data import resolve_dataset
 from ormo_ps.common.models import resolve_model
 from ormo_ps.worker.client import Worker, WorkerError, WorkerOptions
+from ormo_ps.worker.prom_metrics import WorkerMeters
 
 EXIT_DIVERGED = 3  # as ps-server's and ps-sim's
 
@@ -69,13 +70,17 @@ def cli(**kw) -> None:
                                 device=kw["device"], security=security, model=kw["model"], dataset=kw["dataset"])
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    registry, endpoint = client_metrics(kw, "ps-worker")
     try:
-        result = asyncio.run(Worker(options).run())
+        result = asyncio.run(Worker(options, WorkerMeters(registry) if registry else None).run())
     except WorkerError as e:
         click.echo(f"Error: {e}", err=True)
         raise SystemExit(EXIT_DIVERGED if e.diverged else 1) from None
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     click.echo(json.dumps({"worker_id": result.worker_id, "gradients_sent": result.gradients_sent,
                            "stop_reason": result.stop_reason}))
     if result.stop_reason == "server gone":

@@ -32,6 +32,7 @@ from ormo_ps.common.security import ClientSecurity
 from ormo_ps.common import wire_dtype as wire_dtypes
 from ormo_ps.common.transport import Receiver, Sender, TransportError
 from ormo_ps.common.wire import train_call
+from ormo_ps.worker.prom_metrics import WorkerMeters
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,9 @@ class WorkerResult:
 
 
 class Worker:
-    def __init__(self, options: WorkerOptions) -> None:
+    def __init__(self, options: WorkerOptions, meters: WorkerMeters | None = None) -> None:
         self.options = options
+        self.meters = meters  # its Prometheus metrics (ps-worker --metrics-port), or None
         self.worker_id: int | None = None
         self.gradients_sent = 0
         self._dataset: Dataset | None = None
@@ -134,6 +136,7 @@ class Worker:
         self._sender = Sender(wire_dtype=torch.float32)
         self._w0: torch.Tensor | None = None  # initial parameters to send with the Ready (the run wants them)
         self._buffers = BufferPool(max_bytes=1 << 62)  # one receive buffer, used again
+        self._gradient_sent_at: float | None = None  # when the last gradient went out (its round trip's start)
 
     async def run(self) -> WorkerResult:
         """Train until the server says stop; reconnect (keeping the worker id) whenever a stream breaks, and
@@ -144,9 +147,13 @@ class Worker:
         waiting_since: float | None = None  # since when no stream has got a gradient through
         shutdown_seen = False
         nonfinite_in_a_row = 0
+        sessions = 0
         async with opts.security.aio_channel(opts.server, GRPC_OPTIONS) as channel:
             train = train_call(channel)
             while True:
+                if sessions and self.meters is not None:
+                    self.meters.reconnects.inc()
+                sessions += 1
                 sent_before = self.gradients_sent
                 try:
                     reason = await self._session(train)
@@ -208,6 +215,7 @@ class Worker:
         call = train(wait_for_ready=False, timeout=None, metadata=opts.security.call_metadata())
         finished = False
         self._parameters_received = False
+        self._gradient_sent_at = None  # the first parameters of a stream answer no gradient
         # Chunked parameters being received, in one buffer used again: the parameters in it are loaded into the
         # model (copied) before the gradient goes out, and the next parameters come only after that.
         incoming = Receiver(self._buffers, announcement="Parameters")
@@ -235,13 +243,19 @@ class Worker:
                     self._sender.wire_dtype = wire_dtypes.from_pb(msg.welcome.config.wire_dtype)
                     ready = await asyncio.to_thread(self._on_welcome, msg.welcome)
                     self._welcomed = True
+                    if self.meters is not None:
+                        self.meters.worker_id.set(self.worker_id)
                     for m in self._ready_messages(ready):
                         await _write(call, m)
                 elif kind == "parameters":
                     self._parameters_received = True
+                    if self.meters is not None and self._gradient_sent_at is not None:
+                        self.meters.round_trip.observe(time.monotonic() - self._gradient_sent_at)
+                    self._gradient_sent_at = None
                     params = self._decode_parameters(msg.parameters.tensor, received.tensor_data, owned)
                     for m in await self._gradient(params, msg.parameters.iteration_index):
                         await _write(call, m)
+                    self._gradient_sent_at = time.monotonic()
                 elif kind == "stop":
                     finished = True
                     self._stop_detail = msg.stop.detail
@@ -317,6 +331,8 @@ class Worker:
             # A slow worker: its gradient takes `slowdown` times as long as this machine needs.
             await asyncio.sleep((self.options.slowdown - 1) * (time.monotonic() - started))
         self.gradients_sent += 1
+        if self.meters is not None:
+            self.meters.computed(time.monotonic() - started)
         return messages
 
     def _compute(self, params: torch.Tensor, iteration_index: int) -> list[bytes]:

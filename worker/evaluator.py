@@ -18,10 +18,12 @@ from pathlib import Path
 import click
 import grpc
 
-from ormo_ps.common.cli_options import client_process_options, run_cli, setup_client_process
+from ormo_ps.common.cli_options import client_metrics, client_process_options, run_cli, setup_client_process
 from ormo_ps.common.codec import decode
 from ormo_ps.common.data import load_dataset
 from ormo_ps.common.grpc_options import GRPC_OPTIONS
+from ormo_ps.common.live_tensorboard import LiveTensorBoard, run_dir
+from ormo_ps.common.live_tensorboard import check as check_tensorboard
 from ormo_ps.common.evaluation import Evaluator
 from ormo_ps.common.metrics import MetricsWriter, describe_eval, write_eval
 from ormo_ps.common.models import FROM_CLIENT, FlatModel, build_model
@@ -29,6 +31,7 @@ from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 from ormo_ps.common.security import ClientSecurity
 from ormo_ps.worker.cli import model_options
+from ormo_ps.worker.prom_metrics import EvalMeters
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +40,18 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                   eval_every: float = 1.0, poll: float = 1.0, server_timeout: float = 60.0,
                   rpc_timeout: float = 60.0, device: str = "cpu",
                   security: ClientSecurity = ClientSecurity(), model: str | None = None,
-                  dataset: str | None = None) -> dict | None:
+                  dataset: str | None = None, meters: EvalMeters | None = None,
+                  tensorboard: Path | None = None) -> dict | None:
     """Evaluate until the run is done; returns the last eval record (None if the server never answered).
-    `model` and `dataset` (names or import paths) stand for those the server names."""
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a") if out_dir else None
+    `model` and `dataset` (names or import paths) stand for those the server names; `meters` (Prometheus)
+    take each eval record's values, and TensorBoard events of them go to `tensorboard`/<out_dir's name>/eval
+    as they are written (common/live_tensorboard.py)."""
+    if tensorboard is not None and out_dir is None:
+        raise ValueError("--tensorboard writes what metrics.jsonl holds: it needs --out")
+    if tensorboard is not None:
+        check_tensorboard(tensorboard)  # (its own words name the directory given)
+    listeners = [LiveTensorBoard(run_dir(tensorboard, out_dir, "eval"))] if tensorboard is not None else []
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", mode="a", listeners=listeners) if out_dir else None
     evaluator: Evaluator | None = None
     next_eval = eval_every if eval_every > 0 else math.inf
     last_record: dict | None = None
@@ -83,10 +94,13 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
                     if last_record is None or last_record["iteration"] != params.iteration_index:
                         logger.info("evaluating the parameters of iteration %d%s", params.iteration_index,
                                     " (the final ones)" if status.done else "")
+                        began = time.monotonic()
                         result = evaluator(decode(params.tensor, expected_numel=evaluator.model.numel))
                         train_loss = status.train_loss if math.isfinite(status.train_loss) else None
                         last_record = write_eval(metrics, params.iteration_index, params.epoch,
                                                  status.uptime_seconds, train_loss, result)
+                        if meters is not None:
+                            meters.evaluated(last_record, time.monotonic() - began)
                         logger.info("%s", describe_eval(last_record))
                     while next_eval <= status.epoch:
                         next_eval += eval_every
@@ -105,18 +119,28 @@ def run_evaluator(server: str, *, data_dir: str | None = None, out_dir: Path | N
               help="Append eval records to OUT/metrics.jsonl.")
 @click.option("--eval-every", type=click.FloatRange(min=0), default=1.0, help="Epochs between evaluations (0: end only).")
 @click.option("--poll", type=click.FloatRange(min=0.05), default=1.0, help="Seconds between status polls.")
+@click.option("--tensorboard", type=click.Path(), default=None, metavar="DIRECTORY",
+              help="Write the eval records as TensorBoard events as they are written, into DIRECTORY/<--out's "
+                   "name>/eval (ps-server --tensorboard DIRECTORY writes the progress into DIRECTORY/<--out's name>). "
+                   "Needs --out.")
 @model_options
 @client_process_options
 def cli(**kw) -> None:
     """Evaluate a running server's parameters every few epochs and at the end."""
     security = setup_client_process(kw)
+    registry, endpoint = client_metrics(kw, "ps-eval")
     try:
         record = run_evaluator(kw["server"], data_dir=kw["data_dir"],
                                out_dir=Path(kw["out"]) if kw["out"] else None, eval_every=kw["eval_every"],
                                poll=kw["poll"], server_timeout=kw["server_timeout"], device=kw["device"],
-                               security=security, model=kw["model"], dataset=kw["dataset"])
+                               security=security, model=kw["model"], dataset=kw["dataset"],
+                               meters=EvalMeters(registry) if registry else None,
+                               tensorboard=Path(kw["tensorboard"]) if kw["tensorboard"] else None)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     click.echo(json.dumps(record))
     if record is None:
         raise SystemExit(1)
