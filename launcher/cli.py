@@ -39,6 +39,8 @@ from ormo_ps.common.security import ClientSecurity
 from ormo_ps.server.serving import listening_port
 from ormo_ps.server.config import RunConfig
 
+EXIT_DIVERGED = 3  # as ps-server's, ps-worker's and ps-sim's
+
 
 # Beside metrics.jsonl with --metrics-port: where each process serves its metrics, as Prometheus' file-based
 # service discovery reads targets (file_sd_configs), so a local Prometheus can scrape a ps-launch run.
@@ -265,7 +267,10 @@ def cli(**kw) -> None:
             click.echo(f"ps-launch: {e}: stopped the server (its checkpoint is in {out}), the workers and the "
                        "evaluator", err=True)
             raise SystemExit(128 + e.signum) from None
-    _report(out, time.monotonic() - started)
+    if _report(out, time.monotonic() - started).get("diverged"):
+        click.echo(f"Error: the run diverged (see {out / 'server.log'}); the last finite parameters are in {out}",
+                   err=True)
+        raise SystemExit(EXIT_DIVERGED)
 
 
 def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, console: _Console, started: float) -> None:
@@ -446,7 +451,8 @@ def _watch(address: str, procs: Processes, evaluator: subprocess.Popen, console:
         raise click.ClickException(procs.failure("evaluator"))
 
 
-def _report(out: Path, seconds: float) -> None:
+def _report(out: Path, seconds: float) -> dict:
+    """The run's result as one JSON line on stdout (from its metrics); the summary record returned."""
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     evals = [r for r in records if r["event"] == "eval"]
     summary = next((r for r in reversed(records) if r["event"] == "summary"), {})
@@ -457,8 +463,10 @@ def _report(out: Path, seconds: float) -> None:
                   final_train_loss=summary.get("final_train_loss"),
                   gradients_applied=summary.get("gradients_applied"),
                   gradients_rejected=summary.get("gradients_rejected"),
-                  staleness_mean=summary.get("staleness_mean"), out_dir=str(out))
+                  staleness_mean=summary.get("staleness_mean"), diverged=bool(summary.get("diverged")),
+                  out_dir=str(out))
     click.echo(json.dumps(result))
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
