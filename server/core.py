@@ -231,6 +231,20 @@ class ServerCore:
         a, b = self.rule.growth(lr)
         return self._bound * a + g_max * b
 
+    def proves_finite(self, lr: float, g_max: float) -> bool:
+        """Whether the state's bound proves that an update with rate `lr` and a gradient of largest magnitude
+        `g_max` cannot overflow (reading the state's true magnitudes when the kept bound does not prove it).
+        Only the kept bound changes (to the measured one, never looser): the update's result does not."""
+        if self.run.allow_nonfinite:
+            return True
+        if self._predicted_bound(lr, g_max) > self._safe_magnitude:
+            self._bound = self._measured_bound()
+        return self._predicted_bound(lr, g_max) <= self._safe_magnitude
+
+    def update_rate(self, iteration_index: int) -> float:
+        """The rate the next update applies to a gradient computed at `iteration_index` (OrMo-DA adapts it)."""
+        return self.rule.effective_lr(self.lr_schedule(self.iteration), iteration_index, self.iteration)
+
     def _apply(self, grad: torch.Tensor, iteration_index: int, t: int, worker: int, lr: float) -> None:
         self.rule.open_group(t, waiting_set_empty=not self.waiting_set)
         self.rule.apply(grad, iteration_index, t, worker, lr)
@@ -240,13 +254,9 @@ class ServerCore:
         if self.run.allow_nonfinite:  # the run asked for NaN and infinities to be applied
             self._apply(grad, iteration_index, t, worker, lr)
             return
-        predicted = self._predicted_bound(lr, g_max)
-        if predicted > self._safe_magnitude:
-            self._bound = self._measured_bound()
-            predicted = self._predicted_bound(lr, g_max)
-        if predicted <= self._safe_magnitude:  # proved: the update cannot overflow
+        if self.proves_finite(lr, g_max):  # proved: the update cannot overflow
             self._apply(grad, iteration_index, t, worker, lr)
-            self._bound = predicted
+            self._bound = self._predicted_bound(lr, g_max)
             return
         saved = (self.w.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v
                                   for k, v in self.rule.state_dict().items()})
