@@ -44,6 +44,7 @@ PS_VARIABLES = frozenset({
     "PS_SEED",
     "PS_SERVER",
     "PS_SERVER_TIMEOUT",
+    "PS_SHARDS",
     "PS_SLOWDOWN",
     "PS_SLOW_FACTOR",
     "PS_SLOW_FRACTION",

@@ -76,6 +76,10 @@ class ShardedCore:
         return self.lead.epoch
 
     @property
+    def total_iterations(self) -> int:
+        return self.lead.total_iterations
+
+    @property
     def done(self) -> bool:
         return self.lead.done
 

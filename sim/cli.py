@@ -43,6 +43,9 @@ from ormo_ps.sim.simulator import ComputeTimeModel, Simulator
                    "float rounding), or each gradient when it arrives.")
 @click.option("--batch-limit", type=click.IntRange(min=1), default=None,
               help="At most this many workers' gradients per batched call (default: all outstanding); bounds memory.")
+@click.option("--shards", type=click.IntRange(min=1), default=1,
+              help="The server's arithmetic as this many slices of the parameter (server/shards.py), as the "
+                   "sharded server computes it: the same parameters bit for bit.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress lines.")
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
 def cli(**kwargs) -> None:
@@ -75,7 +78,7 @@ def cli(**kwargs) -> None:
         sim = Simulator(run, timing, dataset=dataset, out_dir=kwargs.pop("out"),
                         device=kwargs.pop("device"), eval_every=eval_every, log_every=kwargs.pop("log_every"),
                         meter=meter, batched=kwargs.pop("batched"), batch_limit=kwargs.pop("batch_limit"),
-                        listeners=listeners)
+                        listeners=listeners, shards=kwargs.pop("shards"))
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
     if meter is not None:

@@ -33,6 +33,7 @@ from ormo_ps.common.progress import Progress
 from ormo_ps.server.checkpoint import save_final
 from ormo_ps.server.config import RunConfig
 from ormo_ps.server.core import Dispatch, ServerCore
+from ormo_ps.server.shards import ShardedCore
 from ormo_ps.sim.batched import BatchedGradients
 from ormo_ps.sim.timing import ComputeTimeModel
 
@@ -61,12 +62,14 @@ class Simulator:
         batched: bool | None = None,
         batch_limit: int | None = None,
         listeners: Sequence[RecordListener] = (),
+        shards: int = 1,
     ) -> None:
         """`progress(line)` receives a line per progress and eval record; `meter` shows them instead (a bar on
         a terminal, periodic lines with rate and time left elsewhere). `batched`: compute the outstanding
         gradients together (None: on a GPU, not on the CPU, where one at a time is faster for convolutional
         models: bench/results/batched_sim.md), at most `batch_limit` workers' per call (None: all).
-        `listeners` watch the records as they are written to OUT/metrics.jsonl (a live TensorBoard)."""
+        `listeners` watch the records as they are written to OUT/metrics.jsonl (a live TensorBoard).
+        `shards` > 1: the server's arithmetic as that many slices (server/shards.py), equal bit for bit."""
         self.listeners = list(listeners)
         self.run = run
         self.timing = timing
@@ -77,7 +80,8 @@ class Simulator:
         if self.iters_per_epoch < 1:
             raise ValueError(f"batch_size {run.batch_size} is larger than the train set ({self.dataset.num_train})")
         self.model = run.initial_model(self.dataset, self.device)
-        self.core = ServerCore(self.model.params, run, self.iters_per_epoch)
+        self.core = (ServerCore(self.model.params, run, self.iters_per_epoch) if shards == 1
+                     else ShardedCore(self.model.params, run, self.iters_per_epoch, shards=shards))
         self.wire = run.wire_torch_dtype  # what gradients and parameters travel as in the service (wire_dtype.py)
         self.gradients = GradientComputer(self.model, run.weight_decay)
         self.batched = self.device.type != "cpu" if batched is None else batched

@@ -157,3 +157,20 @@ def test_a_checkpoint_is_one_cut_and_resumes_to_the_same_parameters():
         ShardedCore(params0, run, shards=3).load_state_dict(torn)
     with pytest.raises(ValueError, match="cut the parameter at"):
         ShardedCore(params0, run, shards=2).load_state_dict(state)
+
+
+def test_ps_sim_with_shards_trains_to_the_parameters_of_one_server(tmp_path):
+    """A whole simulated run (digits, an MLP of 9,610 parameters, K=4 with a slow worker): with its server's
+    arithmetic in 3 slices, final.pt and every progress record equal those of the run with one."""
+    from ormo_ps.common.metrics import read_metrics
+    from ormo_ps.sim.cli import main as sim_main
+
+    for shards in (1, 3):
+        sim_main(["--algo", "ormo", "--workers", "4", "--slow-workers", "1", "--dataset", "digits", "--model", "mlp",
+                  "--iterations", "300", "--shards", str(shards), "--out", str(tmp_path / f"s{shards}"), "-q"])
+    one, three = (torch.load(tmp_path / f"s{s}" / "final.pt", weights_only=True) for s in (1, 3))
+    assert one["iteration"] == three["iteration"] == 300
+    assert torch.equal(one["params"], three["params"])
+    progress = [[{k: r[k] for k in ("iteration", "train_loss")} for r in read_metrics(tmp_path / f"s{s}" / "metrics.jsonl")
+                 if r["event"] == "progress"] for s in (1, 3)]
+    assert progress[0] == progress[1] and len(progress[0]) > 3
