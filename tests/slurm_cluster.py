@@ -1,5 +1,6 @@
 """A real Slurm cluster on this machine: one controller and N compute nodes, each node a network namespace
-with its own address, hostname and slurmd, joined by a bridge whose links `tc netem` can shape.
+with its own address, hostname and slurmd, joined by a bridge whose links can be shaped (rate, delay and
+loss: `Profile`).
 
     python -m tests.slurm_cluster up --nodes 4 --profile cross-site   # prints the directory; Ctrl-C tears down
 
@@ -35,20 +36,44 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Link profiles, set with `tc netem` on every node's interface (egress; both ends of a node-to-node path are
-# shaped, so a delay here is one way and a round trip between two nodes is twice it).
-PROFILES: dict[str, list[str]] = {
-    "none": [],
-    "datacenter": ["delay", "0.1ms", "rate", "10gbit"],
-    "cross-site": ["delay", "10ms", "rate", "1gbit", "loss", "0.1%"],
+@dataclass(frozen=True)
+class Profile:
+    """A link's shape, set on every node's interface (egress: both ends of a node-to-node path are shaped, so
+    `delay` is one way and a round trip between two nodes is twice it). `tc netem` sets all three where the
+    kernel has it (sch_netem); where it has not, the rate is a token bucket (`tc tbf`), the loss an nftables
+    rule dropping that share of the packets, and the delay cannot be applied (`Cluster.shape` says so)."""
+
+    rate: str | None = None  # tc's units: 10gbit, 100mbit
+    delay: str | None = None  # 0.1ms, 10ms
+    loss_percent: float = 0.0
+
+    def describe(self) -> str:
+        parts = [f"{self.rate}/s" if self.rate else "", f"{self.delay} delay" if self.delay else "",
+                 f"{self.loss_percent:g}% loss" if self.loss_percent else ""]
+        return ", ".join(p for p in parts if p) or "unshaped"
+
+
+PROFILES: dict[str, Profile] = {
+    "none": Profile(),
+    "datacenter": Profile(rate="10gbit", delay="0.1ms"),
+    "cross-site": Profile(rate="1gbit", delay="10ms", loss_percent=0.1),
+    "thin": Profile(rate="100mbit", loss_percent=1.0),
 }
-PACKAGES = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "munged": "munge"}
+PACKAGES = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "munged": "munge", "nft": "nftables"}
 CPUS_PER_NODE = 8  # what each node declares (SlurmdParameters=config_overrides: more than the machine has)
 
 
 def _run(argv: list[str], *, check: bool = True, timeout: float = 60, env: dict | None = None,
          ) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check, env=env)
+
+
+def _bits(rate: str) -> float:
+    """tc's rate (10gbit, 100mbit, 1kbit) in bits per second."""
+    for unit, factor in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)):
+        if rate.endswith(unit):
+            return float(rate[: -len(unit)]) * factor
+    raise ValueError(f"a rate in tc's units (10gbit, 100mbit), got {rate!r}")
 
 
 def unavailable() -> str | None:
@@ -180,12 +205,34 @@ class Cluster:
             if shaped:
                 self.shape(ns)
 
-    def shape(self, ns: str, profile: str | None = None) -> None:
-        """Set `profile` (default: the cluster's) on the interface of namespace `ns`."""
+    def shape(self, ns: str, profile: str | None = None) -> str:
+        """Set `profile` (default: the cluster's) on the interface of namespace `ns`; what was applied, in words
+        (a part this kernel cannot apply is named as such)."""
         spec = PROFILES[profile or self.profile]
-        _run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
-        if spec:
-            _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "netem", *spec])
+        tc = ["ip", "netns", "exec", ns, "tc", "qdisc"]
+        _run([*tc, "del", "dev", "eth0", "root"], check=False)
+        _run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "ormo_shape"], check=False)
+        if spec == Profile():
+            return "unshaped"
+        netem = [*(["delay", spec.delay] if spec.delay else []), *(["rate", spec.rate] if spec.rate else []),
+                 *(["loss", f"{spec.loss_percent:g}%"] if spec.loss_percent else [])]
+        if _run([*tc, "add", "dev", "eth0", "root", "netem", *netem], check=False).returncode == 0:
+            return f"{spec.describe()} (netem)"
+        applied = []
+        if spec.rate:  # a bucket of 10 ms at the rate, packets queued up to 100 ms
+            burst = max(64 * 1024, int(_bits(spec.rate) / 8 / 100))
+            _run([*tc, "add", "dev", "eth0", "root", "tbf", "rate", spec.rate, "burst", str(burst), "latency", "100ms"])
+            applied.append(f"{spec.rate}/s (tbf)")
+        if spec.loss_percent:
+            nft = ["ip", "netns", "exec", ns, "nft"]
+            _run([*nft, "add", "table", "inet", "ormo_shape"])
+            _run([*nft, "add chain inet ormo_shape out { type filter hook output priority 0; }"])
+            _run([*nft, f"add rule inet ormo_shape out oifname eth0 numgen random mod 100000 < "
+                        f"{round(spec.loss_percent * 1000)} drop"])
+            applied.append(f"{spec.loss_percent:g}% loss (nftables)")
+        if spec.delay:
+            applied.append(f"NOT the {spec.delay} delay: this kernel has no sch_netem")
+        return ", ".join(applied)
 
     def _write_config(self) -> None:
         for sub in ("ctld", "spool", "log"):
@@ -354,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=list(PROFILES), default="none")
     parser.add_argument("--slurmd-timeout", type=int, default=30)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # tear down on SIGTERM too
     reason = unavailable()
     if reason:
         sys.exit(f"cannot run a cluster here: {reason}")

@@ -137,7 +137,8 @@ def test_a_worker_node_cut_off_rejoins_when_its_link_returns(patient_cluster, tm
     cluster.run("scancel", "--batch", "--signal=TERM", job)  # the user's way to stop a run with a checkpoint
     info = cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
     assert info["JobState"] == "COMPLETED", (info, cluster.job_output(job))
-    print(f"node3 cut {cut:.0f} s; its workers rejoined {rejoin_seconds:.1f} s after the link returned")
+    print(f"\nnode3 cut {cut:.0f} s: the run went on ({before} -> {during} iterations while the server dropped "
+          f"node3's streams); its workers rejoined {rejoin_seconds:.1f} s after the link returned")
 
 
 @pytest.fixture
@@ -197,4 +198,8 @@ def test_a_lost_server_node_requeues_the_job_which_resumes_from_its_checkpoint(q
     assert len(starts) == 2 and starts[1]["resumed_from_iteration"] == checkpointed
     summary = [r for r in records if r["event"] == "summary"][-1]
     assert summary["iterations"] == iterations
-    print(f"server node lost at iteration >= {checkpointed}; resumed from it {resumed_after:.0f} s later")
+    second = records.index(starts[1])
+    reached = max(r["iteration"] for r in records[:second] if r["event"] == "progress")
+    print(f"\nserver node lost: the run had reached iteration {reached} (its last progress record) and resumed "
+          f"from its checkpoint at {checkpointed} ({reached - checkpointed} iterations lost, at most "
+          f"PS_CHECKPOINT_EVERY=0.5 s of them) {resumed_after:.0f} s after the loss")
