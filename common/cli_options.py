@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from ormo_ps.common.parent import die_with_parent
 from ormo_ps.common.env_variables import PS_VARIABLES
 from ormo_ps.common.malloc_tuning import tune_malloc
 from ormo_ps.common.observe import DEFAULT_HOST, MetricsEndpoint, new_registry, serve_metrics
@@ -87,7 +88,9 @@ def _complete(command: click.Command) -> None:
 
 
 def run_cli(command: click.Command, argv: Sequence[str] | None, prog_name: str) -> None:
-    """Run a click command with `PS_*` environment variables; return on success, SystemExit(code != 0) on failure."""
+    """Run a click command with `PS_*` environment variables; return on success, SystemExit(code != 0) on failure.
+    A process ps-launch started ends with ps-launch (common/parent.py)."""
+    die_with_parent()
     _complete(command)
     warn_about_unknown_variables(command, prog_name)
     try:

@@ -4,14 +4,14 @@ It shows progress from the server's status, waits for the run to finish, and pri
 metrics, the checkpoint and the final parameters are left in the output directory. Ctrl-C, SIGTERM and SIGHUP
 stop everything: the signal is passed on to every process, which ps-launch waits for (the server checkpoints).
 On Linux a ps-launch that is killed outright (SIGKILL, the OOM killer) still takes its processes along: each
-gets SIGTERM from the kernel when ps-launch dies (PR_SET_PDEATHSIG), so none trains on as an orphan.
+gets SIGTERM from the kernel when ps-launch dies (PR_SET_PDEATHSIG, which each asks for itself: common/parent.py),
+so none trains on as an orphan.
 A process that fails takes the run down, and its error line is shown here, not only in its log.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -32,6 +32,7 @@ from ormo_ps.common.cli_options import env_names, run_cli
 from ormo_ps.common.grpc_options import GRPC_OPTIONS
 from ormo_ps.common.metrics import LAUNCH_FILE, read_metrics
 from ormo_ps.common.observe import metrics_address
+from ormo_ps.common.parent import PARENT_VARIABLE
 from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 from ormo_ps.common.progress import Progress
@@ -45,29 +46,6 @@ EXIT_DIVERGED = 3  # as ps-server's, ps-worker's and ps-sim's
 # Beside metrics.jsonl with --metrics-port: where each process serves its metrics, as Prometheus' file-based
 # service discovery reads targets (file_sd_configs), so a local Prometheus can scrape a ps-launch run.
 TARGETS_FILE = "prometheus_targets.json"
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# libc, loaded before any fork (the child between fork and exec should only make system calls).
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _child_setup(nice: int) -> Callable[[], None] | None:
-    """What a child runs between fork and exec: lower its priority by `nice`, and (Linux) ask the kernel for
-    SIGTERM when ps-launch dies, however it dies; if ps-launch died before that request took, SIGTERM now."""
-    if not nice and _LIBC is None:
-        return None
-    parent = os.getpid()
-
-    def setup() -> None:
-        if nice:
-            os.nice(nice)
-        if _LIBC is not None:
-            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    return setup
 
 
 class Processes:
@@ -85,11 +63,13 @@ class Processes:
         log = open(self.log_path(name), "w")
         self._logs.append(log)
         env = {k: v for k, v in os.environ.items() if k not in self.own_variables}  # PS_SLOWDOWN: not for all
-        env |= {"PYTHONUNBUFFERED": "1", "PS_TOKEN": self.token}
+        # The child asks for SIGTERM when this process dies (common/parent.py: no preexec_fn, see there why).
+        env |= {"PYTHONUNBUFFERED": "1", "PS_TOKEN": self.token, PARENT_VARIABLE: str(os.getpid())}
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]  # nice(1) execs the command: the same process, niced
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE if capture_output else log,
                                 stderr=subprocess.STDOUT if capture_output else log,
-                                stdin=subprocess.DEVNULL, env=env, text=True,
-                                preexec_fn=_child_setup(nice))
+                                stdin=subprocess.DEVNULL, env=env, text=True)
         self.procs[name] = proc
         return proc
 

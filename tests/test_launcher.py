@@ -174,3 +174,24 @@ def test_the_default_launch_evaluates_along_the_run_and_shows_progress(tmp_path)
     assert len(epochs) >= 3 and epochs == sorted(epochs) and epochs[-1] == 30.0, epochs
     assert "the evaluator evaluates the final parameters" in result.stderr
     assert re.search(r"iter 330/330 \(100%\) epoch 30\.00 .* \| [\d.]+ it/s, \S+ elapsed, done", result.stderr)
+
+
+def test_a_process_whose_launcher_is_gone_before_it_asks_stops_at_once(tmp_path):
+    """common/parent.py: a ps-* process started by a ps-launch that died before the process could ask for its
+    death signal (its parent is no longer that ps-launch) stops with SIGTERM at once; the variable naming the
+    launcher is not passed on; without it nothing happens."""
+    from ormo_ps.common.parent import PARENT_VARIABLE
+
+    code = ("import os, time; from ormo_ps.common.parent import die_with_parent, PARENT_VARIABLE; "
+            "die_with_parent(); print(PARENT_VARIABLE in os.environ, flush=True); time.sleep(30)")
+    orphan = subprocess.run([sys.executable, "-c", code], env=ENV | {PARENT_VARIABLE: "1"}, capture_output=True,
+                            text=True, timeout=60)
+    assert orphan.returncode == -signal.SIGTERM and orphan.stdout == ""
+    child = subprocess.Popen([sys.executable, "-c", code], env=ENV | {PARENT_VARIABLE: str(os.getpid())},
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "False"  # asked, and the variable is gone
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
