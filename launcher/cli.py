@@ -43,6 +43,12 @@ from ormo_ps.server.config import RunConfig
 EXIT_DIVERGED = 3  # as ps-server's, ps-worker's and ps-sim's
 
 
+class Diverged(click.ClickException):
+    """The run diverged: ps-launch exits 3, as ps-server, ps-worker and ps-sim do."""
+
+    exit_code = EXIT_DIVERGED
+
+
 # Beside metrics.jsonl with --metrics-port: where each process serves its metrics, as Prometheus' file-based
 # service discovery reads targets (file_sd_configs), so a local Prometheus can scrape a ps-launch run.
 TARGETS_FILE = "prometheus_targets.json"
@@ -83,10 +89,11 @@ class Processes:
         return f"{name.replace('-', ' ')} {how}: {error_line(self.log_path(name))}\n(its log: {self.log_path(name)})"
 
     def check(self) -> None:
-        """Raise the error of the first process that failed (the server first: the others fail after it)."""
+        """Raise the error of the first process that failed (the server first: the others fail after it); a
+        process that ended because the run diverged makes it `Diverged` (ps-launch's exit code 3)."""
         for name, proc in self.procs.items():
             if proc.poll() not in (None, 0):
-                raise click.ClickException(self.failure(name))
+                raise (Diverged if proc.returncode == EXIT_DIVERGED else click.ClickException)(self.failure(name))
 
     def stop_all(self, timeout: float = 10.0) -> None:
         """SIGTERM to every process still running, then wait for them (SIGKILL after `timeout` seconds)."""

