@@ -192,8 +192,10 @@ def run_all(specs: list[dict], jobs: int, label: str, deadline: float | None = N
         results[s["out"]] = _from_summary(Path(s["out"]).name, done, earlier=True)
     print(f"{label}: {len(specs)} runs, {len(specs) - len(todo)} already done, {jobs} at a time", file=sys.stderr)
     t0 = time.monotonic()
-    # CUDA cannot be used in a forked child of a process that touched it: start GPU runs' processes fresh.
-    context = multiprocessing.get_context("spawn" if any(s["device"] != "cpu" for s in todo) else None)
+    # Fresh processes (spawn), never forked ones: CUDA cannot be used in a forked child of a process that touched
+    # it, and a forked child inherits its parent's gRPC objects (a test process's), whose finalizers were seen
+    # spinning there for minutes in a fresh-clone CI run.
+    context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(jobs, mp_context=context)
     futures = {pool.submit(one_run, dict(s, deadline=deadline)): s for s in todo}
     try:
