@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import subprocess
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     install()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     meta = {"commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cores": len(__import__("os").sched_getaffinity(0)), "applied": {}}
+            "cores": len(os.sched_getaffinity(0)), "applied": {}}
     rows: list[dict] = []
     with Cluster(nodes=3, slurmd_timeout=120) as cluster:
         for placement in PLACEMENTS:
