@@ -45,6 +45,7 @@ PS_VARIABLES = frozenset({
     "PS_SERVER",
     "PS_SERVER_TIMEOUT",
     "PS_SHARDS",
+    "PS_SHARD_ADDRESSES",
     "PS_SLOWDOWN",
     "PS_SLOW_FACTOR",
     "PS_SLOW_FRACTION",

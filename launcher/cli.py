@@ -204,6 +204,9 @@ def _read_port(procs: Processes, timeout: float, say: Callable[[str], None]) -> 
               help="Run the workers at this nice level: when K workers oversubscribe the cores, the server and "
                    "the evaluator keep up (evaluations land where asked instead of whenever the CPU allows).")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=0, help="Server port on 127.0.0.1 (0: any free).")
+@click.option("--shards", type=click.IntRange(min=1, max=64), default=1,
+              help="Shard the server's parameters over this many processes (ps-server --shards): the same "
+                   "parameters, bit for bit, with the bytes and the updates spread over processes.")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None, metavar="PORT",
               help="Serve every process's Prometheus metrics on 127.0.0.1: the server's on PORT, the evaluator's on "
                    "PORT+1, worker k's on PORT+2+k (0: each on a free port). The addresses are said and written to "
@@ -237,7 +240,7 @@ def cli(**kw) -> None:
         metrics_path.unlink()  # a fresh run; --resume belongs to ps-server
     launch = dict(workers=run.workers, slow_workers=kw["slow_workers"],
                   slowdown=kw["slowdown"] if kw["slow_workers"] else 1.0, eval_every=kw["eval_every"],
-                  threads=kw["threads"], worker_nice=kw["worker_nice"])
+                  threads=kw["threads"], worker_nice=kw["worker_nice"], shards=kw["shards"])
     (out / LAUNCH_FILE).write_text(json.dumps(launch) + "\n")  # for ps-plot: the server cannot tell slow workers
     console = _Console(kw["quiet"])
     procs = Processes(out, os.environ.get("PS_TOKEN") or secrets.token_urlsafe(24), frozenset(env_names(cli)))
@@ -273,7 +276,7 @@ def _launch(run: RunConfig, kw: dict, out: Path, procs: Processes, console: _Con
     console.say(f"starting ps-server (log: {procs.log_path('server')})")
     procs.start("server", py + ["ormo_ps.server.cli", *run.to_flags(), "--bind",
                                  f"127.0.0.1:{kw['port']}", "--out", str(out), "--linger", "60", *metrics(0),
-                                 *tensorboard],
+                                 *tensorboard, *(["--shards", str(kw["shards"])] if kw["shards"] > 1 else [])],
                 capture_output=True)
     port = _read_port(procs, timeout=kw["timeout"], say=lambda m: console.say(f"server: {m}"))
     address = f"127.0.0.1:{port}"

@@ -49,8 +49,10 @@ class Admission:
                  route: Callable[[list[Dispatch]], None], ended: Callable[[], bool],
                  stop_message: Callable[[], pb.ServerMessage], buffers: BufferPool, chunk_bytes: int,
                  wait_for_all_workers: bool = True, ready_timeout: float = 120.0,
-                 first_message_timeout: float = 30.0, max_pending: int = 16) -> None:
+                 first_message_timeout: float = 30.0, max_pending: int = 16,
+                 on_welcome: Callable[[Connection, pb.Welcome], None] | None = None) -> None:
         self.core = core
+        self.on_welcome = on_welcome  # adds to each Welcome (a sharded server's shards and session)
         self.run = core.run
         self.layout = layout  # the run's parameter layout: its model's, or (a run that names none) the first client's
         self.pb_run_config = pb_run_config
@@ -172,6 +174,8 @@ class Admission:
                              parameters_wanted=not self.core.has_parameters, chunk_bytes=conn.sender.chunk_bytes)
         if self.layout is not None:
             welcome.layout.CopyFrom(layouts.to_pb(self.layout))
+        if self.on_welcome is not None:
+            self.on_welcome(conn, welcome)
         conn.send(pb.ServerMessage(welcome=welcome))
         return conn
 
@@ -259,11 +263,7 @@ class Admission:
                 logger.info("%d workers ready; waiting for one that sends the initial parameters", len(ready))
                 return
             self.started = True
-            dispatch = self.core.start()
-            for w in range(k):  # with --start-at-once, those not here yet join when they come
-                if w not in ready:
-                    self.core.deactivate(w)
-            self.route([Dispatch(tuple(ready), dispatch.params, dispatch.iteration_index)])
+            self.route([self.core.start_with(ready)])  # with --start-at-once, those not here yet join when they come
             logger.info("run started with %d workers", len(ready))
         else:
             dispatch = self.core.rejoin(conn.worker)
@@ -274,5 +274,5 @@ class Admission:
         """What a chunked tensor on `conn` must be (numel, pb dtype), checked on its header before its bytes
         come: a gradient is the run's parameters' size; a client model's initial parameters its layout's."""
         if name == "gradient":
-            return self.core.w.numel(), dtype_to_pb(self.run.wire_torch_dtype)
+            return self.core.numel, dtype_to_pb(self.run.wire_torch_dtype)
         return self.initial_numel(conn, message.ready), pb.DTYPE_FLOAT32

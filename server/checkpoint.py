@@ -77,8 +77,15 @@ def _write_atomically(path: Path, obj: Any) -> Path:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    return _write_atomically(Path(path), {"format": FORMAT, "version": VERSION, "state": state,
-                                          "sha256": state_digest(state)})
+    save_state(path, state)
+    return Path(path)
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> str:
+    """Write `state` as a checkpoint file (atomically); returns its digest (what `load_checkpoint` checks)."""
+    digest = state_digest(state)
+    _write_atomically(Path(path), {"format": FORMAT, "version": VERSION, "state": state, "sha256": digest})
+    return digest
 
 
 def _torch_load(data: bytes, path: Path) -> Any:

@@ -12,6 +12,7 @@ ps-server turns into its exit error.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -53,6 +54,8 @@ class Checkpointer:
             return None
         async with self._lock:
             state = self.snapshot()  # on the loop; the write happens in a thread
+            if inspect.isawaitable(state):  # (a sharded server's: its shards write theirs first)
+                state = await state
             path = await asyncio.to_thread(save_checkpoint, self.out_dir / CHECKPOINT_NAME, state)
         self.iteration = state["core"]["iteration"]
         self.written_at = time.time()

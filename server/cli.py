@@ -24,18 +24,29 @@ from ormo_ps.common.layout import layout_of
 from ormo_ps.common.malloc_tuning import tune_malloc
 from ormo_ps.common.metrics import MetricsWriter
 from ormo_ps.common.observe import MetricsPortInUse
-from ormo_ps.common.security import ServerSecurity
+from ormo_ps.common.security import ClientSecurity, ServerSecurity
 from ormo_ps.common.security_options import server_security_from, server_security_options
 from ormo_ps.common.settings import setting
 from ormo_ps.server.checkpoint import CheckpointError, load_checkpoint
 from ormo_ps.server.config import RunConfig
 from ormo_ps.server.core import ServerCore
+from ormo_ps.server.front import ShardFront, ShardLost
+from ormo_ps.server.local_shards import LocalShards, start_local_shards
 from ormo_ps.server.service import ParameterServerService
 from ormo_ps.server.serving import PortInUse, serve
 
 logger = logging.getLogger(__name__)
 
 EXIT_DIVERGED = 3  # as ps-sim's
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    """Comma-separated HOST:PORT addresses (of shards)."""
+    addresses = tuple(a.strip() for a in text.split(",") if a.strip())
+    bad = [a for a in addresses if ":" not in a or not a.rsplit(":", 1)[1].isdigit()]
+    if bad or not addresses:
+        raise ValueError(f"expected HOST:PORT,HOST:PORT,..., got {text!r}")
+    return addresses
 
 
 @dataclass(frozen=True)
@@ -87,20 +98,37 @@ class ServeOptions:
               "DIRECTORY/<--out's name> (ps-eval --tensorboard DIRECTORY: its eval records into .../eval): "
               "`tensorboard --logdir DIRECTORY` shows the run live. Needs the tensorboard package.",
         metavar="DIRECTORY")
+    shards: int = setting(
+        1, "Shard the parameters over S processes on this machine (ps-shard, on the ports after --bind's): each "
+           "holds one slice of the parameters and of the rule's state and takes its slice of every gradient, "
+           "while this process orders the pushes; the parameters equal one server's bit for bit. 1: one process.",
+        min=1, max=64)
+    shard_addresses: tuple[str, ...] | None = setting(
+        None, "Coordinate shards started elsewhere (`ps-shard --bind HOST:PORT`, one per address, in order) "
+              "instead of starting --shards processes here; workers are told these addresses.",
+        parse=_addresses, metavar="HOST:PORT,...")
     threads: int = setting(1, "torch CPU threads for the updates. One keeps a core free for gRPC and the event "
                               "loop (more threads only pay off for updates of tens of millions of parameters).",
                            min=1)
 
     def __post_init__(self) -> None:
         settings.validate(self)
+        if self.shard_addresses is not None and self.shards not in (1, len(self.shard_addresses)):
+            raise ValueError(f"--shards {self.shards} but {len(self.shard_addresses)} --shard-addresses")
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.shard_addresses) if self.shard_addresses is not None else self.shards
 
     @property
     def chunk_bytes(self) -> int:
         return round(self.chunk_mib * MIB)
 
 
-def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)) -> ParameterServerService:
-    """The service of `run` (or of the checkpointed run in `options.resume`, whose configuration wins)."""
+def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None), *, shards: LocalShards | None = None,
+                  shard_security: ClientSecurity = ClientSecurity()) -> ParameterServerService:
+    """The service of `run` (or of the checkpointed run in `options.resume`, whose configuration wins). A sharded
+    one (`options.shard_count` > 1) is to be connected to its shards (`connect_shards`) before it serves."""
     state = load_checkpoint(options.resume) if options.resume is not None else None
     if state is not None:
         run = RunConfig.from_dict(state["run"])
@@ -114,7 +142,13 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
     else:
         model = run.initial_model(dataset)
         params0, layout = model.params, layout_of(model.module)
-    core = ServerCore(params0, run, ipe)
+    if options.shard_count > 1 or options.shard_addresses is not None:
+        if run.model_from_client:
+            raise ValueError("--model client cannot be sharded yet: a sharded server builds w_0 from the run's model")
+        core = ShardFront(params0, run, ipe, addresses=list(shards.addresses if shards else options.shard_addresses),
+                          security=shard_security, chunk_bytes=options.chunk_bytes)
+    else:
+        core = ServerCore(params0, run, ipe)
     if state is not None and state["core"]["iteration"] >= core.total_iterations:
         raise ValueError(f"the run in {options.resume} is already finished ({state['core']['iteration']} "
                          "iterations); nothing to resume")
@@ -137,22 +171,59 @@ def build_service(run: RunConfig, options: ServeOptions = ServeOptions(out=None)
         sync_timeout=options.sync_timeout, ready_timeout=options.ready_timeout, layout=layout,
         first_message_timeout=options.first_message_timeout, max_pending=options.max_pending,
         model_state=None if run.model_from_client else model_state, chunk_bytes=options.chunk_bytes)
-    if state is not None:
+    if shards is not None:
+        service.shard_addresses = shards.advertised
+    service.resume_state = state
+    if state is not None and not service.sharded:
         service.load_state_dict(state)
     # A resumed run writes a start record too: records past its iteration (lost with the crash) are superseded.
     resumed = {"resumed_from_iteration": core.iteration} if state is not None else {}
-    service.recorder.start("server", run.to_dict(), num_parameters=core.w.numel(), iterations_per_epoch=ipe,
+    service.recorder.start("server", run.to_dict(), num_parameters=core.numel, iterations_per_epoch=ipe,
                            **resumed)
     return service
+
+
+async def connect_shards(service: ParameterServerService, options: ServeOptions) -> None:
+    """Attach a sharded service's shards to the run; a resumed run's shards load their states of its checkpoint
+    (its manifest), then every worker is gone, as a resumed server's."""
+    front = service.core
+    await front.connect()
+    state = service.resume_state
+    if state is not None:
+        if "shards" not in state:
+            raise CheckpointError(f"{options.resume} is the checkpoint of an unsharded server; resume it with "
+                                  "--shards 1")
+        resume = Path(options.resume)
+        await front.load_shards(resume if resume.is_dir() else resume.parent, state["shards"],
+                                state["core"]["iteration"])
+        service.load_state_dict(state)
 
 
 async def serve_run(run: RunConfig, options: ServeOptions = ServeOptions(out=None), *,
                     security: ServerSecurity = ServerSecurity(), grace: float = 5.0,
                     on_started: Callable[[ParameterServerService, int], None] | None = None) -> ParameterServerService:
-    """Build the service of `run` and serve it (ps-server's whole job)."""
-    service = build_service(run, options)
-    await serve(service, bind=options.bind, security=security, linger=options.linger, grace=grace,
-                on_started=on_started, metrics_port=options.metrics_port, metrics_host=options.metrics_host)
+    """Build the service of `run` and serve it (ps-server's whole job); with --shards, its shard processes too."""
+    shards = None
+    if options.shard_count > 1 and options.shard_addresses is None:
+        if security.tls_cert:
+            raise ValueError("a sharded server does not speak TLS yet: serve it without --tls-cert on a network "
+                             "you trust, or with --shards 1")
+        shards = await start_local_shards(options.shard_count, options.bind, token=security.resolved_token,
+                                          threads=options.threads)
+    try:
+        service = build_service(run, options, shards=shards,
+                                shard_security=ClientSecurity(token=security.resolved_token))
+        if service.sharded:
+            await connect_shards(service, options)
+        try:
+            await serve(service, bind=options.bind, security=security, linger=options.linger, grace=grace,
+                        on_started=on_started, metrics_port=options.metrics_port, metrics_host=options.metrics_host)
+        finally:
+            if service.sharded:
+                await service.core.close()
+    finally:
+        if shards is not None:
+            shards.stop()
     return service
 
 
@@ -183,12 +254,15 @@ def cli(**kwargs) -> None:
             raise click.ClickException(str(e)) from None
     try:
         service = asyncio.run(serve_run(run, options, security=security))
-    except (CheckpointError, FileNotFoundError, ValueError, PortInUse, MetricsPortInUse) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, PortInUse, MetricsPortInUse, ShardLost) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
     if service.checkpoints.failures:
         raise click.ClickException("; ".join(service.checkpoints.failures))
+    if service.lifecycle.aborted is not None:
+        raise click.ClickException(f"{service.lifecycle.aborted}; the run stopped. Its last checkpoint is one "
+                                   f"consistent cut of every shard: resume with --resume {options.out}")
     if service.diverged is not None:
         click.echo(f"Error: {service.diverged}; the last finite parameters are in {options.out}", err=True)
         raise SystemExit(EXIT_DIVERGED)

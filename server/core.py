@@ -126,6 +126,11 @@ class ServerCore:
         return self.run.workers
 
     @property
+    def numel(self) -> int:
+        """Length of the flat parameter vector (0 until a client brings the model)."""
+        return self.w.numel()
+
+    @property
     def done(self) -> bool:
         return self.iteration >= self.total_iterations
 
@@ -150,9 +155,23 @@ class ServerCore:
             rec.outstanding_index = 0
         return Dispatch(tuple(range(self.num_workers)), self.rule.params_to_send(self.lr()), 0)
 
+    def start_with(self, ready: set[int] | list[int]) -> Dispatch:
+        """`start`, the workers not in `ready` deactivated (they join when they come): `(w_0, 0)` to `ready`."""
+        dispatch = ServerCore.start(self)
+        for w in range(self.num_workers):
+            if w not in ready:
+                ServerCore.deactivate(self, w)
+        return Dispatch(tuple(sorted(ready)), dispatch.params, dispatch.iteration_index)
+
     def validate(self, worker: int, grad: torch.Tensor, iteration_index: int) -> float:
         """Raise `PushRejected` if the gradient cannot be applied; else return its largest magnitude.
         Changes nothing."""
+        self.check_push(worker, iteration_index)
+        return self.check_gradient(grad)
+
+    def check_push(self, worker: int, iteration_index: int) -> None:
+        """Raise `PushRejected` if no gradient of `worker` computed at `iteration_index` can be applied now (the
+        run's and the worker's state; the gradient's values are `check_gradient`'s). Changes nothing."""
         if not self.started:
             raise PushRejected("FAILED_PRECONDITION", "the run has not started")
         if self.done:
@@ -171,6 +190,10 @@ class ServerCore:
         if iteration_index != rec.outstanding_index:
             raise PushRejected("INVALID_ARGUMENT", f"worker {worker} was sent parameters with index "
                                f"{rec.outstanding_index}, but its gradient claims index {iteration_index}")
+
+    def check_gradient(self, grad: torch.Tensor) -> float:
+        """Raise `PushRejected` for a gradient of the wrong size or dtype, or not finite (unless the run allows
+        it); else return its largest magnitude (one read). Changes nothing."""
         if grad.dim() != 1 or grad.numel() != self.w.numel():
             raise PushRejected("INVALID_ARGUMENT", f"gradient has shape {tuple(grad.shape)}; expected a flat "
                                f"vector of {self.w.numel()} elements")
@@ -195,15 +218,35 @@ class ServerCore:
         if grad.device != self.w.device:
             grad = grad.to(self.w.device)
         t = self.iteration
-        rec = self.workers[worker]
-        if self.scheduler == "async" and self.rule.discards(iteration_index, t):  # (Ringmaster: too stale)
-            rec.gradients_discarded += 1
-            rec.outstanding_index = t
-            self.discarded += 1
-            return [Dispatch((worker,), self.rule.params_to_send(self.lr_schedule(t)), t)]
+        if self.discarding(iteration_index):
+            return self.discard(worker)
         lr = self.rule.effective_lr(self.lr_schedule(t), iteration_index, t)
         self._apply_finite(grad, iteration_index, t, worker, lr, g_max)
+        return self.applied(worker, iteration_index, lr)
 
+    def discarding(self, iteration_index: int) -> bool:
+        """Whether a valid gradient computed at `iteration_index` is ignored now (Ringmaster: too stale)."""
+        return self.scheduler == "async" and self.rule.discards(iteration_index, self.iteration)
+
+    def discard(self, worker: int) -> list[Dispatch]:
+        """Ignore the worker's valid gradient (`discarding`): it gets the current parameters back."""
+        t = self.iteration
+        rec = self.workers[worker]
+        rec.gradients_discarded += 1
+        rec.outstanding_index = t
+        self.discarded += 1
+        return [Dispatch((worker,), self.rule.params_to_send(self.lr_schedule(t)), t)]
+
+    def apply_update(self, grad: torch.Tensor, iteration_index: int, worker: int, lr: float) -> None:
+        """The rule's update of iteration t with this gradient, nothing else (no check, no bookkeeping: a
+        sharded server's shard, server/shard.py, checks and counts around it as `push` does)."""
+        self._apply(grad, iteration_index, self.iteration, worker, lr)
+
+    def applied(self, worker: int, iteration_index: int, lr: float) -> list[Dispatch]:
+        """The books of an update applied at iteration t (the delay, the worker's index, t+1) and the scheduler's
+        answer."""
+        t = self.iteration
+        rec = self.workers[worker]
         delay = t - iteration_index
         rec.outstanding_index = None
         rec.gradients_applied += 1

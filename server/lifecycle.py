@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +32,10 @@ class RunLifecycle:
     def __init__(self, core: ServerCore, recorder: RunRecorder, checkpoints: Checkpointer,
                  connections: dict[int, Connection], *, out_dir: Path | None,
                  model_state: Callable[[torch.Tensor], dict[str, Any]] | None,
-                 summary_extras: Callable[[], dict[str, Any]]) -> None:
+                 summary_extras: Callable[[], dict[str, Any]],
+                 params: Callable[[], Awaitable[tuple[torch.Tensor, int]]] | None = None) -> None:
         self.core = core
+        self.params = params  # (a copy of w_t, t); default: the core's own
         self.recorder = recorder
         self.checkpoints = checkpoints
         self.connections = connections  # the streams to tell (Admission's, shared)
@@ -44,6 +46,8 @@ class RunLifecycle:
         self.finished = asyncio.Event()
         self.final_fetched = asyncio.Event()  # GetParameters has served the final parameters
         self._finish_task: asyncio.Task | None = None
+        self.aborted: str | None = None  # why the run cannot go on (a sharded server lost a shard)
+        self.abort_event = asyncio.Event()
 
     @property
     def ended(self) -> bool:
@@ -79,11 +83,14 @@ class RunLifecycle:
         self.recorder.finish_epoch()
         await self.checkpoints.write_or_fail("the final checkpoint")
         if self.out_dir:
-            params = self.core.current_params().clone()
             try:
-                await asyncio.to_thread(self._save_final, params, self.core.iteration)
+                params, iteration = (await self.params() if self.params is not None
+                                     else (self.core.current_params().clone(), self.core.iteration))
+                await asyncio.to_thread(self._save_final, params, iteration)
             except OSError as e:
                 self.checkpoints.failed("final.pt", e.strerror or str(e))
+            except RuntimeError as e:  # (a sharded server's shard lost at the end)
+                self.checkpoints.failed("final.pt", str(e))
         self.recorder.summary(self.core.summary(), **self.summary_extras())
         if self.diverged is None:
             logger.info("run finished at iteration %d", self.core.iteration)
@@ -92,6 +99,17 @@ class RunLifecycle:
     def _save_final(self, params: torch.Tensor, iteration: int) -> None:
         state = self.model_state(params) if self.model_state is not None else None
         save_final(self.out_dir, params, iteration, self.core.run.to_dict(), model_state=state)
+
+    def abort(self, why: str) -> None:
+        """The run cannot go on (a sharded server lost a shard): no checkpoint is written (the last one is a
+        consistent cut; what came after is lost), every worker is told to wait for the server to come back."""
+        if self.aborted is not None or self.finished.is_set():
+            return
+        self.aborted = why
+        stop = pb.ServerMessage(stop=pb.Stop(reason=pb.STOP_REASON_SHUTDOWN, detail=f"the server stops: {why}"))
+        for conn in list(self.connections.values()):
+            conn.send(stop)
+        self.abort_event.set()
 
     async def shutdown(self, detail: str = "server shutting down") -> None:
         """Graceful stop before the end of the run: checkpoint, then tell the workers."""

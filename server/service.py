@@ -36,8 +36,9 @@ from ormo_ps.server.admission import Admission
 from ormo_ps.server.checkpointer import Checkpointer
 from ormo_ps.server.core import Dispatch, PushRejected, ServerCore
 from ormo_ps.server.faults import FaultBook
+from ormo_ps.server.front import PushOutcome, ShardFront, ShardLost
 from ormo_ps.server.lifecycle import RunLifecycle
-from ormo_ps.server.stream import Connection, Rejected, WorkerStream
+from ormo_ps.server.stream import END_STREAM, Connection, Rejected, WorkerStream
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +104,23 @@ class ParameterServerService:
         self.recorder = RunRecorder(metrics, log_every=log_every, total_iterations=core.total_iterations,
                                     clock=self.uptime, say=logger.info, epoch=core.epoch)
         self.checkpoints = Checkpointer(out_dir, checkpoint_every, self.state_dict)
+        # A sharded server (server/front.py): the core is the coordinator's ShardFront; the tensors go to the shards.
+        self.sharded = isinstance(core, ShardFront)
+        self.shard_addresses: list[str] | None = None  # as workers are told them (Welcome.shards)
+        self.resume_state: dict[str, Any] | None = None  # the checkpoint a sharded service loads once connected
         self.admission = Admission(
             core, layout=layout, pb_run_config=self.pb_run_config, route=self._route, ended=lambda: self.ended,
             stop_message=lambda: self.lifecycle.stop_message(), buffers=BufferPool(), chunk_bytes=chunk_bytes,
             wait_for_all_workers=wait_for_all_workers, ready_timeout=ready_timeout,
-            first_message_timeout=first_message_timeout, max_pending=max_pending)
+            first_message_timeout=first_message_timeout, max_pending=max_pending,
+            on_welcome=self._shards_welcome if self.sharded else None)
         self.lifecycle = RunLifecycle(core, self.recorder, self.checkpoints, self.admission.connections,
-                                      out_dir=out_dir, model_state=model_state, summary_extras=self._summary_extras)
+                                      out_dir=out_dir, model_state=model_state, summary_extras=self._summary_extras,
+                                      params=self._params)
+        if self.sharded:
+            core.on_outcome = self._on_outcome
+            core.on_lost = self.lifecycle.abort
+            core.halted = lambda: self.ended
 
     # ----- the parts' state, as the service's ------------------------------------------------
     @property
@@ -164,7 +175,7 @@ class ParameterServerService:
             algorithm=run.algo, model=run.model_name, dataset=run.dataset, num_classes=self.num_classes,
             batch_size=run.batch_size, weight_decay=run.weight_decay, seed=run.seed,
             total_iterations=self.core.total_iterations, num_workers=run.workers,
-            num_parameters=self.core.w.numel(), wire_dtype=wire_dtypes.to_pb(run.wire_torch_dtype),
+            num_parameters=self.core.numel, wire_dtype=wire_dtypes.to_pb(run.wire_torch_dtype),
         )
 
     # ----- Train: one stream per worker -----------------------------------------------------
@@ -174,6 +185,13 @@ class ParameterServerService:
         conn = await self.admission.open(requests, context)
         if conn is None:
             return
+        if self.sharded:  # its shards must know its session before its streams to them open
+            try:
+                await self.core.admitted(conn.worker)
+            except ShardLost as e:
+                self.disconnect(conn)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the sharded server lost a shard: {e}")
+                return
         not_ready = asyncio.get_running_loop().call_later(self.admission.ready_timeout, self.admission.not_ready,
                                                           conn)
         try:
@@ -195,7 +213,9 @@ class ParameterServerService:
         if self.connections.get(conn.worker) is not conn:
             return
         del self.connections[conn.worker]
-        if self.core.started and not self.ended:
+        if self.sharded:
+            self.core.disconnect(conn.worker, deactivate=self.core.started and not self.ended)
+        elif self.core.started and not self.ended:
             self._route(self.core.deactivate(conn.worker))
         logger.info("worker %d disconnected, %d connected", conn.worker, len(self.connections))
 
@@ -228,11 +248,15 @@ class ParameterServerService:
         core = self.core
         if self.ended:
             return  # in flight when the run ended: dropped
+        if self.sharded:
+            self.counters.reject("malformed")
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "this server is sharded: a gradient goes to its "
+                           "shards, in slices (Welcome.shards), not to the coordinator")
         wire = self.run.wire_torch_dtype
         try:
             # copy=False: the core only reads the gradient, within this call (no await in between); a bfloat16 or
             # float16 one is widened to the parameters' float32, exactly
-            grad = decode(g.tensor, expected_numel=core.w.numel(), expected_dtype=wire, copy=False,
+            grad = decode(g.tensor, expected_numel=core.numel, expected_dtype=wire, copy=False,
                           data=received.tensor_data)
             if grad.dtype != core.w.dtype:
                 grad = self.admission.scratch.widen(grad, core.w.dtype)  # (read by the push below, then free)
@@ -244,23 +268,7 @@ class ParameterServerService:
         try:
             dispatches = core.push(conn.worker, grad, ite)
         except PushRejected as e:
-            self.counters.reject(e.reason)
-            if e.reason in DIVERGING:
-                verdict = self.faults.nonfinite(conn.worker)
-                if verdict.run_diverged:
-                    self.lifecycle.diverge(f"{self.faults.describe()}; the last, from worker {conn.worker}: {e}")
-                elif verdict.drop_worker:
-                    self.counters.dropped_workers += 1
-                    streak = self.faults.streaks[conn.worker]
-                    logger.warning("worker %d (%s) dropped: %d gradients in a row from it were non-finite or would "
-                                   "have made the parameters non-finite (the last: %s); the run goes on",
-                                   conn.worker, conn.name, streak, shorten(e, 200))
-                    raise Rejected(grpc.StatusCode.ABORTED,
-                                   f"worker {conn.worker} dropped: {streak} gradients in a row from it were "
-                                   f"non-finite or would have made the parameters non-finite (the last: {e}); "
-                                   "the run goes on without it") from None
-            hint = wire_dtypes.overflow_hint(wire) if e.reason == "nonfinite" else ""
-            raise Rejected(getattr(grpc.StatusCode, e.code), f"{e}{hint}") from None
+            self._refused(conn, e)  # (raises)
         self.faults.applied(conn.worker)
         if core.iteration == before:  # valid but ignored by the rule (Ringmaster: too stale); the current w goes back
             self.counters.gradients_discarded += 1
@@ -269,13 +277,64 @@ class ParameterServerService:
         self.counters.gradients_applied += 1
         self._route(dispatches)
         self._record(g.loss, core.iteration - 1 - ite)
-        if self.recorder.diverged_at is not None and self.diverged is None:
-            self.lifecycle.diverge(f"the training loss ran away (more than {DIVERGENCE_FACTOR:g}x that of the "
-                                   "first iterations)")
+
+    def _on_outcome(self, outcome: PushOutcome) -> None:
+        """A sharded push decided (server/front.py): booked as one server books a push; a refused one ends the
+        worker's stream with its status, as one server's refusal does."""
+        conn = self.connections.get(outcome.worker)
+        if conn is None or conn.session != outcome.session:
+            conn = None  # (gone meanwhile: its books are kept all the same)
+        if outcome.rejected is not None:
+            try:
+                self._refused(conn, outcome.rejected, worker=outcome.worker)
+            except Rejected as e:
+                if conn is not None:
+                    self._rejections.warning("worker %d: %s (%s)", conn.worker, shorten(e.message, 300), e.code.name)
+                    stop = self.refusal_stop()
+                    if stop is not None:
+                        conn.send(stop)
+                    else:
+                        conn.error = e
+                        conn.send(END_STREAM)
+            self.after_message()
+            return
+        self.faults.applied(outcome.worker)
+        if outcome.discarded:
+            self.counters.gradients_discarded += 1
+        else:
+            self.counters.gradients_applied += 1
+            self._record(outcome.loss, self.core.iteration - 1 - outcome.iteration_index)
+        self.after_message()
+
+    def _refused(self, conn: Connection | None, e: PushRejected, worker: int | None = None) -> None:
+        """Book a refused push and raise the `Rejected` that ends the worker's stream (or a Stop when the refusal
+        ended the run)."""
+        worker = conn.worker if conn is not None else worker
+        name = conn.name if conn is not None else "gone"
+        wire = self.run.wire_torch_dtype
+        self.counters.reject(e.reason)
+        if e.reason in DIVERGING:
+            verdict = self.faults.nonfinite(worker)
+            if verdict.run_diverged:
+                self.lifecycle.diverge(f"{self.faults.describe()}; the last, from worker {worker}: {e}")
+            elif verdict.drop_worker:
+                self.counters.dropped_workers += 1
+                streak = self.faults.streaks[worker]
+                logger.warning("worker %d (%s) dropped: %d gradients in a row from it were non-finite or would "
+                               "have made the parameters non-finite (the last: %s); the run goes on",
+                               worker, name, streak, shorten(e, 200))
+                raise Rejected(grpc.StatusCode.ABORTED,
+                               f"worker {worker} dropped: {streak} gradients in a row from it were "
+                               f"non-finite or would have made the parameters non-finite (the last: {e}); "
+                               "the run goes on without it") from None
+        hint = wire_dtypes.overflow_hint(wire) if e.reason == "nonfinite" else ""
+        raise Rejected(getattr(grpc.StatusCode, e.code), f"{e}{hint}") from None
 
     def _route(self, dispatches: list[Dispatch]) -> None:
         """Serialize each dispatch now (its tensor is live), once per form its receivers read (whole, or
-        chunked), and queue the bytes for every receiver."""
+        chunked), and queue the bytes for every receiver. (A sharded server's shards send the parameters.)"""
+        if self.sharded:
+            return
         for d in dispatches:
             forms: dict[int, list[bytes]] = {}
             now = time.monotonic()
@@ -327,9 +386,36 @@ class ParameterServerService:
                                workers_connected=len(self.connections),
                                gradients_rejected=self.counters.gradients_rejected)
         self.checkpoints.due()
+        if self.recorder.diverged_at is not None and self.diverged is None:
+            self.lifecycle.diverge(f"the training loss ran away (more than {DIVERGENCE_FACTOR:g}x that of the "
+                                   "first iterations)")
 
-    def state_dict(self) -> dict[str, Any]:
-        """Snapshot of everything a resumed server needs (taken on the loop: consistent)."""
+    def _shards_welcome(self, conn: Connection, welcome: pb.Welcome) -> None:
+        """A sharded server's Welcome: the shards and the worker's session (announced to them)."""
+        conn.session = welcome.session = self.core.new_session(conn.worker, conn.name)
+        welcome.shards.extend(self.core.endpoints(self.shard_addresses))
+
+    async def _params(self) -> tuple[torch.Tensor, int]:
+        """(w_t, t): a copy (a sharded server's, put together from its shards at one point of the order)."""
+        if self.sharded:
+            return await self.core.fetch_params()
+        return self.core.current_params().clone(), self.core.iteration
+
+    def state_dict(self) -> dict[str, Any] | Any:
+        """Snapshot of everything a resumed server needs (taken on the loop: consistent). A sharded server's is
+        awaitable: its shards write their states at this point of the order, and the manifest names them."""
+        if self.sharded:
+            return self._sharded_state(self._state_dict())
+        return self._state_dict()
+
+    async def _sharded_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        try:
+            state["shards"] = await self.core.checkpoint_shards(self.checkpoints.out_dir)
+        except ShardLost as e:
+            raise OSError(f"a shard could not write its state: {e}") from None
+        return state
+
+    def _state_dict(self) -> dict[str, Any]:
         return {
             "core": self.core.state_dict(),
             "run": self.run.to_dict(),
@@ -386,9 +472,15 @@ class ParameterServerService:
         return time.monotonic() - self._start_time
 
     # ----- unary calls ---------------------------------------------------------------------
-    def parameters(self, request: pb.GetParametersRequest) -> pb.Parameters:
+    async def parameters(self, request: pb.GetParametersRequest) -> pb.Parameters:
         core = self.core
-        reply = pb.Parameters(tensor=encode(core.current_params()), iteration_index=core.iteration, epoch=core.epoch)
+        if self.sharded:
+            params, iteration = await core.fetch_params()
+            reply = pb.Parameters(tensor=encode(params), iteration_index=iteration,
+                                  epoch=core.lr_schedule.epoch(iteration))
+        else:
+            reply = pb.Parameters(tensor=encode(core.current_params()), iteration_index=core.iteration,
+                                  epoch=core.epoch)
         if self.finished.is_set() and not request.training_client:
             self.final_fetched.set()
         return reply

@@ -27,7 +27,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         await self.service.train(request_iterator, context)
 
     async def GetParameters(self, request: pb.GetParametersRequest, context: grpc.aio.ServicerContext) -> pb.Parameters:
-        return self.service.parameters(request)
+        return await self.service.parameters(request)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.Status:
         return self.service.status()

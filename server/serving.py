@@ -147,7 +147,7 @@ async def serve(service: ParameterServerService, *, bind: str = "127.0.0.1:0",
 
 async def _serve(service: ParameterServerService, bind: str, security: ServerSecurity, linger: float, grace: float,
                  on_started: Callable[[ParameterServerService, int], None] | None) -> None:
-    numel = service.core.w.numel()  # 0: a run whose first client brings the model
+    numel = service.core.numel  # 0: a run whose first client brings the model
     limit = client_model_receive_limit(service.chunk_bytes) if numel == 0 else None
     server = grpc.aio.server(options=server_options(numel, limit), interceptors=security.interceptors())
     add_to_server(service, server)
@@ -170,9 +170,11 @@ async def _serve(service: ParameterServerService, bind: str, security: ServerSec
     async with graceful_exit() as stop:
         watchdog = asyncio.create_task(service.watch_barrier())
         try:
-            await _first(service.finished, stop)
+            await _first(service.finished, stop, service.lifecycle.abort_event)
             if service.finished.is_set():
                 await _first(stop, service.final_fetched, timeout=linger)
+            elif service.lifecycle.aborted is not None:  # (a sharded server lost a shard: no checkpoint)
+                await asyncio.sleep(0.5)  # the workers read their Stop
             else:
                 await service.shutdown()
         finally:

@@ -54,6 +54,7 @@ class Connection:
     error: Rejected | None = None
     ready: bool = False
     new_slot: bool = False  # its id had never been given out before (undone if its Ready is refused)
+    session: int = 0  # a sharded server's session of this worker (Welcome.session); 0 for one server
     # Its tensors on the stream (common/transport.py): parameters sent to it, chunked above the chunk size its
     # Welcome gave (0: whole; it did not ask for chunks, or the server sends none), and what it sends, received
     # in the service's buffers.

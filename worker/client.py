@@ -10,6 +10,7 @@ been unreachable for `server_timeout` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -31,7 +32,7 @@ from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.security import ClientSecurity
 from ormo_ps.common import wire_dtype as wire_dtypes
 from ormo_ps.common.transport import Receiver, Sender, TransportError
-from ormo_ps.common.wire import train_call
+from ormo_ps.common.wire import Received, train_call
 from ormo_ps.worker.prom_metrics import WorkerMeters
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class Worker:
         self._w0: torch.Tensor | None = None  # initial parameters to send with the Ready (the run wants them)
         self._buffers = BufferPool(max_bytes=1 << 62)  # one receive buffer, used again
         self._gradient_sent_at: float | None = None  # when the last gradient went out (its round trip's start)
+        self._channels: dict[str, grpc.aio.Channel] = {}  # a sharded server's shards', by address
 
     async def run(self) -> WorkerResult:
         """Train until the server says stop; reconnect (keeping the worker id) whenever a stream breaks, and
@@ -148,7 +150,8 @@ class Worker:
         shutdown_seen = False
         nonfinite_in_a_row = 0
         sessions = 0
-        async with opts.security.aio_channel(opts.server, GRPC_OPTIONS) as channel:
+        async with opts.security.aio_channel(opts.server, GRPC_OPTIONS) as channel, contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self._close_channels)
             train = train_call(channel)
             while True:
                 if sessions and self.meters is not None:
@@ -205,6 +208,11 @@ class Worker:
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, opts.backoff_max)
 
+    async def _close_channels(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
     def _who(self) -> str:
         return str(self.worker_id) if self.worker_id is not None else "(no id yet)"
 
@@ -245,6 +253,10 @@ class Worker:
                     self._welcomed = True
                     if self.meters is not None:
                         self.meters.worker_id.set(self.worker_id)
+                    if msg.welcome.shards:  # a sharded server: the tensors go to and come from its shards
+                        reason = await self._sharded(call, msg.welcome, self._ready_messages(ready))
+                        finished = reason is not None
+                        return reason or "stream closed"
                     for m in self._ready_messages(ready):
                         await _write(call, m)
                 elif kind == "parameters":
@@ -264,6 +276,85 @@ class Worker:
         finally:
             if not finished:
                 call.cancel()
+
+    async def _sharded(self, call: grpc.aio.StreamStreamCall, welcome: pb.Welcome,
+                       ready: list[pb.WorkerMessage | bytes]) -> str | None:
+        """A session with a sharded server (Welcome.shards): a stream to each shard, the Ready to the coordinator,
+        then each round the S slices of the parameters put together and the gradient's S slices sent, while the
+        coordinator's stream is watched for its Stop (the reason returned) or its status (raised)."""
+        links = [ShardStream(i, endpoint, self.options, self._shard_channel(endpoint.address))
+                 for i, endpoint in enumerate(welcome.shards)]
+        coordinator: asyncio.Task | None = None
+        try:
+            await asyncio.gather(*(link.open(welcome, self._register()) for link in links))
+            for m in ready:
+                await _write(call, m)
+            coordinator = asyncio.create_task(self._coordinator_end(call))
+            params = torch.empty(welcome.config.num_parameters, dtype=torch.float32, device=self.options.device)
+            while True:
+                parts = asyncio.ensure_future(asyncio.gather(*(link.read_parameters(params) for link in links)))
+                await asyncio.wait({parts, coordinator}, return_when=asyncio.FIRST_COMPLETED)
+                if coordinator.done():
+                    parts.cancel()
+                    with contextlib.suppress(BaseException):
+                        await parts
+                    return coordinator.result()  # (or its status, raised)
+                indexes = {index for index, _ in parts.result()}
+                if len(indexes) != 1:
+                    raise RuntimeError(f"the shards sent parameters of different iterations {sorted(indexes)}")
+                index = indexes.pop()
+                self._parameters_received = True
+                if self.meters is not None and self._gradient_sent_at is not None:
+                    self.meters.round_trip.observe(time.monotonic() - self._gradient_sent_at)
+                grad, loss, count = await self._shard_gradient(params, index)
+                await asyncio.gather(*(link.send_gradient(grad, index, loss, count) for link in links))
+                self._gradient_sent_at = time.monotonic()
+        finally:
+            if coordinator is not None and not coordinator.done():
+                coordinator.cancel()
+            for link in links:
+                link.close()
+
+    def _shard_channel(self, address: str) -> grpc.aio.Channel:
+        """The channel to a shard (`:PORT`: the host this worker reaches the server at), kept for later sessions."""
+        if address.startswith(":"):
+            address = self.options.server.rsplit(":", 1)[0] + address
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = self.options.security.aio_channel(address, GRPC_OPTIONS)
+        return channel
+
+    async def _coordinator_end(self, call: grpc.aio.StreamStreamCall) -> str:
+        """The coordinator's stream after the Ready: its Stop's reason, or its status raised."""
+        while True:
+            received = await call.read()
+            if received is grpc.aio.EOF:
+                code = await call.code()
+                if code == grpc.StatusCode.OK:
+                    return "stream closed"
+                raise await _ended(call)
+            msg = received.message
+            if msg.WhichOneof("payload") == "stop":
+                self._stop_detail = msg.stop.detail
+                with contextlib.suppress(Exception):
+                    await call.done_writing()
+                return pb.StopReason.Name(msg.stop.reason)
+
+    async def _shard_gradient(self, params: torch.Tensor, iteration_index: int) -> tuple[torch.Tensor, float, int]:
+        """(gradient, loss, batch size) at `params` for a sharded server (cut into slices by the caller)."""
+        started = time.monotonic()
+        grad, loss, count = await asyncio.to_thread(self._compute_gradient, params)
+        if self.options.slowdown > 1:
+            await asyncio.sleep((self.options.slowdown - 1) * (time.monotonic() - started))
+        self.gradients_sent += 1
+        if self.meters is not None:
+            self.meters.computed(time.monotonic() - started)
+        return grad, loss, count
+
+    def _compute_gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        x, y = next(self._stream)
+        grad, loss = self._computer.compute(params, x, y)
+        return grad, loss, len(y)
 
     def _decode_parameters(self, tensor: pb.Tensor, data: memoryview | None, owned: bool) -> torch.Tensor:
         """The parameters a Parameters message brought (its bytes: `data`, kept out of the message by the wire
@@ -354,3 +445,71 @@ async def _write(call: grpc.aio.StreamStreamCall, message: pb.WorkerMessage | by
         await call.write(message)
     except asyncio.InvalidStateError:
         raise await _ended(call) from None
+
+
+class ShardStream:
+    """A worker's Train stream to one shard of a sharded server: its slice [start, end) of the parameters in, of
+    each gradient out (proto: Welcome.shards)."""
+
+    def __init__(self, index: int, endpoint: pb.ShardEndpoint, options: WorkerOptions,
+                 channel: grpc.aio.Channel) -> None:
+        self.index = index
+        self.start, self.end = endpoint.start, endpoint.end
+        self.options = options
+        self.call = train_call(channel)(wait_for_ready=False, timeout=None,
+                                        metadata=options.security.call_metadata())
+        self.sender = Sender(wire_dtype=torch.float32)
+        self.incoming = Receiver(BufferPool(max_bytes=1 << 62), announcement="Parameters")
+
+    async def open(self, welcome: pb.Welcome, register: pb.Register) -> None:
+        register.requested_worker_id = welcome.worker_id
+        register.session = welcome.session
+        await _write(self.call, pb.WorkerMessage(register=register))
+        msg = await self._next()
+        if msg.message.WhichOneof("payload") != "welcome":
+            raise RuntimeError(f"shard {self.index} answered the Register with "
+                               f"{msg.message.WhichOneof('payload')}")
+        shard_welcome = msg.message.welcome
+        self.sender.chunk_bytes = self.incoming.chunk_bytes = shard_welcome.chunk_bytes
+        self.sender.wire_dtype = wire_dtypes.from_pb(welcome.config.wire_dtype)
+        if shard_welcome.config.num_parameters != self.end - self.start:
+            raise RuntimeError(f"shard {self.index} holds {shard_welcome.config.num_parameters} parameters; the "
+                               f"server said [{self.start}, {self.end})")
+
+    async def _next(self) -> Received:
+        """The next whole message (its chunks put together)."""
+        while True:
+            received = await self.call.read()
+            if received is grpc.aio.EOF:
+                code = await self.call.code()
+                if code == grpc.StatusCode.OK:
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                               grpc.aio.Metadata(), f"shard {self.index} closed its stream")
+                raise await _ended(self.call)
+            try:
+                whole = self.incoming.take(received)
+            except TransportError as e:
+                raise RuntimeError(f"shard {self.index} broke the stream's rules: {e.message}") from None
+            if whole is not None:
+                return whole
+
+    async def read_parameters(self, params: torch.Tensor) -> tuple[int, float]:
+        """This shard's slice of the next parameters, into `params[start:end]`: (iteration index, epoch)."""
+        received = await self._next()
+        msg = received.message
+        if msg.WhichOneof("payload") == "stop":
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       f"shard {self.index} stopped: {msg.stop.detail}")
+        if msg.WhichOneof("payload") != "parameters":
+            raise RuntimeError(f"shard {self.index} sent {msg.WhichOneof('payload')} where parameters were due")
+        part = decode(msg.parameters.tensor, expected_numel=self.end - self.start,
+                      expected_dtype=self.sender.wire_dtype, data=received.tensor_data, copy=False)
+        params[self.start:self.end].copy_(part)  # (widened to float32, exactly)
+        return msg.parameters.iteration_index, msg.parameters.epoch
+
+    async def send_gradient(self, grad: torch.Tensor, iteration_index: int, loss: float, count: int) -> None:
+        for m in self.sender.gradient(grad[self.start:self.end], iteration_index, loss, count):
+            await _write(self.call, m)
+
+    def close(self) -> None:
+        self.call.cancel()

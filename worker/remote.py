@@ -130,11 +130,16 @@ class _ClientWorker(Worker):
                               data=data, copy=not owned))
 
     async def _gradient(self, params: torch.Tensor, iteration_index: int) -> list[bytes]:
+        grad, loss, _ = await self._shard_gradient(params, iteration_index)
+        return self._sender.gradient(grad, iteration_index, loss)
+
+    async def _shard_gradient(self, params: torch.Tensor, iteration_index: int) -> tuple[torch.Tensor, float, int]:
+        """The user's gradient at `params` (loaded into the model by the user's thread, in `step()`)."""
         owner = self.owner
         owner._inbox.put(("params", params, iteration_index))
-        messages = await owner._gradients.get()
+        grad, loss = await owner._gradients.get()
         self.gradients_sent += 1
-        return messages
+        return grad, loss, 0
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -229,8 +234,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         except CodecError as e:
             raise ValueError(f"{e}; nothing was sent and the model keeps its parameters") from None
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float("nan" if loss is None else loss)
-        messages = self._client._sender.gradient(grad, self.iteration, loss_value)
-        self._background.call(self._gradients.put_nowait, messages)
+        self._background.call(self._gradients.put_nowait, (grad, loss_value))
         self._receive()
         return result
 

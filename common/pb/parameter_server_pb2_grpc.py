@@ -188,3 +188,110 @@ class ParameterServer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ShardControlStub:
+    """---- Between a sharded server's coordinator and its shards (server/front.py, server/shard.py) ----------------
+
+    The coordinator never sees a gradient's or the parameters' bytes: each worker sends slice i of its gradient
+    to shard i, which checks it (size, dtype, finite) and reports its verdict (ShardVerdict) to the coordinator.
+    Once every shard's verdict for a push is in, the coordinator decides it for the whole push (one bad slice
+    refuses it everywhere), numbers it in the one global order, and sends every shard the same commands in the
+    same order (ShardCommand on each shard's Follow stream): every shard's core then makes the same decisions
+    (iteration, waiting set, gradient groups, eta_t, tau) on its own slice, so every slice is at the same t and
+    the slices put together equal one server's parameters bit for bit.
+
+    The coordinator's connection to its shards.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Follow = channel.stream_stream(
+                '/ps.v1.ShardControl/Follow',
+                request_serializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ShardCommand.SerializeToString,
+                response_deserializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ShardReport.FromString,
+                _registered_method=True)
+
+
+class ShardControlServicer:
+    """---- Between a sharded server's coordinator and its shards (server/front.py, server/shard.py) ----------------
+
+    The coordinator never sees a gradient's or the parameters' bytes: each worker sends slice i of its gradient
+    to shard i, which checks it (size, dtype, finite) and reports its verdict (ShardVerdict) to the coordinator.
+    Once every shard's verdict for a push is in, the coordinator decides it for the whole push (one bad slice
+    refuses it everywhere), numbers it in the one global order, and sends every shard the same commands in the
+    same order (ShardCommand on each shard's Follow stream): every shard's core then makes the same decisions
+    (iteration, waiting set, gradient groups, eta_t, tau) on its own slice, so every slice is at the same t and
+    the slices put together equal one server's parameters bit for bit.
+
+    The coordinator's connection to its shards.
+    """
+
+    def Follow(self, request_iterator, context):
+        """One stream per shard, opened by the coordinator: commands in order; verdicts and answers back. A shard
+        follows one coordinator at a time; a second Follow is refused (ALREADY_EXISTS) while one is open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ShardControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Follow': grpc.stream_stream_rpc_method_handler(
+                    servicer.Follow,
+                    request_deserializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ShardCommand.FromString,
+                    response_serializer=ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ShardReport.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ps.v1.ShardControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ps.v1.ShardControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ShardControl:
+    """---- Between a sharded server's coordinator and its shards (server/front.py, server/shard.py) ----------------
+
+    The coordinator never sees a gradient's or the parameters' bytes: each worker sends slice i of its gradient
+    to shard i, which checks it (size, dtype, finite) and reports its verdict (ShardVerdict) to the coordinator.
+    Once every shard's verdict for a push is in, the coordinator decides it for the whole push (one bad slice
+    refuses it everywhere), numbers it in the one global order, and sends every shard the same commands in the
+    same order (ShardCommand on each shard's Follow stream): every shard's core then makes the same decisions
+    (iteration, waiting set, gradient groups, eta_t, tau) on its own slice, so every slice is at the same t and
+    the slices put together equal one server's parameters bit for bit.
+
+    The coordinator's connection to its shards.
+    """
+
+    @staticmethod
+    def Follow(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ps.v1.ShardControl/Follow',
+            ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ShardCommand.SerializeToString,
+            ormo__ps_dot_common_dot_pb_dot_parameter__server__pb2.ShardReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
