@@ -367,11 +367,12 @@ PartitionName=ormo Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINIT
     def start_requeued(self, job_id: str, timeout: float = 120, updates: int = 10) -> dict[str, str]:
         """Let a requeued job start now instead of after Slurm's wait; its record once RUNNING.
 
-        Slurm 22.05 holds a requeued job PENDING (Reason=BeginTime) for AuthInfo's cred_expire + 1 s (121 s by
-        default), a BeginTime it sets only when the requeue has completed (the old allocation's nodes cleaned
-        up): a `scontrol update StartTime=now` issued before then is overwritten. So this waits for the job
-        PENDING on BeginTime, lifts it, and lifts it again (at most `updates` times, 5 s apart) while it is
-        still held so, until the job runs or `timeout` passes."""
+        Slurm 22.05 holds a requeued job PENDING (Reason=BeginTime) for about AuthInfo's cred_expire (120 s by
+        default), a BeginTime it sets when the requeue has completed (the old allocation's nodes cleaned up; after
+        a lost node, 10-15 s after the requeue here): a `scontrol update StartTime=now` sent right after the
+        requeue left the job waiting. So this waits for the job PENDING on BeginTime, lifts it, and lifts it
+        again (at most `updates` times, 5 s apart) while it is still held so, until the job runs or `timeout`
+        passes."""
         deadline = time.monotonic() + timeout
         issued: list[float] = []
         info: dict[str, str] = {}
