@@ -290,7 +290,8 @@ PartitionName=ormo Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINIT
             self.start_slurmd(n)
 
     def start_slurmd(self, node: str) -> None:
-        """(Re)start `node`'s slurmd (after `kill_node`, the node comes back)."""
+        """(Re)start `node`'s slurmd (after `kill_node`, the node comes back: its link up again first)."""
+        self.cut_link(node, up=True)
         self._daemon(f"slurmd-{node}", self.node_ns(node), node, ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
 
     def _wait(self, ready, timeout: float, what: str) -> None:
@@ -348,7 +349,12 @@ PartitionName=ormo Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINIT
 
     # ----- faults --------------------------------------------------------------------------------
     def kill_node(self, node: str) -> None:
-        """A node lost: its slurmd and every process in its namespace (its tasks) SIGKILLed."""
+        """A node lost: its link cut, then its slurmd and every process in its namespace (its tasks) SIGKILLed.
+        A machine that dies goes silent: it closes none of its TCP connections. Killed with its link up, the
+        node's kernel would close them at once (FIN, RST), and the other nodes would see their peers gone
+        before Slurm declares the node down (node2's slurmstepd cancels a step whose srun ran on the lost node,
+        with whatever that step ran). `start_slurmd` brings the link back up."""
+        self.cut_link(node)
         proc = self.daemons.pop(f"slurmd-{node}", None)
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -357,6 +363,32 @@ PartitionName=ormo Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINIT
 
     def cut_link(self, node: str, up: bool = False) -> None:
         self.node_run(node, "ip", "link", "set", "eth0", "up" if up else "down")
+
+    def start_requeued(self, job_id: str, timeout: float = 120, updates: int = 10) -> dict[str, str]:
+        """Let a requeued job start now instead of after Slurm's wait; its record once RUNNING.
+
+        Slurm 22.05 holds a requeued job PENDING (Reason=BeginTime) for about AuthInfo's cred_expire (120 s by
+        default), a BeginTime it sets when the requeue has completed (the old allocation's nodes cleaned up; after
+        a lost node, 10-15 s after the requeue here): a `scontrol update StartTime=now` sent right after the
+        requeue left the job waiting. So this waits for the job PENDING on BeginTime, lifts it, and lifts it
+        again (at most `updates` times, 5 s apart) while it is still held so, until the job runs or `timeout`
+        passes."""
+        deadline = time.monotonic() + timeout
+        issued: list[float] = []
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") == "RUNNING":
+                return info
+            if (info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and len(issued) < updates
+                    and (not issued or time.monotonic() - issued[-1] >= 5)):
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False, timeout=20)
+                issued.append(time.monotonic())
+            time.sleep(0.5)
+        log = self.dir / "log" / "slurmctld.log"
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise TimeoutError(f"job {job_id} not RUNNING {timeout:.0f} s after its requeue ({len(issued)} StartTime=now "
+                           f"updates); last: {info}\nslurmctld.log:\n{tail}")
 
     # ----- teardown ------------------------------------------------------------------------------
     def _kill_namespace(self, ns: str) -> None:
