@@ -12,6 +12,7 @@ import grpc
 from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 from ormo_ps.common.wire import Received, parse_worker_message, serialize_message
+from ormo_ps.server.front import ShardLost
 from ormo_ps.server.service import ParameterServerService, Traffic
 
 SERVICE_NAME = "ps.v1.ParameterServer"
@@ -27,7 +28,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         await self.service.train(request_iterator, context)
 
     async def GetParameters(self, request: pb.GetParametersRequest, context: grpc.aio.ServicerContext) -> pb.Parameters:
-        return await self.service.parameters(request)
+        try:
+            return await self.service.parameters(request)
+        except ShardLost as e:  # (a sharded server that lost a shard has no parameters to give)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.Status:
         return self.service.status()

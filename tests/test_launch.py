@@ -112,14 +112,32 @@ def test_each_method_trains_four_worker_processes(algo, tmp_path, capsys):
         assert [r[key] for r in records] == sorted(r[key] for r in records), key
 
 
-@pytest.mark.parametrize("algo,wire", [("ormo", "float32"), ("smega2", "float32"), ("ormo", "bfloat16"),
-                                       ("smega2", "float16")])
-def test_one_worker_service_gives_the_simulators_numbers(algo, wire, tmp_path, procs):
+def test_the_default_job_trains_as_well_on_two_shards_as_on_one(tmp_path, capsys):
+    """`ps-launch --shards 2`: the default job (OrMo, K=4, digits) to the same accuracy as one server (not to the
+    same digits: four processes' arrival order differs from run to run; tests/test_sharded.py has the bit-equality
+    for the same arrivals)."""
+    accuracy = {}
+    for shards in (1, 2):
+        launch_main(["--out", str(tmp_path / f"s{shards}"), "-q", "--timeout", "300", "--eval-every", "0",
+                     "--shards", str(shards)])
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["iterations"] == result["gradients_applied"] == 330, result
+        accuracy[shards] = result["final_test_accuracy"]
+    assert (tmp_path / "s2" / "shards" / "shard-1-of-2.pt").exists()
+    assert min(accuracy.values()) > 0.93 and abs(accuracy[1] - accuracy[2]) < 0.03, accuracy
+
+
+@pytest.mark.parametrize("algo,wire,shards", [("ormo", "float32", 1), ("smega2", "float32", 1), ("ormo", "bfloat16", 1),
+                                              ("smega2", "float16", 1), ("ormo-da", "float32", 2),
+                                              ("smega2", "bfloat16", 3)])
+def test_one_worker_service_gives_the_simulators_numbers(algo, wire, shards, tmp_path, procs):
     """Same arrival order (one worker), same seed and data order: the same parameters as the simulator, also on
-    a bfloat16 or float16 wire (the simulator rounds gradients and parameters where the service sends them)."""
+    a bfloat16 or float16 wire (the simulator rounds gradients and parameters where the service sends them), and
+    from a sharded server (its shards' slices put together)."""
     iterations = 30
     args = ["--algo", algo, "--workers", "1", "--dataset", "digits", "--model", "mlp", "--batch-size", "32",
-            "--lr", "0.05", "--iterations", str(iterations), "--seed", "5", "--wire-dtype", wire]
+            "--lr", "0.05", "--iterations", str(iterations), "--seed", "5", "--wire-dtype", wire,
+            *(["--shards", str(shards)] if shards > 1 else [])]
     server, port = procs.server(*args, "--out", str(tmp_path), "--linger", "0")
     worker = procs.start("ormo_ps.worker.cli", "--server", f"127.0.0.1:{port}", "--threads", "1")
     assert worker.wait(120) == 0
