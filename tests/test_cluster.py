@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from ormo_ps.common.grpc_options import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from ormo_ps.common.metrics import read_metrics
@@ -89,6 +90,35 @@ def test_a_three_node_job_trains_to_the_end(cluster, tmp_path):
     hosts = {m.group(1) for m in re.finditer(r"registered \((node\d)-\d+,", log)}
     assert hosts == {"node2", "node3"}, log[-3000:]
     assert (out / "evaluator.log").read_text().count(f"[server {cluster.address('node1')}:50051]") > 0
+
+
+def test_a_sharded_job_across_nodes_gives_the_simulators_parameters(cluster, tmp_path):
+    """PS_SHARDS=2: the shards on node2 and node3, the coordinator on node1, one worker: its arrival order is
+    the simulator's, so the final parameters, put together from two machines' shards, are the simulator's bit
+    for bit."""
+    from ormo_ps.server.config import RunConfig
+    from ormo_ps.sim.simulator import Simulator
+
+    out = tmp_path / "run"
+    settings = dict(PS_WORKERS="1", PS_SHARDS="2", PS_ITERATIONS="60", PS_SEED="5", PS_BATCH_SIZE="32",
+                    PS_LR="0.05", PS_ALGO="ormo-da", PS_THREADS="1")
+    job = cluster.submit(SBATCH, run_variables(out, **settings))
+    info = cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 240)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, cluster.job_output(job))
+    log = server_log(out)
+    assert f"{cluster.address('node2')}:50061 [0, " in log and f"{cluster.address('node3')}:50062 [" in log, log[-3000:]
+    served = torch.load(out / "final.pt", weights_only=True)
+    run = RunConfig(algo="ormo-da", workers=1, dataset="digits", model="mlp", batch_size=32, lr=0.05, iterations=60,
+                    seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        simulated = Simulator(run, eval_every=None, final_eval=False).simulate().params
+    finally:
+        torch.set_num_threads(threads)
+    assert served["iteration"] == 60 and torch.equal(served["params"], simulated)
+    state = load_checkpoint(out)
+    assert [Path(s["path"]).name for s in state["shards"]] == ["shard-0-of-2.pt", "shard-1-of-2.pt"]
 
 
 def test_a_job_whose_workers_cannot_start_fails_instead_of_waiting(cluster, tmp_path):
