@@ -33,6 +33,13 @@ RESULTS = ROOT / "bench" / "results"
 PLACEMENTS = ["one node", *PROFILES]
 
 
+def sharded_jobs(data_dir: str, quick: bool) -> list[dict]:
+    """The same jobs with a sharded server: S=2 shards on node2 and node3 (the workers' nodes), the coordinator
+    on node1; each profile then shapes the shards' links too."""
+    return [spec | {"job": f"{spec['job']}, 2 shards", "settings": spec["settings"] | {"PS_SHARDS": "2"}}
+            for spec in jobs(data_dir, quick) if spec["K"] == 8]
+
+
 def jobs(data_dir: str, quick: bool) -> list[dict]:
     # OrMo-DA: workers that start late on shared cores bring gradients hundreds of iterations stale (seen: 596),
     # which OrMo at the digits job's eta diverges on at K=16; the delay-adaptive rate takes them.
@@ -70,10 +77,12 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def write(rows: list[dict], meta: dict) -> None:
+def write(rows: list[dict], meta: dict, name: str = "multinode") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "multinode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["# Across machines: a Slurm job on 3 nodes under each network profile, against one node", "",
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    title = ("Across machines, sharded: the server's 2 shards on the two worker nodes, its coordinator on the first"
+             if name != "multinode" else "Across machines: a Slurm job on 3 nodes under each network profile, against one node")
+    lines = [f"# {title}", "",
              f"`python -m bench.multinode` on {meta['machine']} ({meta['cores']} cores), commit {meta['commit']}, "
              f"{meta['date']}. Nodes are network namespaces of this machine on one bridge "
              "(tests/slurm_cluster.py); every node shares its cores. Profiles, on each node's link (one way, so a "
@@ -88,7 +97,12 @@ def write(rows: list[dict], meta: dict) -> None:
                      f"| {fmt(r['iterations'], 'd')} | {fmt(r['test_accuracy'], '.4f')} "
                      f"| {fmt(r['updates_per_second'], '.1f')} | {fmt(r['staleness_mean'], '.2f')} "
                      f"| {fmt(r['staleness_max'], 'd')} | {r['job_seconds']:.0f} |")
-    (RESULTS / "multinode.md").write_text("\n".join(lines) + "\n")
+    path = RESULTS / f"{name}.md"
+    kept = ""
+    if path.exists():  # sections written by hand after the table (the Faults) stay
+        text = path.read_text()
+        kept = text[text.index("\n## "):] if "\n## " in text else ""
+    path.write_text("\n".join(lines) + "\n" + kept)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the digits jobs only")
     parser.add_argument("--data-dir", default="/tmp/ormo-ps-cifar10", help="CIFAR-10 (make bench extracts it there)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one job may take")
+    parser.add_argument("--sharded", action="store_true",
+                        help="the K=8 jobs with a sharded server (PS_SHARDS=2) across the nodes, into multinode_sharded.md")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # tear the cluster down (a `with` block) on SIGTERM
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background (SIG_IGN)
@@ -108,20 +124,21 @@ def main(argv: list[str] | None = None) -> None:
             "cores": len(os.sched_getaffinity(0)), "applied": {}}
     rows: list[dict] = []
     with Cluster(nodes=3, slurmd_timeout=120) as cluster:
-        for placement in PLACEMENTS:
+        placements = PLACEMENTS if not args.sharded else list(PROFILES)
+        for placement in placements:
             for node in cluster.node_names:
                 applied = cluster.shape(cluster.node_ns(node), "none" if placement == "one node" else placement)
             if placement != "one node":
                 meta.setdefault("applied", {})[placement] = applied
-            for spec in jobs(args.data_dir, args.quick):
+            for spec in (sharded_jobs if args.sharded else jobs)(args.data_dir, args.quick):
                 out = cluster.dir / f"run-{len(rows)}"
                 print(f"[{len(rows) + 1}] {spec['job']} K={spec['K']} {placement} ...", flush=True)
                 row = {"job": spec["job"], "K": spec["K"], "placement": placement}
                 row |= measure(cluster, out, spec["settings"], 1 if placement == "one node" else 3, args.timeout)
                 print(f"    {row}", flush=True)
                 rows.append(row)
-                write(rows, meta)
-    print(f"results: {RESULTS / 'multinode.md'}")
+                write(rows, meta, "multinode_sharded" if args.sharded else "multinode")
+    print(f"results: {RESULTS / ('multinode_sharded.md' if args.sharded else 'multinode.md')}")
 
 
 if __name__ == "__main__":

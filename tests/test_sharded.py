@@ -35,12 +35,12 @@ from ormo_ps.server.core import PushRejected, ServerCore
 from tests.conftest import RawWorker, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARD_PROCESSES = 3
+SHARD_PROCESSES = 4
 
 
 @pytest.fixture(scope="module")
 def shard_addresses() -> Iterator[list[str]]:
-    """Three real ps-shard processes on loopback (a coordinator attaches to the first S of them, one at a time)."""
+    """Four real ps-shard processes on loopback (a coordinator attaches to the first S of them, one at a time)."""
     procs = [subprocess.Popen([sys.executable, "-m", "ormo_ps.server.shard_cli", "--bind", "127.0.0.1:0"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
              for _ in range(SHARD_PROCESSES)]
@@ -269,10 +269,11 @@ def test_two_shards_equal_one_server_bit_for_bit_for_every_rule(algo, shard_addr
         assert outcomes["discarded"] >= 1, outcomes
 
 
-@pytest.mark.parametrize("algo", ["ormo", "ormo-da", "smega2", "ssgdm"])
-def test_three_shards_equal_one_server_bit_for_bit(algo, shard_addresses, tmp_path):
+@pytest.mark.parametrize("shards,algo", [(3, "ormo"), (3, "ormo-da"), (3, "smega2"), (3, "ssgdm"), (4, "ormo"),
+                                         (4, "dn"), (4, "ssgd"), (4, "ringmaster")])
+def test_three_and_four_shards_equal_one_server_bit_for_bit(shards, algo, shard_addresses, tmp_path):
     torch.set_num_threads(1)
-    outcomes = drive(algo, shard_addresses[:3], steps=40, seed=5, tmp_path=tmp_path)
+    outcomes = drive(algo, shard_addresses[:shards], steps=40, seed=5 + shards, tmp_path=tmp_path)
     assert outcomes["applied"] > 20, outcomes
 
 
