@@ -36,8 +36,12 @@ PLACEMENTS = ["one node", *PROFILES]
 def sharded_jobs(data_dir: str, quick: bool) -> list[dict]:
     """The same jobs with a sharded server: S=2 shards on node2 and node3 (the workers' nodes), the coordinator
     on node1; each profile then shapes the shards' links too."""
-    return [spec | {"job": f"{spec['job']}, 2 shards", "settings": spec["settings"] | {"PS_SHARDS": "2"}}
-            for spec in jobs(data_dir, quick) if spec["K"] == 8]
+    found = []
+    for spec in jobs(data_dir, quick):
+        if spec["K"] == 8:  # side by side: one server, then 2 shards, under the same profile
+            found += [spec | {"job": f"{spec['job']}, 1 server"},
+                      spec | {"job": f"{spec['job']}, 2 shards", "settings": spec["settings"] | {"PS_SHARDS": "2"}}]
+    return found
 
 
 def jobs(data_dir: str, quick: bool) -> list[dict]:
