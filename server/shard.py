@@ -400,6 +400,10 @@ class ShardService:
         g = whole.message.gradient
         if self.sessions.get(conn.worker) != conn.session:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "this worker's session is over")
+        if conn.worker in self.held:  # (a worker sends its next gradient only once it has the parameters)
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"worker {conn.worker} sent a gradient while its previous one waits for its place in the "
+                           "order: one gradient at a time")
         a = self.attach
         try:
             grad = decode(g.tensor, expected_numel=a.end - a.start, expected_dtype=self.run.wire_torch_dtype,

@@ -282,3 +282,70 @@ def test_the_coordinator_sigkilled_and_restarted_resumes_with_its_shards(tmp_pat
         assert summary(out)["iterations"] == 1500
     finally:
         stop_all([server, *([server2] if server2 else []), *workers, *shard_procs])
+
+
+def test_a_second_slice_before_the_first_is_decided_is_refused_and_changes_nothing(tmp_path):
+    """A client that sends shard 0 two slices in a row (its other shard none): the second is refused on its stream
+    (FAILED_PRECONDITION), the first stays held, and the run's state is untouched; the others train on."""
+    torch.set_num_threads(1)
+    procs, addresses = start_shards(2)
+    run = run_config("ormo", 2)
+    core, _ = reference(run)
+    live, stop = start_server(run, bind="127.0.0.1:0", shard_addresses=tuple(addresses), linger=0.0,
+                              log_every=100000, sync_timeout=None)
+    channel = live.channel()
+    workers = [ShardedWorker(channel) for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    try:
+        for w in workers:
+            w.join()
+        core.start_with({0, 1})
+        index = {k: w.parameters()[1] for k, w in enumerate(workers)}
+        stream, start, end = workers[1].shards[0]
+        g = torch.randn(core.numel, generator=gen)
+        for _ in range(2):
+            stream.send(pb.WorkerMessage(gradient=pb.Gradient(tensor=encode_slice(g, start, end),
+                                                              iteration_index=index[1], loss=1.0)))
+        err = stream.expect_abort()
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "one gradient at a time" in err.details()
+        g0 = torch.randn(core.numel, generator=gen)
+        workers[0].push(g0, index[0])
+        (d,) = core.push(0, g0.clone(), index[0])
+        params, _ = workers[0].parameters()
+        assert torch.equal(params, d.params)
+        got = pb_grpc.ParameterServerStub(channel).GetParameters(pb.GetParametersRequest(), timeout=10)
+        assert got.iteration_index == 1 and torch.equal(decode(got.tensor), core.current_params())
+        assert live.on_loop(lambda: live.service.core.lost) is None
+    finally:
+        for w in workers:
+            w.close()
+        stop()
+        stop_all(procs)
+
+
+def test_a_shard_admits_only_the_sessions_its_coordinator_announced_and_the_coordinator_takes_no_gradient(tmp_path):
+    from tests.conftest import RawWorker
+
+    procs, addresses = start_shards(2)
+    run = run_config("ormo", 1)
+    live, stop = start_server(run, bind="127.0.0.1:0", shard_addresses=tuple(addresses), linger=0.0)
+    channel = live.channel()
+    shard_channel = grpc.insecure_channel(addresses[0], options=GRPC_MESSAGE_OPTIONS)
+    try:
+        for register in (pb.Register(name="stranger"), pb.Register(requested_worker_id=0, session=12345)):
+            raw = RawWorker(pb_grpc.ParameterServerStub(shard_channel))
+            raw.send(pb.WorkerMessage(register=register))
+            assert raw.expect_abort().code() == grpc.StatusCode.PERMISSION_DENIED
+            raw.close()
+        w = ShardedWorker(channel)
+        w.join()
+        w.parameters()
+        w.coord.send(pb.WorkerMessage(gradient=pb.Gradient(iteration_index=0)))
+        err = w.refused()
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "goes to its shards" in err.details()
+        w.close()
+        assert live.on_loop(lambda: live.service.core.iteration) == 0
+    finally:
+        shard_channel.close()
+        stop()
+        stop_all(procs)
