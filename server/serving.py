@@ -124,6 +124,20 @@ def check_port_free(bind: str) -> None:
                 raise
 
 
+def add_port(server: grpc.aio.Server, bind: str, security: ServerSecurity) -> int:
+    """Listen on `bind` (TLS when `security` has a certificate; a warning when it is exposed without): the port,
+    or PortInUse."""
+    credentials = security.credentials()
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise PortInUse(f"cannot listen on {bind} (in use, or not an address of this machine)")
+    warn_if_exposed(bind, security)
+    return port
+
+
 async def serve(service: ParameterServerService, *, bind: str = "127.0.0.1:0",
                 security: ServerSecurity = ServerSecurity(), linger: float = 10.0, grace: float = 5.0,
                 on_started: Callable[[ParameterServerService, int], None] | None = None,
@@ -153,14 +167,7 @@ async def _serve(service: ParameterServerService, bind: str, security: ServerSec
     add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    credentials = security.credentials()
-    try:
-        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise PortInUse(f"cannot listen on {bind} (in use, or not an address of this machine)")
-    warn_if_exposed(bind, security)
+    port = add_port(server, bind, security)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

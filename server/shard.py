@@ -464,7 +464,7 @@ async def serve_shard(bind: str, security: Any = None, *, on_started: Any = None
 
     from ormo_ps.common.grpc_options import GRPC_OPTIONS
     from ormo_ps.common.security import ServerSecurity
-    from ormo_ps.server.serving import PortInUse, check_port_free, graceful_exit
+    from ormo_ps.server.serving import add_port, check_port_free, graceful_exit
 
     security = security or ServerSecurity()
     check_port_free(bind)
@@ -474,13 +474,7 @@ async def serve_shard(bind: str, security: Any = None, *, on_started: Any = None
     add_shard_to_server(shard, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    credentials = security.credentials()
-    try:
-        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise PortInUse(f"cannot listen on {bind} (in use, or not an address of this machine)")
+    port = add_port(server, bind, security)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     import click

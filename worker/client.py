@@ -230,12 +230,9 @@ class Worker:
         try:
             await _write(call, pb.WorkerMessage(register=self._register()))
             while True:
-                received = await call.read()
-                if received is grpc.aio.EOF:
-                    code = await call.code()
-                    if code == grpc.StatusCode.OK:
-                        return "stream closed"
-                    raise await _ended(call)
+                received = await _read(call)
+                if received is None:
+                    return "stream closed"
                 try:
                     received = incoming.take(received)
                 except TransportError as e:
@@ -327,12 +324,9 @@ class Worker:
     async def _coordinator_end(self, call: grpc.aio.StreamStreamCall) -> str:
         """The coordinator's stream after the Ready: its Stop's reason, or its status raised."""
         while True:
-            received = await call.read()
-            if received is grpc.aio.EOF:
-                code = await call.code()
-                if code == grpc.StatusCode.OK:
-                    return "stream closed"
-                raise await _ended(call)
+            received = await _read(call)
+            if received is None:
+                return "stream closed"
             msg = received.message
             if msg.WhichOneof("payload") == "stop":
                 self._stop_detail = msg.stop.detail
@@ -430,6 +424,16 @@ class Worker:
         x, y = next(self._stream)
         grad, loss = self._computer.compute(params, x, y)
         return self._sender.gradient(grad, iteration_index, loss, len(y))
+
+
+async def _read(call: grpc.aio.StreamStreamCall) -> Received | None:
+    """The stream's next message; None when it ended with OK; its status raised when it ended with another."""
+    received = await call.read()
+    if received is grpc.aio.EOF:
+        if await call.code() == grpc.StatusCode.OK:
+            return None
+        raise await _ended(call)
+    return received
 
 
 async def _ended(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
