@@ -48,9 +48,11 @@ SAME_REQUEST_SECONDS = 1.0
 
 @contextlib.asynccontextmanager
 async def graceful_exit(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), *,
-                        same_request: float = SAME_REQUEST_SECONDS) -> AsyncIterator[asyncio.Event]:
-    """An event the first SIGTERM/SIGINT sets (stop gracefully); a second signal, `same_request` seconds or
-    more after the first, exits at once (code 130); one sooner is the first one again and only logged.
+                        same_request: float = SAME_REQUEST_SECONDS,
+                        doing: str = "checkpointing and stopping") -> AsyncIterator[asyncio.Event]:
+    """An event the first SIGTERM/SIGINT sets (stop gracefully: `doing`, in the log); a second signal,
+    `same_request` seconds or more after the first, exits at once (code 130); one sooner is the first one again
+    and only logged.
     Outside the main thread (a server embedded in a test) no handler can be installed: the event stays clear."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -61,10 +63,10 @@ async def graceful_exit(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)
         now = loop.time()
         if first is None:
             first = now
-            logger.info("signal received: checkpointing and stopping (again to exit at once)")
+            logger.info("signal received: %s (again to exit at once)", doing)
             stop.set()
         elif now - first < same_request:
-            logger.info("signal received again %.3f s after the first: still checkpointing and stopping", now - first)
+            logger.info("signal received again %.3f s after the first: still %s", now - first, doing)
         else:
             raise SystemExit(130)
 

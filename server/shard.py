@@ -482,7 +482,7 @@ async def serve_shard(bind: str, security: Any = None, *, on_started: Any = None
     click.echo(SHARD_LISTENING.format(host=bind.rsplit(":", 1)[0], port=port))
     if on_started is not None:
         on_started(shard, port)
-    async with graceful_exit() as signalled:
+    async with graceful_exit(doing="stopping (the run's state is its coordinator's checkpoints)") as signalled:
         waits = [asyncio.create_task(signalled.wait())]
         if stop is not None:
             waits.append(asyncio.create_task(stop.wait()))
