@@ -197,7 +197,11 @@ class ShardService:
             raise CommandFailed(f"unknown command {kind!r}")
 
     def _attach(self, seq: int, attach: pb.ShardAttach) -> None:
-        run = RunConfig.from_dict(json.loads(attach.run_json))
+        fields = json.loads(attach.run_json)
+        # What the run trains on is its workers' and coordinator's business: a shard computes nothing with the model
+        # or the data set, and need not be able to import a user's (`--model my_pkg.models:build`).
+        fields.update(model=None, dataset="synthetic", data_dir=None, download=False)
+        run = RunConfig.from_dict(fields)
         numel = attach.end - attach.start
         if not attach.start < attach.end <= attach.numel:
             raise CommandFailed(f"bad slice [{attach.start}, {attach.end}) of {attach.numel}")

@@ -313,3 +313,32 @@ def test_a_remote_optimizer_trains_on_a_sharded_server_with_no_new_argument(shar
             assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), core.w)
     finally:
         stop()
+
+
+def test_shards_need_not_know_the_model(shard_addresses, monkeypatch):
+    """A model only the coordinator's process knows (registered there, as a user's import path may be): the shards
+    attach and apply pushes all the same (they compute nothing with the model)."""
+    from torch import nn
+
+    from ormo_ps.common import models
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5000) * 0.01)
+
+    monkeypatch.setitem(models.MODELS, "flat-only-here", lambda num_classes, input_shape: Flat())
+    run = RunConfig(algo="ormo", workers=1, dataset="digits", model="flat-only-here", iterations=100)
+    live, stop = start_server(run, bind="127.0.0.1:0", shard_addresses=tuple(shard_addresses[:2]), linger=0.0)
+    channel = live.channel()
+    w = ShardedWorker(channel)
+    try:
+        w.join()
+        params, index = w.parameters()
+        assert params.numel() == 5000 and index == 0
+        w.push(torch.ones(5000), index)
+        params2, index2 = w.parameters()
+        assert index2 == 1 and torch.equal(params2, params - 0.1)  # OrMo's first step: w - eta * g
+    finally:
+        w.close()
+        stop()
