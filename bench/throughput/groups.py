@@ -250,12 +250,13 @@ def chunk_flags(chunk_mib: float | None) -> list[str]:
 
 
 def server_command(size: str, numel: int, k: int, out_dir: Path, model: str | None = None,
-                   chunk_mib: float | None = None, wire_dtype: str = "float32") -> tuple[str, list[str]]:
+                   chunk_mib: float | None = None, wire_dtype: str = "float32",
+                   server_args: list[str] | None = None) -> tuple[str, list[str]]:
     """ps-server for K workers, as (module, arguments): a registered model by name (ResNet20 by default), or
-    flat-N for 11M/25M."""
+    flat-N for 11M/25M (or any size not in SIZES); `server_args` go to ps-server too (bench/sharded.py: --shards S)."""
     common = ["--bind", "127.0.0.1:0", "--workers", str(k), "--dataset", "synthetic", "--algo", "ormo",
               "--iterations", "1000000000", "--out", str(out_dir), "--linger", "0", "--checkpoint-every", "1e9",
-              "--wire-dtype", wire_dtype, *chunk_flags(chunk_mib)]
+              "--wire-dtype", wire_dtype, *chunk_flags(chunk_mib), *(server_args or [])]
     if model or size == "resnet20":
         return "ormo_ps.server.cli", ["--model", model or "resnet20", *common]
     return "bench.ps_server_sized", ["--numel", str(numel), "--", "--model", f"flat-{numel}", *common]
@@ -263,7 +264,8 @@ def server_command(size: str, numel: int, k: int, out_dir: Path, model: str | No
 
 def start_group(system: str, size: str, numel: int, k: int, workdir: Path, *, max_round_trips: int = 10**9,
                 max_seconds: float = 900.0, server_env: dict[str, str] | None = None,
-                model: str | None = None, chunk_mib: float | None = None) -> Group:
+                model: str | None = None, chunk_mib: float | None = None,
+                server_args: list[str] | None = None) -> Group:
     """Start one system with K pushers (or K torch ranks) and return once every one of them is ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     group = Group(system, k, numel, workdir, _new_control(workdir / "control.bin", k))
@@ -278,8 +280,8 @@ def start_group(system: str, size: str, numel: int, k: int, workdir: Path, *, ma
             _wait_ready(group, START_TIMEOUT)
             return group
         if base == "server":
-            group.server = group.spawn(*server_command(size, numel, k, workdir / "run", model, chunk_mib, wire),
-                                       "server", env=server_env)
+            group.server = group.spawn(*server_command(size, numel, k, workdir / "run", model, chunk_mib, wire,
+                                                       server_args), "server", env=server_env)
             group.target = group.wait_for_address("server", group.server, LISTENING_PATTERN, START_TIMEOUT)
         else:
             group.server = group.spawn("bench.grpc_echo", ["--bind", "127.0.0.1:0", "--numel", str(numel),
