@@ -112,6 +112,8 @@ class ShardService:
         try:
             while (report := await out.get()) is not None:
                 await context.write(report)
+        except asyncio.CancelledError:  # the shard is stopping (SIGTERM): the stream ends with it, no traceback
+            pass
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
