@@ -112,14 +112,18 @@ class ShardService:
         try:
             while (report := await out.get()) is not None:
                 await context.write(report)
-        except asyncio.CancelledError:  # the shard is stopping (SIGTERM): the stream ends with it, no traceback
-            pass
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self._out = None
             self._forget("its coordinator went away")
+
+    def close(self) -> None:
+        """The shard is stopping: end its coordinator's stream and every worker's (with a status, not a cancel)."""
+        self._forget("the shard is stopping")
+        if self._out is not None:
+            self._out.put_nowait(None)
 
     def _report(self, seq: int = 0, **payload: Any) -> None:
         if self._out is not None:
@@ -497,4 +501,6 @@ async def serve_shard(bind: str, security: Any = None, *, on_started: Any = None
         finally:
             for w in waits:
                 w.cancel()
+            shard.close()  # its streams end by themselves (gRPC would cancel them, and log each)
+            await asyncio.sleep(0.2)
             await server.stop(1.0)
