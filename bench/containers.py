@@ -37,9 +37,11 @@ from bench import harness
 
 ROOT = harness.REPO
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-STARTED = re.compile(r"^(\S+ \S+) INFO server\.service: run started with (\d+) workers", re.M)
-ITERATION = re.compile(r"^(\S+ \S+) INFO server\.service: iter (\d+)/(\d+) ", re.M)
-CONNECTED = re.compile(r"^(\S+ \S+) INFO server\.service: worker \d+ registered .*, (\d+)/\d+ connected", re.M)
+# The server's logger (ormo_ps.server.service; server.service before the package was named ormo_ps).
+SERVICE = r"INFO (?:ormo_ps\.)?server\.service:"
+STARTED = re.compile(rf"^(\S+ \S+) {SERVICE} run started with (\d+) workers", re.M)
+ITERATION = re.compile(rf"^(\S+ \S+) {SERVICE} iter (\d+)/(\d+) ", re.M)
+CONNECTED = re.compile(rf"^(\S+ \S+) {SERVICE} worker \d+ registered .*, (\d+)/\d+ connected", re.M)
 CHECKPOINT = re.compile(r"checkpoint at iteration (\d+) written")
 REGISTERED = re.compile(r"worker (\d+) registered \(([^,]+), slowdown ([\d.]+)\)")
 
