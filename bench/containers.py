@@ -9,6 +9,7 @@ out at the end and checks it. Each scenario writes `OUT/<scenario>.json` and a t
     python -m bench.containers faults --workers 16              # kill the server, resume; kill 4 workers, restart one
     python -m bench.containers cifar --workers 8 --data ORMO_DATA_DIR   # CIFAR-10 through the read-only mount
     python -m bench.containers hom --workers 16 --sharded       # ... with deploy/compose.sharded.yml
+    python -m bench.containers shard-faults --workers 4 --sharded   # kill a shard mid-run, resume as the file says
 
 `--sharded` adds deploy/compose.sharded.yml (S = 2 `ps-shard` services, the server their coordinator). The
 shards serve until stopped: once every other container has exited, they are stopped as a user would
@@ -274,6 +275,8 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
             f" ({len(slow_ids)} slow{f', {len(shards)} shards' if shards else ''})")
         if args.scenario == "faults":
             _faults(compose, args, result, say, scale)
+        elif args.scenario == "shard-faults":
+            _shard_faults(compose, args, result, say, scale, shards)
         compose.wait_all_exited(args.run_timeout, but=shards)
         result["seconds_until_exited"] = round(time.time() - t_up, 1)
         if shards:  # they serve until stopped: what the user does once the run is over
@@ -350,6 +353,39 @@ def _faults(compose: Compose, args: argparse.Namespace, result: dict[str, Any], 
     result["restarted_worker_rejoined_as"] = int(rejoin[0])
 
 
+def _shard_faults(compose: Compose, args: argparse.Namespace, result: dict[str, Any], say, scale: list[str],
+                  shards: tuple[str, ...]) -> None:
+    """SIGKILL the last shard mid-run (the server stops: "resume with --resume"), then the resume command of
+    deploy/compose.sharded.yml: the killed shard starts again, the server re-attaches and the shards load."""
+    compose.wait_for(lambda log: iterations_seen(log) >= args.kill_at, args.run_timeout, f"iteration {args.kill_at}")
+    saved = compose.wait_for(lambda log: CHECKPOINT.findall(log), args.run_timeout, "a checkpoint")
+    result["checkpoint_before_kill"] = int(saved[-1])
+    victim = shards[-1]
+    compose("kill", victim)
+    killed_at = iterations_seen(compose.server_log())
+    say(f"{victim} killed at iteration ~{killed_at}")
+    result["shard_killed_at"] = killed_at
+    deadline = time.monotonic() + 300
+    while compose.container_ids("server", running_only=True):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server still runs 300 s after a shard was killed")
+        time.sleep(2)
+    result["server_exit_code"] = next(c for n, c in compose.exit_codes().items() if n.endswith("-server-1"))
+    last = compose.server_log().strip().splitlines()[-1]
+    result["server_last_line"] = last
+    say(f"server exited {result['server_exit_code']}: {last}")
+    t_resume = time.time()
+    compose("up", "-d", *scale, env={"PS_RESUME": "/runs"}, timeout=1800)
+    resumed = compose.wait_for(lambda log: re.search(r"resuming \S+ at iteration (\d+)", log), 300, "the resume")
+    result["resumed_at"] = int(resumed.group(1))
+    total = args.workers + args.slow
+    back = compose.wait_for(lambda log: next((m for m in CONNECTED.finditer(log) if int(m.group(2)) == total), None),
+                            args.start_timeout, "the workers to reconnect")
+    result["seconds_until_reconnected"] = round(_log_time(back.group(1)) - t_resume, 1)
+    say(f"resumed at iteration {result['resumed_at']}; all workers back {result['seconds_until_reconnected']}s "
+        "after `up`")
+
+
 def _available_mib() -> float:
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return int(info["MemAvailable"].split()[0]) / 1024
@@ -361,7 +397,7 @@ def _round(x: float | None) -> float | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = harness.parser("containers", __doc__, out="containers")
-    p.add_argument("scenario", choices=["hom", "het", "faults", "cifar"])
+    p.add_argument("scenario", choices=["hom", "het", "faults", "cifar", "shard-faults"])
     p.add_argument("--workers", type=int, default=64, help="replicas of `worker`")
     p.add_argument("--slow", type=int, default=0, help="replicas of `slow-worker`")
     p.add_argument("--dataset", default=None, help="PS_DATASET (default: digits; cifar10 for the cifar scenario)")
@@ -378,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="the result files' name, OUT/NAME.json (default: the scenario)")
     args = p.parse_args(argv)
     args.dataset = args.dataset or ("cifar10" if args.scenario == "cifar" else "digits")
+    if args.scenario == "shard-faults" and not args.sharded:
+        p.error("shard-faults needs --sharded")
     return args
 
 
