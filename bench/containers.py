@@ -8,6 +8,12 @@ out at the end and checks it. Each scenario writes `OUT/<scenario>.json` and a t
     python -m bench.containers het --workers 48 --slow 16       # ... --scale worker=48 --scale slow-worker=16
     python -m bench.containers faults --workers 16              # kill the server, resume; kill 4 workers, restart one
     python -m bench.containers cifar --workers 8 --data ORMO_DATA_DIR   # CIFAR-10 through the read-only mount
+    python -m bench.containers hom --workers 16 --sharded       # ... with deploy/compose.sharded.yml
+    python -m bench.containers shard-faults --workers 4 --sharded   # kill a shard mid-run, resume as the file says
+
+`--sharded` adds deploy/compose.sharded.yml (S = 2 `ps-shard` services, the server their coordinator). The
+shards serve until stopped: once every other container has exited, they are stopped as a user would
+(`docker compose stop shard-0 shard-1`), and their exit codes count with the others'.
 
 Extra `KEY=VALUE` arguments after `--env` reach compose's environment (PS_ITERATIONS=2000, PS_ALGO=...).
 Every container this starts belongs to the compose project `--project` and is removed at the end, volumes
@@ -37,9 +43,12 @@ from bench import harness
 
 ROOT = harness.REPO
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-STARTED = re.compile(r"^(\S+ \S+) INFO server\.service: run started with (\d+) workers", re.M)
-ITERATION = re.compile(r"^(\S+ \S+) INFO server\.service: iter (\d+)/(\d+) ", re.M)
-CONNECTED = re.compile(r"^(\S+ \S+) INFO server\.service: worker \d+ registered .*, (\d+)/\d+ connected", re.M)
+SHARDED_FILE = ROOT / "deploy" / "compose.sharded.yml"
+# The server's logger (ormo_ps.server.service; server.service before the package was named ormo_ps).
+SERVICE = r"INFO (?:ormo_ps\.)?server\.service:"
+STARTED = re.compile(rf"^(\S+ \S+) {SERVICE} run started with (\d+) workers", re.M)
+ITERATION = re.compile(rf"^(\S+ \S+) {SERVICE} iter (\d+)/(\d+) ", re.M)
+CONNECTED = re.compile(rf"^(\S+ \S+) {SERVICE} worker \d+ registered .*, (\d+)/\d+ connected", re.M)
 CHECKPOINT = re.compile(r"checkpoint at iteration (\d+) written")
 REGISTERED = re.compile(r"worker (\d+) registered \(([^,]+), slowdown ([\d.]+)\)")
 
@@ -120,17 +129,21 @@ class MemorySampler:
 class Compose:
     """`docker compose` on the repository's file, one project, with a transcript of every command."""
 
-    def __init__(self, project: str, env: dict[str, str], transcript: Callable[[str], None]) -> None:
+    def __init__(self, project: str, env: dict[str, str], transcript: Callable[[str], None],
+                 files: tuple[Path, ...] = (COMPOSE_FILE,)) -> None:
         self.project = project
         self.env = os.environ | env
         self.say = transcript
+        self.files = files
 
     def __call__(self, *args: str, timeout: float = 600, check: bool = True, quiet: bool = False,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        argv = ["docker", "compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args]
+        files = [arg for f in self.files for arg in ("-f", str(f))]
+        argv = ["docker", "compose", "-p", self.project, *files, *args]
         if not quiet:
             shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-            self.say(f"$ {shown + ' ' if shown else ''}{' '.join(argv[:2] + argv[6:])}")
+            extra = [arg for f in self.files for arg in ("-f", str(f.relative_to(ROOT)))] if len(self.files) > 1 else []
+            self.say(f"$ {shown + ' ' if shown else ''}{' '.join(argv[:2] + extra + list(args))}")
         done = subprocess.run(argv, cwd=ROOT, env=self.env | (env or {}), capture_output=True, text=True,
                               timeout=timeout)
         if check and done.returncode != 0:
@@ -153,13 +166,18 @@ class Compose:
             time.sleep(poll)
         raise TimeoutError(f"{what}: not within {timeout:.0f}s")
 
-    def wait_all_exited(self, timeout: float) -> None:
+    def wait_all_exited(self, timeout: float, but: tuple[str, ...] = ()) -> None:
+        """Until every container has exited, except those of the services `but` (left running)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self("ps", "-q", quiet=True, check=False).stdout.split():
+            running = self("ps", "--format", "{{.Service}}", quiet=True, check=False).stdout.split()
+            if not [s for s in running if s not in but]:
                 return
             time.sleep(3)
         raise TimeoutError(f"containers still running after {timeout:.0f}s")
+
+    def services(self) -> list[str]:
+        return self("config", "--services", quiet=True).stdout.split()
 
     def exit_codes(self) -> dict[str, int]:
         out = self("ps", "-a", "--format", "{{.Name}}\t{{.ExitCode}}", quiet=True, check=False).stdout
@@ -205,7 +223,8 @@ def updates_per_second(progress: list[dict[str, Any]]) -> float | None:
 def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / f"{args.scenario}.log"
+    name = args.name or args.scenario
+    log_path = out / f"{name}.log"
     transcript = open(log_path, "w", encoding="utf-8")
 
     def say(line: str) -> None:
@@ -223,12 +242,14 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
         if not sep:
             raise SystemExit(f"--env takes KEY=VALUE, got {item!r}")
         env[key] = value
-    compose = Compose(args.project, env, say)
+    compose = Compose(args.project, env, say, (COMPOSE_FILE, SHARDED_FILE) if args.sharded else (COMPOSE_FILE,))
+    shards = tuple(s for s in compose.services() if s.startswith("shard-"))
     scale = ["--scale", f"worker={args.workers}", "--scale", f"slow-worker={args.slow}"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     image = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}} {{.Size}}", env.get("ORMO_IMAGE", "ormo-ps:0.1.0")],
                            capture_output=True, text=True).stdout.split()
     result: dict[str, Any] = {"scenario": args.scenario, "workers": args.workers, "slow_workers": args.slow,
+                              "shards": len(shards),
                               "env": env, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "commit": commit.strip(), "image": image[0][7:19] if image else None,
                               "image_gb": round(int(image[1]) / 1e9, 2) if len(image) > 1 else None,
@@ -240,7 +261,8 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     result["host_used_mib_before"] = round(baseline, 1)
     try:
         t_up = time.time()
-        say(" ".join(f"{k}={v}" for k, v in env.items()) + f" docker compose up {' '.join(scale)}")
+        files = " -f docker-compose.yml -f deploy/compose.sharded.yml" if args.sharded else ""
+        say(" ".join(f"{k}={v}" for k, v in env.items()) + f" docker compose{files} up {' '.join(scale)}")
         compose("up", "-d", *scale, timeout=1800)
         sampler.start()
         healthy = time.time()
@@ -250,10 +272,15 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
         log = compose.server_log()
         slow_ids = sorted(int(w) for w, _, slow in REGISTERED.findall(log) if float(slow) > 1)
         say(f"all {m.group(2)} workers ready {result['seconds_until_all_ready']}s after `up`"
-            f" ({len(slow_ids)} slow)")
+            f" ({len(slow_ids)} slow{f', {len(shards)} shards' if shards else ''})")
         if args.scenario == "faults":
             _faults(compose, args, result, say, scale)
-        compose.wait_all_exited(args.run_timeout)
+        elif args.scenario == "shard-faults":
+            _shard_faults(compose, args, result, say, scale, shards)
+        compose.wait_all_exited(args.run_timeout, but=shards)
+        result["seconds_until_exited"] = round(time.time() - t_up, 1)
+        if shards:  # they serve until stopped: what the user does once the run is over
+            compose("stop", *shards, timeout=300)
         codes = compose.exit_codes()
         bad = {n: c for n, c in codes.items() if c != 0}
         result["containers_exited_0"] = sum(1 for c in codes.values() if c == 0)
@@ -284,7 +311,7 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             compose("down", "-v", "--remove-orphans", quiet=True, check=False)
         transcript.close()
-    harness.write_json(out / f"{args.scenario}.json", result)
+    harness.write_json(out / f"{name}.json", result)
     return result
 
 
@@ -326,6 +353,39 @@ def _faults(compose: Compose, args: argparse.Namespace, result: dict[str, Any], 
     result["restarted_worker_rejoined_as"] = int(rejoin[0])
 
 
+def _shard_faults(compose: Compose, args: argparse.Namespace, result: dict[str, Any], say, scale: list[str],
+                  shards: tuple[str, ...]) -> None:
+    """SIGKILL the last shard mid-run (the server stops: "resume with --resume"), then the resume command of
+    deploy/compose.sharded.yml: the killed shard starts again, the server re-attaches and the shards load."""
+    compose.wait_for(lambda log: iterations_seen(log) >= args.kill_at, args.run_timeout, f"iteration {args.kill_at}")
+    saved = compose.wait_for(lambda log: CHECKPOINT.findall(log), args.run_timeout, "a checkpoint")
+    result["checkpoint_before_kill"] = int(saved[-1])
+    victim = shards[-1]
+    compose("kill", victim)
+    killed_at = iterations_seen(compose.server_log())
+    say(f"{victim} killed at iteration ~{killed_at}")
+    result["shard_killed_at"] = killed_at
+    deadline = time.monotonic() + 300
+    while compose.container_ids("server", running_only=True):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server still runs 300 s after a shard was killed")
+        time.sleep(2)
+    result["server_exit_code"] = next(c for n, c in compose.exit_codes().items() if n.endswith("-server-1"))
+    last = compose.server_log().strip().splitlines()[-1]
+    result["server_last_line"] = last
+    say(f"server exited {result['server_exit_code']}: {last}")
+    t_resume = time.time()
+    compose("up", "-d", *scale, env={"PS_RESUME": "/runs"}, timeout=1800)
+    resumed = compose.wait_for(lambda log: re.search(r"resuming \S+ at iteration (\d+)", log), 300, "the resume")
+    result["resumed_at"] = int(resumed.group(1))
+    total = args.workers + args.slow
+    back = compose.wait_for(lambda log: next((m for m in CONNECTED.finditer(log) if int(m.group(2)) == total), None),
+                            args.start_timeout, "the workers to reconnect")
+    result["seconds_until_reconnected"] = round(_log_time(back.group(1)) - t_resume, 1)
+    say(f"resumed at iteration {result['resumed_at']}; all workers back {result['seconds_until_reconnected']}s "
+        "after `up`")
+
+
 def _available_mib() -> float:
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return int(info["MemAvailable"].split()[0]) / 1024
@@ -337,7 +397,7 @@ def _round(x: float | None) -> float | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = harness.parser("containers", __doc__, out="containers")
-    p.add_argument("scenario", choices=["hom", "het", "faults", "cifar"])
+    p.add_argument("scenario", choices=["hom", "het", "faults", "cifar", "shard-faults"])
     p.add_argument("--workers", type=int, default=64, help="replicas of `worker`")
     p.add_argument("--slow", type=int, default=0, help="replicas of `slow-worker`")
     p.add_argument("--dataset", default=None, help="PS_DATASET (default: digits; cifar10 for the cifar scenario)")
@@ -349,8 +409,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, default=3600.0)
     p.add_argument("--stats-every", type=float, default=5.0)
     p.add_argument("--keep", action="store_true", help="leave the containers and volumes")
+    p.add_argument("--sharded", action="store_true",
+                   help="a sharded server: add deploy/compose.sharded.yml (S = 2 ps-shard services)")
+    p.add_argument("--name", default=None, help="the result files' name, OUT/NAME.json (default: the scenario)")
     args = p.parse_args(argv)
     args.dataset = args.dataset or ("cifar10" if args.scenario == "cifar" else "digits")
+    if args.scenario == "shard-faults" and not args.sharded:
+        p.error("shard-faults needs --sharded")
     return args
 
 
@@ -360,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("no Docker engine answers: start dockerd (see `make test-containers`)")
     result = run_scenario(args)
     result["command"] = harness.command_line("containers", argv)
-    harness.write_json(args.out / f"{args.scenario}.json", result)
+    harness.write_json(args.out / f"{args.name or args.scenario}.json", result)
     print(json.dumps({k: v for k, v in result.items() if k != "gradients_per_worker"}, indent=1))
 
 

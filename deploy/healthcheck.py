@@ -4,6 +4,8 @@ Docker Compose's healthcheck runs it in the server's container (`python /app/dep
 no address it asks 127.0.0.1 on the port of `PS_BIND`, the variable the server itself listens by.
 Kubernetes probes the server natively (`grpc:` probes); there the worker pods run it with `--wait` as an
 init container, so they start once the server is serving. It imports only grpc, not torch: it is cheap.
+Shards (`ps-shard`) serve the health service too, under the name "" only (`--service ""`); with several
+addresses every one must be SERVING (a sharded server's Job waits for all its shards so).
 """
 
 from __future__ import annotations
@@ -41,21 +43,24 @@ def check(target: str, service: str = SERVICE_NAME, timeout: float = 3.0) -> str
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", nargs="?", default=None,
-                        help="HOST:PORT of the server (default: 127.0.0.1 and the port of $PS_BIND, else 50051)")
+    parser.add_argument("target", nargs="*", default=[],
+                        help="HOST:PORT of the server, or of each shard: all must be SERVING (default: 127.0.0.1 "
+                             "and the port of $PS_BIND, else 50051)")
     parser.add_argument("--service", default=SERVICE_NAME, help="health service name to ask for ('' = the server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds for one check")
     parser.add_argument("--wait", type=float, default=0.0,
                         help="keep checking up to this many seconds until SERVING (an init container's wait)")
     args = parser.parse_args(argv)
-    target = args.target or default_target()
+    waiting = list(args.target) or [default_target()]
     deadline = time.monotonic() + args.wait
     while True:
-        status = check(target, args.service, args.timeout)
-        if status == "SERVING":
+        statuses = {target: check(target, args.service, args.timeout) for target in waiting}
+        waiting = [target for target, status in statuses.items() if status != "SERVING"]
+        if not waiting:
             return 0
         if time.monotonic() >= deadline:
-            print(f"{target}: {status}", file=sys.stderr)
+            for target in waiting:
+                print(f"{target}: {statuses[target]}", file=sys.stderr)
             return 1
         time.sleep(1.0)
 

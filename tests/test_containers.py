@@ -3,7 +3,8 @@
 Needs a running Docker engine with Compose v2 (`make test-containers` provides both and runs this file);
 skipped with the reason otherwise. The build uses Docker's layer cache (deploy/build-image.sh, as
 `make image`). The run is K=4 on digits through the repository's docker-compose.yml, in a compose project of
-its own that is removed afterwards, volumes included; its traffic stays on that project's network.
+its own that is removed afterwards, volumes included; its traffic stays on that project's network. Then the
+same with a sharded server: docker-compose.yml plus deploy/compose.sharded.yml (2 shard containers).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import torch
 pytestmark = [pytest.mark.slow, pytest.mark.containers]
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "ormo-ps-test"
+# Long enough (1-2 s of training on the 2-core test machine) that every worker gets the CPU and sends
+# gradients: with 200 iterations (0.2 s) a worker the scheduler reached late sent none (2 runs of 8).
+ITERATIONS = 2000
+RUN_ENV = [f"PS_ITERATIONS={ITERATIONS}", "PS_BATCH_SIZE=32", "PS_LR=0.02"]
 
 
 def _engine_problem() -> str | None:
@@ -52,7 +57,8 @@ def image(compose_bench) -> str:
 def test_image_runs_every_role_as_a_non_root_user(image):
     out = subprocess.run(["docker", "run", "--rm", image, "sh", "-c",
                           "id -u && ps-server --help >/dev/null && ps-worker --help >/dev/null && "
-                          "ps-eval --help >/dev/null && python /app/deploy/healthcheck.py --help >/dev/null && "
+                          "ps-eval --help >/dev/null && ps-shard --help >/dev/null && "
+                          "python /app/deploy/healthcheck.py --help >/dev/null && "
                           "test -w /runs && test -w $ORMO_PS_CACHE && echo ok"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -63,7 +69,7 @@ def test_image_runs_every_role_as_a_non_root_user(image):
 def test_compose_up_trains_four_workers_and_leaves_the_results_on_the_volume(image, compose_bench, tmp_path):
     args = compose_bench.parse_args(["hom", "--workers", "4", "--project", PROJECT, "--out", str(tmp_path),
                                      "--stats-every", "2", "--run-timeout", "900", "--keep",
-                                     "--env", "PS_ITERATIONS=200", "PS_BATCH_SIZE=32", "PS_LR=0.05"])
+                                     "--env", *RUN_ENV])
     compose = compose_bench.Compose(PROJECT, {}, print)
     try:
         result = compose_bench.run_scenario(args)
@@ -72,10 +78,34 @@ def test_compose_up_trains_four_workers_and_leaves_the_results_on_the_volume(ima
     finally:
         compose("down", "-v", "--remove-orphans", quiet=True, check=False)
     assert result["containers_exited_0"] == 6 and not result["containers_exited_non_zero"]  # server, 4, evaluator
-    assert result["iterations"] == result["gradients_applied"] == 200 and result["gradients_rejected"] == 0
-    assert sum(result["gradients_per_worker"]) == 200 and all(g > 0 for g in result["gradients_per_worker"])
+    assert result["iterations"] == result["gradients_applied"] == ITERATIONS and result["gradients_rejected"] == 0
+    assert sum(result["gradients_per_worker"]) == ITERATIONS and all(g > 0 for g in result["gradients_per_worker"])
     assert result["final_test_accuracy"] > 0.6  # chance is 0.1
     assert {"metrics.jsonl", "checkpoint.pt", "final.pt"} <= set(result["files"])
-    assert final["iteration"] == 200 and torch.isfinite(final["params"]).all()
+    assert final["iteration"] == ITERATIONS and torch.isfinite(final["params"]).all()
     assert result["memory"]["per_service"]["worker"]["containers"] == 4
-    assert json.loads((tmp_path / "hom.json").read_text())["iterations"] == 200
+    assert json.loads((tmp_path / "hom.json").read_text())["iterations"] == ITERATIONS
+
+
+def test_compose_up_with_two_shards_trains_and_each_shard_writes_its_checkpoint(image, compose_bench, tmp_path):
+    """docker-compose.yml + deploy/compose.sharded.yml: the server coordinates shard-0 and shard-1 (healthy
+    first), the workers reach them by their service names, each shard writes its slice to the shared volume."""
+    args = compose_bench.parse_args(["hom", "--workers", "4", "--sharded", "--project", PROJECT, "--out",
+                                     str(tmp_path), "--stats-every", "2", "--run-timeout", "900", "--keep",
+                                     "--env", *RUN_ENV, "PS_LINGER=30"])
+    compose = compose_bench.Compose(PROJECT, {}, print, (compose_bench.COMPOSE_FILE, compose_bench.SHARDED_FILE))
+    try:
+        result = compose_bench.run_scenario(args)
+        runs = compose.copy_runs(tmp_path / "runs")
+        server_log = compose.server_log()
+    finally:
+        compose("down", "-v", "--remove-orphans", quiet=True, check=False)
+    assert result["shards"] == 2
+    # server, 4 workers, evaluator, and the 2 shards (stopped once the others had exited: they serve until then)
+    assert result["containers_exited_0"] == 8 and not result["containers_exited_non_zero"]
+    assert "attached 2 shards: shard-0:50061 [0, " in server_log
+    assert result["iterations"] == result["gradients_applied"] == ITERATIONS and result["gradients_rejected"] == 0
+    assert all(g > 0 for g in result["gradients_per_worker"])
+    assert result["final_test_accuracy"] > 0.6
+    assert sorted(p.name for p in (runs / "shards").iterdir()) == ["shard-0-of-2.pt", "shard-1-of-2.pt"]
+    assert result["memory"]["per_service"]["shard-0"]["containers"] == 1

@@ -3,7 +3,9 @@
 The compose file against the Compose specification, the Kubernetes manifests against the Kubernetes
 schemas and kustomize, the Dockerfile with hadolint; every command and PS_* variable they name exists in
 the package (a misspelt variable is silently ignored by click, so only a test catches it); and the compose
-services' commands, run with their environment as local processes, train to the end.
+services' commands, run with their environment as local processes, train to the end. The same for the
+sharded variants: deploy/compose.sharded.yml (added to docker-compose.yml) and the kustomize component
+deploy/k8s/sharded with its overlay deploy/k8s-sharded.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -35,6 +38,10 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 K8S = ROOT / "deploy" / "k8s"
+SHARDED_COMPOSE = ROOT / "deploy" / "compose.sharded.yml"  # docker compose -f docker-compose.yml -f this
+K8S_SHARDED = K8S / "sharded"  # the kustomize Component
+K8S_SHARDED_OVERLAY = ROOT / "deploy" / "k8s-sharded"  # deploy/k8s with the Component (kubectl apply -k)
+SHARD_SCRIPT = "ps-shard"
 K8S_VERSION = "1.30.0"  # native gRPC probes are GA since 1.27
 APP_DIR = "/app"  # where the Dockerfile puts the sources (WORKDIR /app)
 ENV_PREFIX = "PS"
@@ -119,6 +126,22 @@ def compose(env: dict[str, str] | None = None) -> dict:
     return interpolate(yaml.safe_load(COMPOSE.read_text()), env or {})
 
 
+def merge(base: object, override: object) -> object:
+    """Compose's merge of a later file into an earlier one, as far as deploy/compose.sharded.yml uses it:
+    mappings merge key by key, anything else is replaced (test_sharded_compose_merges_as_docker_compose_does
+    compares it with `docker compose config`)."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: merge(base[k], v) if k in base else v for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override}
+    return override
+
+
+def compose_sharded(env: dict[str, str] | None = None) -> dict:
+    """docker-compose.yml with deploy/compose.sharded.yml merged in, as `docker compose -f ... -f ...` reads them."""
+    return interpolate(merge(yaml.safe_load(COMPOSE.read_text()), yaml.safe_load(SHARDED_COMPOSE.read_text())),
+                       env or {})
+
+
 def service_env(service: dict) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
@@ -178,6 +201,36 @@ def compose_containers(doc: dict | None = None) -> list[Container]:
     doc = doc or compose()
     return [Container(f"compose service {name}", list(svc["command"]), service_env(svc), svc)
             for name, svc in doc["services"].items()]
+
+
+def kustomize(path: Path) -> list[dict]:
+    """The objects `kubectl kustomize PATH` renders (what `kubectl apply -k PATH` sends)."""
+    rendered = run_tool(tool("kubectl"), "kustomize", str(path))
+    assert rendered.returncode == 0, rendered.stderr
+    return [d for d in yaml.safe_load_all(rendered.stdout) if d]
+
+
+def rendered_containers(objects: list[dict]) -> list[Container]:
+    """k8s_containers() of rendered objects: the ConfigMaps are the rendered ones (names with their hash)."""
+    maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
+    found = []
+    for obj in objects:
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if pod is None:
+            continue
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            env = {}
+            for source in c.get("envFrom", []):
+                env |= maps[source["configMapRef"]["name"]]
+            env |= {e["name"]: str(e.get("value", "")) for e in c.get("env", [])}
+            found.append(Container(f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}",
+                                   list(c.get("command", [])) + list(c.get("args", [])), env, c))
+    return found
+
+
+def sharded_containers() -> list[Container]:
+    """Every container of the sharded variants: the merged compose files and the rendered overlay."""
+    return compose_containers(compose_sharded()) + rendered_containers(kustomize(K8S_SHARDED_OVERLAY))
 
 
 def app_file(argv: list[str]) -> Path | None:
@@ -325,7 +378,7 @@ def test_dockerignore_keeps_data_results_and_caches_out():
 # ----- commands and variables --------------------------------------------------------------------
 def test_every_command_exists_in_the_package():
     scripts = console_scripts()
-    commands = compose_containers() + k8s_containers()
+    commands = compose_containers() + k8s_containers() + sharded_containers()
     assert commands
     for c in commands:
         assert c.command, f"{c.where}: give the command explicitly (the image's CMD is the server's)"
@@ -342,7 +395,7 @@ def test_every_command_exists_in_the_package():
 def test_every_ps_variable_is_an_option_of_its_command():
     """Each PS_* variable names an option of that role's command, and its value (with the defaults) parses."""
     checked = 0
-    for c in compose_containers() + k8s_containers():
+    for c in compose_containers() + k8s_containers() + sharded_containers():
         names = [n for n in c.env if n.startswith(ENV_PREFIX + "_")]
         if app_file(c.command) is not None:
             assert set(names) <= {"PS_BIND"}, f"{c.where}: the health probe reads only PS_BIND"
@@ -400,13 +453,14 @@ def test_worker_counts_and_addresses_agree():
         assert k8s_env(job(name))["PS_DATA_DIR"] == env["PS_DATA_DIR"], name
     assert k8s_env(job("ps-slow-worker"))["PS_SLOWDOWN"] == "4"
     assert "PS_SLOWDOWN" not in k8s_env(job("ps-worker"))
-    # one shared token (optional) for every role that talks to the server
-    for c in compose_containers() + k8s_containers():
+    # one shared token (optional) for every role that talks to the server or serves a shard
+    for c in compose_containers() + k8s_containers() + sharded_containers():
         if app_file(c.command) is None:
             assert "PS_TOKEN" in c.env, c.where
-    token_refs = {str(e["valueFrom"]["secretKeyRef"]) for c in k8s_containers() for e in c.spec.get("env", [])
+    token_refs = {json.dumps(e["valueFrom"]["secretKeyRef"], sort_keys=True)
+                  for c in k8s_containers() + sharded_containers() for e in c.spec.get("env", [])
                   if e["name"] == "PS_TOKEN"}
-    assert len(token_refs) == 1 and "'optional': True" in token_refs.pop()
+    assert len(token_refs) == 1 and json.loads(token_refs.pop())["optional"] is True
 
 
 def test_k8s_server_is_probed_over_grpc_and_data_is_read_only():
@@ -470,6 +524,151 @@ def test_the_prometheus_configurations_pass_promtool():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# ----- the sharded variants ------------------------------------------------------------------------
+def shard_services(doc: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in doc["services"].items() if svc["command"][0] == SHARD_SCRIPT}
+
+
+def test_sharded_compose_file_follows_the_compose_specification():
+    result = run_tool(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(SHARDED_COMPOSE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sharded_compose_merges_as_docker_compose_does():
+    """`docker compose -f docker-compose.yml -f deploy/compose.sharded.yml config` accepts the pair, and what it
+    makes of them is what these tests check (merge() above): the services, their commands and environments."""
+    docker = shutil.which("docker")
+    if docker is None or run_tool(docker, "compose", "version").returncode != 0:
+        pytest.skip("no `docker compose` here (deploy/docker-host.sh installs it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX + "_") and not k.startswith("COMPOSE_")}
+    done = subprocess.run([docker, "compose", "-f", str(COMPOSE), "-f", str(SHARDED_COMPOSE), "config", "--format",
+                           "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    theirs = json.loads(done.stdout)["services"]
+    ours = compose_sharded()["services"]
+    assert sorted(theirs) == sorted(ours)
+    for name, svc in ours.items():
+        assert theirs[name]["command"] == svc["command"], name
+        assert service_env(theirs[name]) == service_env(svc), name
+        assert {k: v["condition"] for k, v in theirs[name].get("depends_on", {}).items()} == {
+            k: v["condition"] for k, v in svc.get("depends_on", {}).items()}, name
+        assert theirs[name].get("healthcheck", {}).get("test") == svc.get("healthcheck", {}).get("test"), name
+
+
+def test_sharded_compose_shards_and_server_agree():
+    """The server is told every shard service, in order, at the port it binds, and waits until each is healthy;
+    every shard mounts the run's volume where the server writes (the server names the shards' checkpoint
+    paths, the shards write them); the health probe asks the name ps-shard registers; the rest is the default's."""
+    sharded, default = compose_sharded(), compose()
+    shards = shard_services(sharded)
+    assert list(shards) == [f"shard-{i}" for i in range(len(shards))] and len(shards) >= 2
+    assert not shard_services(default)
+    server, server_env = sharded["services"]["server"], service_env(sharded["services"]["server"])
+    assert "PS_SHARD_ADDRESSES" not in service_env(default["services"]["server"])
+    addresses = server_env["PS_SHARD_ADDRESSES"].split(",")
+    assert len(addresses) == len(shards)
+    runs = [v for v in server["volumes"] if v.split(":")[1] == server_env["PS_OUT"]]
+    assert runs == ["runs:/runs"]
+    for address, (name, svc) in zip(addresses, shards.items(), strict=True):
+        env = service_env(svc)
+        host, port = env["PS_BIND"].rsplit(":", 1)
+        assert address == f"{name}:{port}" and host == "0.0.0.0", name
+        assert server["depends_on"][name]["condition"] == "service_healthy", name
+        assert runs[0] in svc["volumes"], f"{name} must mount the run's volume at the server's {server_env['PS_OUT']}"
+        with_token = compose_sharded({"PS_TOKEN": "a-token"})["services"]
+        assert service_env(with_token[name])["PS_TOKEN"] == service_env(with_token["server"])["PS_TOKEN"] == "a-token"
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD" and app_file(test[1:]) == ROOT / "deploy" / "healthcheck.py", name
+        assert test[test.index("--service") + 1] == "", f"{name}: ps-shard registers the health name '' only"
+        assert svc.get("restart", "").startswith("on-failure"), name
+    # workers and the evaluator are the default's: they learn the shards from the server
+    for name in default["services"]:
+        if name != "server":
+            assert sharded["services"][name] == default["services"][name], name
+    default_env = service_env(default["services"]["server"])
+    assert {k: v for k, v in server_env.items() if k != "PS_SHARD_ADDRESSES"} == default_env
+    # knobs reach the sharded server as the default's
+    assert service_env(compose_sharded({"PS_WORKERS": "16"})["services"]["server"])["PS_WORKERS"] == "16"
+
+
+def test_k8s_sharded_component_and_overlay_list_their_files():
+    component = yaml.safe_load((K8S_SHARDED / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    listed = component.get("resources", []) + [patch["path"] for patch in component.get("patches", [])]
+    assert sorted(listed) == sorted(p.name for p in K8S_SHARDED.glob("*.yaml") if p.name != "kustomization.yaml")
+    overlay = yaml.safe_load((K8S_SHARDED_OVERLAY / "kustomization.yaml").read_text())
+    assert overlay["kind"] == "Kustomization"
+    assert [(K8S_SHARDED_OVERLAY / r).resolve() for r in overlay["resources"]] == [K8S]
+    assert [(K8S_SHARDED_OVERLAY / c).resolve() for c in overlay["components"]] == [K8S_SHARDED]
+    assert overlay["images"] == yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
+
+
+def test_k8s_sharded_overlay_renders_valid_manifests(tmp_path):
+    """`kubectl apply -k deploy/k8s-sharded`: the default's objects plus the shards' StatefulSet and headless
+    Service, and all of it (and the Component's own manifests) passes the Kubernetes schemas."""
+    objects = kustomize(K8S_SHARDED_OVERLAY)
+    names = sorted((o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] != "ConfigMap")
+    base = sorted((o["kind"], o["metadata"]["name"]) for o in kustomize(K8S) if o["kind"] != "ConfigMap")
+    assert names == sorted(base + [("StatefulSet", "ps-shard"), ("Service", "ps-shards")])
+    out = tmp_path / "rendered.yaml"
+    out.write_text(yaml.safe_dump_all(objects))
+    result = run_tool(tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(out),
+                      str(K8S_SHARDED / "shards.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed for resource") == len(objects) + 2, result.stdout
+
+
+def test_k8s_shards_and_server_agree():
+    """The server Job is told every StatefulSet pod by its stable DNS name (pod.service), in order, at the port
+    the pod binds and the headless Service names; it waits for all of them; every shard mounts ps-runs at the
+    server's /runs, which every node may write; the probes ask the shard's port; the default has no shards."""
+    image_uid = int(dict(v.split("=", 1) for k, v in dockerfile_instructions() if k == "ARG" and "=" in v)["APP_UID"])
+    objects = kustomize(K8S_SHARDED_OVERLAY)
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    (sts,) = [o for o in objects if o["kind"] == "StatefulSet"]
+    service = by[("Service", sts["spec"]["serviceName"])]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    pod = sts["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    for other in objects:  # the shards' selector picks no other pod, the server's Service no shard
+        other_pod = other.get("spec", {}).get("template", {}).get("metadata", {}).get("labels")
+        if other is not sts and other_pod:
+            assert not service["spec"]["selector"].items() <= other_pod.items(), other["metadata"]["name"]
+    assert not by[("Service", "ps-server")]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (shard,) = pod["spec"]["containers"]
+    assert shard["command"] == [SHARD_SCRIPT]
+    env = {e["name"]: e.get("value") for e in shard["env"]}
+    host, port = env["PS_BIND"].rsplit(":", 1)
+    assert host == "0.0.0.0" and shard["ports"][0]["containerPort"] == int(port) == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["ports"][0]["targetPort"] == shard["ports"][0]["name"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert shard[probe]["grpc"] == {"port": int(port)}, probe  # service "": the name ps-shard registers
+    addresses = [f"{sts['metadata']['name']}-{i}.{service['metadata']['name']}:{port}"
+                 for i in range(sts["spec"]["replicas"])]
+    server = by[("Job", "ps-server")]["spec"]["template"]["spec"]
+    server_env = {e["name"]: e.get("value") for e in server["containers"][0]["env"]}
+    assert server_env["PS_SHARD_ADDRESSES"].split(",") == addresses and len(addresses) >= 2
+    (wait,) = [c for c in server["initContainers"] if c["name"] == "wait-for-shards"]
+    argv = wait["command"]
+    assert app_file(argv) == ROOT / "deploy" / "healthcheck.py"
+    assert argv[argv.index("--service") + 1] == "" and [a for a in argv[2:] if ":" in a] == addresses
+    # the run's volume: where the server writes, writable from every node
+    runs = {m["name"]: m["mountPath"] for m in shard["volumeMounts"]}
+    server_runs = {m["name"]: m["mountPath"] for m in server["containers"][0]["volumeMounts"]}
+    assert runs["runs"] == server_runs["runs"] == server_env["PS_OUT"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]}
+    assert claims == {"runs": "ps-runs"}  # no data: the server sends each shard its slice and the run
+    assert by[("PersistentVolumeClaim", "ps-runs")]["spec"]["accessModes"] == ["ReadWriteMany"]
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == image_uid
+    # the unsharded default is untouched
+    assert not [o for o in kustomize(K8S) if o["kind"] == "StatefulSet"]
+    assert "PS_SHARD_ADDRESSES" not in k8s_env(job("ps-server"))
+    assert all(not c["name"].startswith("wait-for-shards")
+               for c in job("ps-server")["spec"]["template"]["spec"].get("initContainers", []))
+
+
 # ----- the compose services as processes -----------------------------------------------------------
 class Role(LoggedProcess):
     """One compose service's command, run as a local process with the service's environment."""
@@ -499,12 +698,14 @@ def roles() -> Iterator[list[Role]]:
 
 
 @pytest.mark.slow
-def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
-    """server, worker, slow-worker and evaluator exactly as compose starts them, on digits with K = 2."""
+@pytest.mark.parametrize("sharded", [False, True], ids=["default", "sharded"])
+def test_compose_services_train_to_the_end_as_processes(tmp_path, roles, sharded):
+    """server, worker, slow-worker and evaluator exactly as compose starts them, on digits with K = 2; sharded:
+    with the shard services of deploy/compose.sharded.yml, the server their coordinator."""
     knobs = {"PS_WORKERS": "2", "PS_DATASET": "digits", "PS_MODEL": "mlp", "PS_ITERATIONS": "300",
              "PS_LINGER": "15", "PS_EVAL_EVERY": "10",  # what a person would put on `docker compose up`
              "PS_TOKEN": "a-shared-deploy-test-token"}  # the health probe goes without: it is exempt
-    services = compose(knobs)["services"]
+    services = (compose_sharded if sharded else compose)(knobs)["services"]
     volumes = {"/data": tmp_path / "data", "/runs": tmp_path / "runs"}
     for path in volumes.values():
         path.mkdir()
@@ -527,8 +728,26 @@ def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
         roles.append(role)
         return role
 
+    # The shards (compose starts them first: the server waits until they are healthy), each on loopback here, on
+    # a port of its choosing; the server is given their addresses as compose's are, by service name.
+    shard_address = {}
+    for name in shard_services({"services": services}):
+        shard_env = environment(name, PS_BIND="127.0.0.1:0")
+        shard = start(name, shard_env)
+        port = int(shard.wait_for(r"ps-shard listening on (\S+):(\d+)", timeout=60).group(2))
+        shard_env["PS_BIND"] = f"127.0.0.1:{port}"  # the probe reads the port of PS_BIND, as in the container
+        probe = subprocess.run(as_process(services[name]["healthcheck"]["test"][1:]), env=shard_env,
+                               capture_output=True, text=True, timeout=30, check=False)
+        assert probe.returncode == 0, probe.stderr  # compose: shard healthy, the server may start
+        shard_address[f"{name}:{services[name]['environment']['PS_BIND'].rsplit(':', 1)[1]}"] = f"127.0.0.1:{port}"
+    overrides = {"PS_BIND": "127.0.0.1:0"}
+    if sharded:
+        given = service_env(services["server"])["PS_SHARD_ADDRESSES"].split(",")
+        assert sorted(given) == sorted(shard_address)
+        overrides["PS_SHARD_ADDRESSES"] = ",".join(shard_address[a] for a in given)
+
     # The server listens on 0.0.0.0:50051 in its container; here on loopback, on a port of its choosing.
-    server_env = environment("server", PS_BIND="127.0.0.1:0")
+    server_env = environment("server", **overrides)
     server = start("server", server_env)
     port = int(server.wait_for(LISTENING_PATTERN, timeout=60).group(2))
     metrics_port = int(server.wait_for(METRICS_PATTERN, timeout=10).group(3))
@@ -546,6 +765,10 @@ def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
     evaluator = start("evaluator", environment("evaluator", **address))
     for role in [*workers, evaluator, server]:
         assert role.proc.wait(timeout=120) == 0, f"{role.name}:\n{role.output()[-3000:]}"
+    for shard in roles[:len(shard_address)]:  # they serve until stopped: compose's stop signal (SIGINT)
+        assert shard.proc.poll() is None, f"{shard.name}:\n{shard.output()[-3000:]}"
+        shard.proc.send_signal(signal.SIGINT)
+        assert shard.proc.wait(timeout=60) == 0, f"{shard.name}:\n{shard.output()[-3000:]}"
 
     for role in workers:
         result = json.loads(role.output().strip().splitlines()[-1])
@@ -561,6 +784,11 @@ def test_compose_services_train_to_the_end_as_processes(tmp_path, roles):
     assert "eval" in kinds  # the evaluator's records went to the server's metrics file, on the runs volume
     for name in ("checkpoint.pt", "final.pt"):
         assert (tmp_path / "runs" / name).is_file(), name
+    if sharded:  # each shard wrote its slice where the server told it: on the runs volume, as the server sees it
+        count = len(shard_address)
+        assert sorted(p.name for p in (tmp_path / "runs" / "shards").iterdir()) == [
+            f"shard-{i}-of-{count}.pt" for i in range(count)]
+        assert f"attached {count} shards" in log
     # the run is over and the server gone: the probe says so
     gone = subprocess.run(health, env=server_env, capture_output=True, timeout=30, check=False)
     assert gone.returncode == 1
