@@ -19,6 +19,7 @@ PS_VARIABLES = frozenset({
     "PS_DOWNLOAD",
     "PS_EPOCHS",
     "PS_EVAL_EVERY",
+    "PS_EXIT_AFTER_RUN",
     "PS_FIRST_MESSAGE_TIMEOUT",
     "PS_ITERATIONS",
     "PS_JITTER",

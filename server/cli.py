@@ -220,7 +220,7 @@ async def serve_run(run: RunConfig, options: ServeOptions = ServeOptions(out=Non
                         on_started=on_started, metrics_port=options.metrics_port, metrics_host=options.metrics_host)
         finally:
             if service.sharded:
-                await service.core.close()
+                await service.core.close(finish=service.lifecycle.stop_message() if service.ended else None)
     finally:
         if shards is not None:
             shards.stop()

@@ -117,8 +117,11 @@ class ShardLink:
         self._queue.put_nowait(pb.ShardCommand(seq=self._seq, **command))
         return future
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """End the stream: the commands queued go first (the shard ends its side once it has read them)."""
         self._queue.put_nowait(None)
+        if getattr(self, "_reader", None) is not None:
+            await asyncio.wait([self._reader], timeout=timeout)
         if self.call is not None:
             self.call.cancel()
         if getattr(self, "_reader", None) is not None:
@@ -185,6 +188,7 @@ class ShardFront(ServerCore):
         self.on_lost: Callable[[str], None] = lambda why: None
         self.halted: Callable[[], bool] = lambda: False  # the run ended otherwise (diverged): no more pushes
         self.lost: str | None = None
+        self._closing = False
         self._empty = torch.empty(0, dtype=params0.dtype)
         self.trials = 0
 
@@ -219,11 +223,16 @@ class ShardFront(ServerCore):
         logger.info("attached %d shards: %s", len(self.links),
                     ", ".join(f"{a} [{s}, {e})" for a, (s, e) in zip(self.addresses, self.bounds)))
 
-    async def close(self) -> None:
-        for link in self.links:
-            await link.close()
+    async def close(self, finish: pb.ServerMessage | None = None) -> None:
+        """Detach from the shards; `finish` (the run's Stop, when it ended) tells them the run is over first."""
+        self._closing = True
+        if finish is not None and self.lost is None:
+            self._broadcast(finish=pb.ShardFinish(stop=finish.stop))
+        await asyncio.gather(*(link.close() for link in self.links))
 
     def _on_lost(self, index: int, why: str) -> None:
+        if self._closing:
+            return
         if self.lost is None:
             self.lost = why
             logger.error("%s: the run cannot go on", why)

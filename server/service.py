@@ -473,7 +473,11 @@ class ParameterServerService:
 
     # ----- unary calls ---------------------------------------------------------------------
     async def parameters(self, request: pb.GetParametersRequest) -> pb.Parameters:
+        """The current parameters. An evaluator's fetch once the run has ended (its last iteration, or diverged) is
+        of the final ones: the server may go once its final files are written (even when the fetch came while
+        they were being written, as a sharded server's can)."""
         core = self.core
+        final = self.ended  # (before any await: the parameters fetched are then the final ones)
         if self.sharded:
             params, iteration = await core.fetch_params()
             reply = pb.Parameters(tensor=encode(params), iteration_index=iteration,
@@ -481,7 +485,7 @@ class ParameterServerService:
         else:
             reply = pb.Parameters(tensor=encode(core.current_params()), iteration_index=core.iteration,
                                   epoch=core.epoch)
-        if self.finished.is_set() and not request.training_client:
+        if final and not request.training_client:
             self.final_fetched.set()
         return reply
 

@@ -73,8 +73,11 @@ class Trial:
 class ShardService:
     """One shard: its core (None until attached), its workers' streams, its coordinator's stream."""
 
-    def __init__(self, *, first_message_timeout: float = 30.0) -> None:
+    def __init__(self, *, first_message_timeout: float = 30.0, exit_after_run: bool = False) -> None:
         self.core: ServerCore | None = None
+        self.exit_after_run = exit_after_run  # stop once a coordinator that finished its run detaches
+        self.run_finished = False  # the coordinator said the run is over (ShardFinish)
+        self.done = asyncio.Event()  # (exit_after_run) a finished run's coordinator detached
         self.attach: pb.ShardAttach | None = None
         self.run: RunConfig | None = None
         self.connections: dict[int, Connection] = {}
@@ -118,6 +121,10 @@ class ShardService:
                 await reader
             self._out = None
             self._forget("its coordinator went away")
+            if self.run_finished and self.exit_after_run:
+                logger.info("the run is over and its coordinator detached: this shard exits (--exit-after-run)")
+                self.done.set()
+            self.run_finished = False
 
     def close(self) -> None:
         """The shard is stopping: end its coordinator's stream and every worker's (with a status, not a cancel)."""
@@ -197,6 +204,7 @@ class ShardService:
         elif kind == "load":
             self._load(command.seq, body)
         elif kind == "finish":
+            self.run_finished = True
             for conn in list(self.connections.values()):
                 conn.send(pb.ServerMessage(stop=body.stop))
         else:
@@ -468,8 +476,9 @@ SHARD_LISTENING = "ps-shard listening on {host}:{port}"
 
 
 async def serve_shard(bind: str, security: Any = None, *, on_started: Any = None,
-                      stop: asyncio.Event | None = None) -> None:
-    """Serve one shard on `bind` until SIGTERM/SIGINT (or `stop`): it waits for a coordinator to attach."""
+                      stop: asyncio.Event | None = None, exit_after_run: bool = False) -> None:
+    """Serve one shard on `bind` until SIGTERM/SIGINT (or `stop`; or, with `exit_after_run`, until a coordinator
+    whose run is over detaches): it waits for a coordinator to attach."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from ormo_ps.common.grpc_options import GRPC_OPTIONS
@@ -478,7 +487,7 @@ async def serve_shard(bind: str, security: Any = None, *, on_started: Any = None
 
     security = security or ServerSecurity()
     check_port_free(bind)
-    shard = ShardService()
+    shard = ShardService(exit_after_run=exit_after_run)
     server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
                              interceptors=security.interceptors())
     add_shard_to_server(shard, server)
@@ -493,7 +502,7 @@ async def serve_shard(bind: str, security: Any = None, *, on_started: Any = None
     if on_started is not None:
         on_started(shard, port)
     async with graceful_exit(doing="stopping (the run's state is its coordinator's checkpoints)") as signalled:
-        waits = [asyncio.create_task(signalled.wait())]
+        waits = [asyncio.create_task(signalled.wait()), asyncio.create_task(shard.done.wait())]
         if stop is not None:
             waits.append(asyncio.create_task(stop.wait()))
         try:

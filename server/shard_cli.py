@@ -19,9 +19,13 @@ from ormo_ps.server.serving import PortInUse
               help="Address to listen on (workers and the coordinator connect here); port 0 picks a free port.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch CPU threads for the updates of this shard's slice.")
+@click.option("--exit-after-run", is_flag=True, default=False,
+              help="Exit (0) once a coordinator whose run is over (finished or diverged) detaches, instead of "
+                   "waiting for the next one: for `docker compose up`, which returns when every container has exited. "
+                   "Not for a Kubernetes StatefulSet (it would restart the pod).")
 @server_security_options
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logging.")
-def cli(bind: str, threads: int, verbose: bool, **kwargs) -> None:
+def cli(bind: str, threads: int, exit_after_run: bool, verbose: bool, **kwargs) -> None:
     """Serve one shard of a sharded parameter server: `ps-server --shard-address` names it."""
     import torch
 
@@ -32,7 +36,7 @@ def cli(bind: str, threads: int, verbose: bool, **kwargs) -> None:
     tune_malloc()
     torch.set_num_threads(threads)
     try:
-        asyncio.run(serve_shard(bind, security))
+        asyncio.run(serve_shard(bind, security, exit_after_run=exit_after_run))
     except PortInUse as e:
         raise click.ClickException(str(e)) from None
 

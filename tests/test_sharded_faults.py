@@ -24,6 +24,7 @@ from ormo_ps.common.grpc_options import GRPC_MESSAGE_OPTIONS
 from ormo_ps.common.pb import parameter_server_pb2 as pb
 from ormo_ps.common.pb import parameter_server_pb2_grpc as pb_grpc
 from ormo_ps.server.checkpoint import load_checkpoint, state_digest
+from ormo_ps.server.config import RunConfig
 from tests.conftest import start_server
 from tests.test_sharded import ShardedWorker, reference, run_config, wait_status
 
@@ -116,11 +117,11 @@ def wait_connected(stub, count: int, deadline: float = 10.0) -> None:
 
 
 # ----- processes ---------------------------------------------------------------------------------------------
-def start_shards(count: int, ports: list[int] | None = None) -> tuple[list[subprocess.Popen], list[str]]:
+def start_shards(count: int, ports: list[int] | None = None, *extra: str) -> tuple[list[subprocess.Popen], list[str]]:
     procs, addresses = [], []
     for i in range(count):
         port = ports[i] if ports else 0
-        p = subprocess.Popen([sys.executable, "-m", "ormo_ps.server.shard_cli", "--bind", f"127.0.0.1:{port}"],
+        p = subprocess.Popen([sys.executable, "-m", "ormo_ps.server.shard_cli", "--bind", f"127.0.0.1:{port}", *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
         procs.append(p)
         m = re.search(r"listening on \S+:(\d+)", p.stdout.readline())
@@ -348,4 +349,34 @@ def test_a_shard_admits_only_the_sessions_its_coordinator_announced_and_the_coor
     finally:
         shard_channel.close()
         stop()
+        stop_all(procs)
+
+
+def test_shards_with_exit_after_run_exit_when_their_finished_run_detaches(tmp_path):
+    """`ps-shard --exit-after-run` (for `docker compose up`, which returns once every container exited): a shard
+    exits 0 once the coordinator of a finished run detaches, and not when a coordinator merely goes away."""
+    procs, addresses = start_shards(2, None, "--exit-after-run")
+    try:
+        # a coordinator that goes away mid-run: the shards stay
+        live, stop = start_server(run_config("ormo", 1), bind="127.0.0.1:0", shard_addresses=tuple(addresses),
+                                  linger=0.0)
+        stop()
+        time.sleep(1.0)
+        assert all(p.poll() is None for p in procs)
+        # a run to its end: the shards exit with it
+        run = RunConfig(algo="ormo", workers=1, dataset="digits", model="mlp", iterations=2)
+        live, stop = start_server(run, bind="127.0.0.1:0", shard_addresses=tuple(addresses), linger=0.0)
+        w = ShardedWorker(live.channel())
+        try:
+            w.join()
+            for _ in range(2):
+                params, index = w.parameters()
+                w.push(torch.zeros_like(params), index)
+            msg = w.coord.recv()
+            assert msg.WhichOneof("payload") == "stop" and msg.stop.reason == pb.STOP_REASON_DONE
+        finally:
+            w.close()
+            stop()
+        assert [p.wait(20) for p in procs] == [0, 0]
+    finally:
         stop_all(procs)
