@@ -269,8 +269,7 @@ def test_two_shards_equal_one_server_bit_for_bit_for_every_rule(algo, shard_addr
         assert outcomes["discarded"] >= 1, outcomes
 
 
-@pytest.mark.parametrize("shards,algo", [(3, "ormo"), (3, "ormo-da"), (3, "smega2"), (3, "ssgdm"), (4, "ormo"),
-                                         (4, "dn"), (4, "ssgd"), (4, "ringmaster")])
+@pytest.mark.parametrize("shards,algo", [(s, a) for s in (3, 4) for a in sorted(ALGORITHMS)])
 def test_three_and_four_shards_equal_one_server_bit_for_bit(shards, algo, shard_addresses, tmp_path):
     torch.set_num_threads(1)
     outcomes = drive(algo, shard_addresses[:shards], steps=40, seed=5 + shards, tmp_path=tmp_path)
