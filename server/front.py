@@ -187,6 +187,7 @@ class ShardFront(ServerCore):
         self.on_outcome: Callable[[PushOutcome], None] = lambda outcome: None
         self.on_lost: Callable[[str], None] = lambda why: None
         self.halted: Callable[[], bool] = lambda: False  # the run ended otherwise (diverged): no more pushes
+        self.on_dispatch: Callable[[list[Dispatch]], None] = lambda dispatches: None  # what the shards now send
         self.lost: str | None = None
         self._closing = False
         self._empty = torch.empty(0, dtype=params0.dtype)
@@ -281,8 +282,9 @@ class ShardFront(ServerCore):
 
     def rejoin(self, worker: int) -> Dispatch | None:
         def act() -> None:
-            ServerCore.rejoin(self, worker)
+            dispatch = ServerCore.rejoin(self, worker)
             self._broadcast(rejoin=pb.ShardRejoin(worker=worker))
+            self.on_dispatch([dispatch] if dispatch is not None else [])
 
         self._in_order(act)
         return None
@@ -299,9 +301,9 @@ class ShardFront(ServerCore):
             self.partial.pop(worker, None)
 
         def act() -> None:
-            if deactivate:
-                ServerCore.deactivate(self, worker)
+            dispatches = ServerCore.deactivate(self, worker) if deactivate else []
             self._broadcast(deactivate=pb.ShardDeactivate(worker=worker, end_session=end_session, core=deactivate))
+            self.on_dispatch(dispatches)
 
         self._in_order(act)
 
@@ -357,7 +359,7 @@ class ShardFront(ServerCore):
         ite = p.iteration_index
         if self.discarding(ite):
             self._broadcast(push=pb.ShardPush(worker=worker, session=p.session, iteration_index=ite, g_max=g_max))
-            self.discard(worker)
+            self.on_dispatch(self.discard(worker))
             self.on_outcome(PushOutcome(**outcome, discarded=True))
             return
         lr = self.update_rate(ite)
@@ -366,7 +368,7 @@ class ShardFront(ServerCore):
             self._broadcast(push=pb.ShardPush(worker=worker, session=p.session, iteration_index=ite, g_max=g_max))
             self.apply_update(self._empty, ite, worker, lr)
             self._bound = predicted
-            self.applied(worker, ite, lr)
+            self.on_dispatch(self.applied(worker, ite, lr))
             self.on_outcome(PushOutcome(**outcome, applied=True))
             return
         # Not provably finite: a trial on every shard; nothing else is decided until it is kept or undone.
@@ -386,7 +388,7 @@ class ShardFront(ServerCore):
             self._bound = max(t.bound for t in trials)
             self._broadcast(resolve=pb.ShardResolve(commit=True, bound=self._bound))
             self.apply_update(self._empty, ite, worker, lr)
-            self.applied(worker, ite, lr)
+            self.on_dispatch(self.applied(worker, ite, lr))
             self.on_outcome(PushOutcome(**outcome, applied=True))
         else:
             self._bound = max(t.bound_before for t in trials)

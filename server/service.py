@@ -121,6 +121,7 @@ class ParameterServerService:
             core.on_outcome = self._on_outcome
             core.on_lost = self.lifecycle.abort
             core.halted = lambda: self.ended
+            core.on_dispatch = self._route
 
     # ----- the parts' state, as the service's ------------------------------------------------
     @property
@@ -332,8 +333,12 @@ class ParameterServerService:
 
     def _route(self, dispatches: list[Dispatch]) -> None:
         """Serialize each dispatch now (its tensor is live), once per form its receivers read (whole, or
-        chunked), and queue the bytes for every receiver. (A sharded server's shards send the parameters.)"""
+        chunked), and queue the bytes for every receiver. (A sharded server's shards send the parameters: its
+        coordinator only notes when each worker was sent them, for the synchronous barrier's timeout.)"""
         if self.sharded:
+            now = time.monotonic()
+            for d in dispatches:
+                self._sent_at.update((w, now) for w in d.workers)
             return
         for d in dispatches:
             forms: dict[int, list[bytes]] = {}

@@ -380,3 +380,47 @@ def test_shards_with_exit_after_run_exit_when_their_finished_run_detaches(tmp_pa
         assert [p.wait(20) for p in procs] == [0, 0]
     finally:
         stop_all(procs)
+
+
+def test_a_silent_worker_dropped_from_a_synchronous_barrier_is_dropped_on_every_shard(tmp_path):
+    """SSGD, K=2, --sync-timeout: worker 1 never pushes; the coordinator drops it from the barrier and the round
+    completes on every shard with worker 0's gradient alone, as one server's does; worker 1's late push is then
+    refused (it is no longer active) and it rejoins."""
+    torch.set_num_threads(1)
+    procs, addresses = start_shards(2)
+    run = run_config("ssgd", 2)
+    core, _ = reference(run)
+    live, stop = start_server(run, bind="127.0.0.1:0", shard_addresses=tuple(addresses), linger=0.0,
+                              log_every=100000, sync_timeout=1.0)
+    channel = live.channel()
+    stub = pb_grpc.ParameterServerStub(channel)
+    workers = [ShardedWorker(channel) for _ in range(2)]
+    gen = torch.Generator().manual_seed(2)
+    try:
+        for w in workers:
+            w.join()
+        core.start_with({0, 1})
+        index = {k: w.parameters()[1] for k, w in enumerate(workers)}
+        g0 = torch.randn(core.numel, generator=gen)
+        workers[0].push(g0, index[0])
+        assert core.push(0, g0.clone(), index[0]) == []  # one server waits for worker 1
+        (d,) = core.deactivate(1)  # until the barrier drops it
+        params, index[0] = workers[0].parameters()  # (after ~1 s)
+        assert torch.equal(params, d.params) and index[0] == 1
+        g1 = torch.randn(core.numel, generator=gen)
+        workers[1].push(g1, index[1])
+        err = workers[1].refused()
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not active" in err.details()
+        workers[1].leave()
+        wait_connected(stub, 1)
+        workers[1].join(1)
+        rejoined = core.rejoin(1)
+        params, index[1] = workers[1].parameters()
+        assert torch.equal(params, rejoined.params) and index[1] == 1
+        got = stub.GetParameters(pb.GetParametersRequest(), timeout=10)
+        assert torch.equal(decode(got.tensor), core.current_params()) and got.iteration_index == 1
+    finally:
+        for w in workers:
+            w.close()
+        stop()
+        stop_all(procs)
