@@ -315,6 +315,20 @@ def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _resume(compose: Compose, args: argparse.Namespace, result: dict[str, Any], say, scale: list[str]) -> None:
+    """`PS_RESUME=/runs ... up -d`: where the server resumed, and how long until every worker was back."""
+    t_resume = time.time()
+    compose("up", "-d", *scale, env={"PS_RESUME": "/runs"}, timeout=1800)
+    resumed = compose.wait_for(lambda log: re.search(r"resuming \S+ at iteration (\d+)", log), 300, "the resume")
+    result["resumed_at"] = int(resumed.group(1))
+    total = args.workers + args.slow
+    back = compose.wait_for(lambda log: next((m for m in CONNECTED.finditer(log) if int(m.group(2)) == total), None),
+                            args.start_timeout, "the workers to reconnect")
+    result["seconds_until_reconnected"] = round(_log_time(back.group(1)) - t_resume, 1)
+    say(f"resumed at iteration {result['resumed_at']}; all workers back {result['seconds_until_reconnected']}s "
+        "after `up`")
+
+
 def _faults(compose: Compose, args: argparse.Namespace, result: dict[str, Any], say, scale: list[str]) -> None:
     """Kill the server mid-run and resume it as the README says; kill 4 workers mid-run and restart one."""
     kill_at = args.kill_at
@@ -326,16 +340,7 @@ def _faults(compose: Compose, args: argparse.Namespace, result: dict[str, Any], 
     say(f"server killed at iteration ~{killed_at}")
     result["server_killed_at"] = killed_at
     time.sleep(5)
-    t_resume = time.time()
-    compose("up", "-d", *scale, env={"PS_RESUME": "/runs"}, timeout=1800)
-    resumed = compose.wait_for(lambda log: re.search(r"resuming \S+ at iteration (\d+)", log), 300, "the resume")
-    result["resumed_at"] = int(resumed.group(1))
-    total = args.workers + args.slow
-    back = compose.wait_for(lambda log: next((m for m in CONNECTED.finditer(log) if int(m.group(2)) == total), None),
-                            args.start_timeout, "the workers to reconnect")
-    result["seconds_until_reconnected"] = round(_log_time(back.group(1)) - t_resume, 1)
-    say(f"resumed at iteration {result['resumed_at']}; all workers back {result['seconds_until_reconnected']}s "
-        "after `up`")
+    _resume(compose, args, result, say, scale)
     target = result["resumed_at"] + args.kill_at
     compose.wait_for(lambda log: iterations_seen(log) >= target, args.run_timeout, f"iteration {target}")
     victims = compose.container_ids("worker", running_only=True)[:4]
@@ -374,16 +379,7 @@ def _shard_faults(compose: Compose, args: argparse.Namespace, result: dict[str, 
     last = compose.server_log().strip().splitlines()[-1]
     result["server_last_line"] = last
     say(f"server exited {result['server_exit_code']}: {last}")
-    t_resume = time.time()
-    compose("up", "-d", *scale, env={"PS_RESUME": "/runs"}, timeout=1800)
-    resumed = compose.wait_for(lambda log: re.search(r"resuming \S+ at iteration (\d+)", log), 300, "the resume")
-    result["resumed_at"] = int(resumed.group(1))
-    total = args.workers + args.slow
-    back = compose.wait_for(lambda log: next((m for m in CONNECTED.finditer(log) if int(m.group(2)) == total), None),
-                            args.start_timeout, "the workers to reconnect")
-    result["seconds_until_reconnected"] = round(_log_time(back.group(1)) - t_resume, 1)
-    say(f"resumed at iteration {result['resumed_at']}; all workers back {result['seconds_until_reconnected']}s "
-        "after `up`")
+    _resume(compose, args, result, say, scale)
 
 
 def _available_mib() -> float:

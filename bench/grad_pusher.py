@@ -64,6 +64,21 @@ def open_control(path: str | Path, slots: int) -> np.memmap:
     return np.memmap(path, dtype=np.int64, mode="r+", shape=(slots + 1, COLUMNS))
 
 
+async def _stop_after_reply(row: np.ndarray, stop: np.ndarray, replies: int, max_round_trips: int,
+                            deadline: float) -> bool:
+    """After a reply: whether to stop (the flag, the count, the deadline); while the pause flag is up, hold
+    (polling it every PAUSE_POLL s) and say so in the row."""
+    if stop[STOP] or replies >= max_round_trips or time.monotonic() > deadline:
+        return True
+    if stop[PAUSE]:
+        row[PAUSED] = 1
+        while stop[PAUSE] and not stop[STOP] and time.monotonic() < deadline:
+            await asyncio.sleep(PAUSE_POLL)
+        row[PAUSED] = 0
+        return bool(stop[STOP]) or time.monotonic() > deadline
+    return False
+
+
 def record_reply(row: np.ndarray, replies: int) -> None:
     now = time.monotonic_ns()
     row[REPLY_NS_A] = now
@@ -127,15 +142,8 @@ async def push(target: str, control: np.memmap, slot: int, max_round_trips: int,
                 if replies == 0:
                     row[DOWN_BYTES] = nbytes
                 record_reply(row, replies)
-                if stop[STOP] or replies >= max_round_trips or time.monotonic() > deadline:
+                if await _stop_after_reply(row, stop, replies, max_round_trips, deadline):
                     break
-                if stop[PAUSE]:
-                    row[PAUSED] = 1
-                    while stop[PAUSE] and not stop[STOP] and time.monotonic() < deadline:
-                        await asyncio.sleep(PAUSE_POLL)
-                    row[PAUSED] = 0
-                    if stop[STOP] or time.monotonic() > deadline:
-                        break
                 # Built afresh each time, as a worker builds each gradient's messages (one copy of the tensor).
                 for message in sender.gradient(gradient, iteration_index, 0.0, 128):
                     await call.write(message)
@@ -243,15 +251,8 @@ async def push_sharded(channel: grpc.aio.Channel, call: grpc.aio.StreamStreamCal
                     row[SHARD_DOWN + i] = nbytes
                 row[DOWN_BYTES] = sum(nbytes for _, nbytes in got)
             record_reply(row, replies)
-            if stop[STOP] or replies >= max_round_trips or time.monotonic() > deadline:
+            if await _stop_after_reply(row, stop, replies, max_round_trips, deadline):
                 break
-            if stop[PAUSE]:
-                row[PAUSED] = 1
-                while stop[PAUSE] and not stop[STOP] and time.monotonic() < deadline:
-                    await asyncio.sleep(PAUSE_POLL)
-                row[PAUSED] = 0
-                if stop[STOP] or time.monotonic() > deadline:
-                    break
             await asyncio.gather(*(shard.send(gradient, iteration_index) for shard in shards))
             row[SENT] += 1
         for shard in shards:

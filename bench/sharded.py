@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from bench import harness
 from bench.grad_pusher import DOWN_BYTES, MAX_SHARDS, PID, SERVER_PID, SHARD_DOWN, SHARD_UP, SHARDS, UP_BYTES
 from bench.ps_server_sized import import_path
 from bench.throughput.groups import Group, cpu_seconds, start_group
-from bench.throughput.measure import _rotated, _wait, mem_available
+from bench.throughput.measure import _rotated, count_window, mem_available, median
 from bench.throughput.plan import SIZES
 
 # (K values, windows per system, minimum window seconds) per size. 25M runs with K=4 only: 16 pushers hold
@@ -199,34 +198,15 @@ def profile_system(m: Measured, settle: float, tmp: Path, log, seconds: float = 
 
 # -- windows -------------------------------------------------------------------------------------------------------
 def measure_window(m: Measured, settle: float, window: float, window_max: float) -> dict:
-    """One window as bench/throughput's `measure_window` (resume, settle until every pusher had a reply, at least
-    `window` s and until every pusher had a reply in it, pause), with the CPU of every shard process too."""
-    g = m.group
-    g.resume()
-    try:
-        n_resumed, _ = g.snapshot()
-        _wait(g, lambda: (g.snapshot()[0] > n_resumed).all(), settle, window_max)
-        n0, ns0 = g.snapshot()
-        c0, t0, o0 = m.cpu(), time.perf_counter(), all_cpu()
-        _wait(g, lambda: (g.snapshot()[0] > n0).all(), window, window_max)
-        n1, ns1 = g.snapshot()
-        c1, t1, o1 = m.cpu(), time.perf_counter(), all_cpu()
-    finally:
-        g.pause()
-    dt, dn = t1 - t0, n1 - n0
-    if (dn >= 1).all():
-        rate, estimator = float(sum(dn[i] / ((ns1[i] - ns0[i]) / 1e9) for i in range(g.k))), "per-pusher reply times"
-    else:
-        rate, estimator = float(dn.sum() / dt), "count over the window"
-    return dict(seconds=dt, round_trips=int(dn.sum()), updates_per_s=rate, estimator=estimator,
+    """One window as bench/throughput's (`count_window`), with the CPU of every shard process and of every other
+    process on the machine too."""
+    w = count_window(m.group, settle, window, window_max, lambda: (m.cpu(), all_cpu()))
+    dt, (c0, o0), (c1, o1) = w["seconds"], w["before"], w["after"]
+    return dict(seconds=dt, round_trips=w["round_trips"], updates_per_s=w["rate"], estimator=w["estimator"],
                 server_cores=(c1["server"] - c0["server"]) / dt,
                 shard_cores=[(b - a) / dt for a, b in zip(c0["shards"], c1["shards"])],
                 pushers_cores=(c1["pushers"] - c0["pushers"]) / dt, machine_busy_cores=(c1["machine"] - c0["machine"]) / dt,
                 others_cores=others_seconds(o0, o1) / dt, kernel_threads_cores=others_seconds(o0, o1, kernel=True) / dt)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def summarize(m: Measured, ws: list[dict]) -> dict:

@@ -270,6 +270,23 @@ class ServerCore:
     def _measured_bound(self) -> float:
         return max(max_magnitude(t) for t in self._state_tensors())
 
+    def measured_bound(self) -> float:
+        """The state's largest magnitude, read (one pass over w and the rule's tensors)."""
+        return self._measured_bound()
+
+    def save_state(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A copy of w and the rule's state, for `restore_state` (an update tried on the state itself)."""
+        return self.w.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                for k, v in self.rule.state_dict().items()}
+
+    def restore_state(self, saved: tuple[torch.Tensor, dict[str, Any]]) -> None:
+        self.w.copy_(saved[0])
+        self.rule.load_state_dict(saved[1])
+
+    def state_finite(self, lr: float) -> bool:
+        """w, the rule's state and the parameters it would send at rate `lr` are all finite."""
+        return all(all_finite(x) for x in (*self._state_tensors(), self.rule.params_to_send(lr)))
+
     def _predicted_bound(self, lr: float, g_max: float) -> float:
         a, b = self.rule.growth(lr)
         return self._bound * a + g_max * b
@@ -301,14 +318,12 @@ class ServerCore:
             self._apply(grad, iteration_index, t, worker, lr)
             self._bound = self._predicted_bound(lr, g_max)
             return
-        saved = (self.w.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                  for k, v in self.rule.state_dict().items()})
+        saved = self.save_state()
         self._apply(grad, iteration_index, t, worker, lr)
-        if all(all_finite(x) for x in (*self._state_tensors(), self.rule.params_to_send(lr))):
+        if self.state_finite(lr):
             self._bound = self._measured_bound()
             return
-        self.w.copy_(saved[0])
-        self.rule.load_state_dict(saved[1])
+        self.restore_state(saved)
         raise PushRejected(
             "INVALID_ARGUMENT", f"applying this gradient would make the server's parameters non-finite "
             f"(|eta*g| up to {abs(lr) * g_max:.3g}, state up to {self._bound:.3g}): refused, nothing changed; "

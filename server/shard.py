@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from ormo_ps.common.chunks import BufferPool
 from ormo_ps.common.codec import CodecError, decode, encode
 from ormo_ps.common.log_limit import LimitedLog, shorten
 from ormo_ps.common.pb import parameter_server_pb2 as pb
-from ormo_ps.common.tensor_checks import all_finite, check_finite, max_magnitude
+from ormo_ps.common.tensor_checks import check_finite, max_magnitude
 from ormo_ps.common.transport import Receiver, Sender, TransportError
 from ormo_ps.common.wire import Received
 from ormo_ps.server.checkpoint import load_checkpoint, save_state, state_digest
@@ -171,9 +170,6 @@ class ShardService:
             if old is not None:  # a stream of an earlier session: over
                 old.send(END_STREAM)
             self._report(command.seq, done=True)
-        elif kind == "initial":
-            core.set_initial_params(decode(body.params, expected_numel=self.attach.end - self.attach.start,
-                                           expected_dtype=torch.float32))
         elif kind == "start":
             self._route([core.start_with(set(body.ready))])
         elif kind == "rejoin":
@@ -227,11 +223,7 @@ class ShardService:
         self.attach = attach
         logger.info("shard %d/%d: %s, parameters [%d, %d) of %d, K=%d", attach.index, attach.shards, run.algo,
                     attach.start, attach.end, attach.numel, run.workers)
-        self._report(seq, attached=pb.ShardAttached(bound=self._measured_bound()))
-
-    def _measured_bound(self) -> float:
-        core = self.core
-        return max(max_magnitude(t) for t in core._state_tensors()) if core.numel else 0.0
+        self._report(seq, attached=pb.ShardAttached(bound=self.core.measured_bound()))
 
     def _forget(self, why: str) -> None:
         """Drop the run: every worker stream closed, nothing held."""
@@ -274,13 +266,12 @@ class ShardService:
             core.apply_update(grad, push.iteration_index, push.worker, lr)
             self._route(core.applied(push.worker, push.iteration_index, lr))
             return
-        saved = (core.w.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                  for k, v in core.rule.state_dict().items()})
-        before = self._measured_bound()
+        saved = core.save_state()
+        before = core.measured_bound()
         core.apply_update(grad, push.iteration_index, push.worker, lr)
-        finite = all(all_finite(t) for t in (*core._state_tensors(), core.rule.params_to_send(lr)))
+        finite = core.state_finite(lr)
         self._trial = Trial(push.worker, push.iteration_index, lr, saved)
-        self._report(seq, trial=pb.ShardTrial(finite=finite, bound=self._measured_bound() if finite else before,
+        self._report(seq, trial=pb.ShardTrial(finite=finite, bound=core.measured_bound() if finite else before,
                                               bound_before=before))
 
     def _resolve(self, resolve: pb.ShardResolve) -> None:
@@ -291,8 +282,7 @@ class ShardService:
         if resolve.commit:
             self._route(core.applied(trial.worker, trial.iteration_index, trial.lr))
         else:
-            core.w.copy_(trial.saved[0])
-            core.rule.load_state_dict(trial.saved[1])
+            core.restore_state(trial.saved)
 
     def _route(self, dispatches: list[Dispatch]) -> None:
         """Each dispatch's slice, serialized once per form its receivers read, queued for each receiver."""
@@ -339,10 +329,8 @@ class ShardService:
             raise CommandFailed(f"{load.path} holds shard {state['index']}/{state['shards']} [{state['start']}, "
                                 f"{state['end']}); this is shard {a.index}/{a.shards} [{a.start}, {a.end})")
         core = self.core
-        if not core.has_parameters and state["core"]["w"].numel():
-            core.set_initial_params(state["core"]["w"])
         core.load_state_dict(state["core"])
-        self._report(seq, loaded=pb.ShardLoaded(iteration=core.iteration, bound=self._measured_bound()))
+        self._report(seq, loaded=pb.ShardLoaded(iteration=core.iteration, bound=self.core.measured_bound()))
 
     # ----- a worker's Train stream ------------------------------------------------------------------------
     async def train(self, requests: AsyncIterator[Received], context: grpc.aio.ServicerContext) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.grad_pusher import DOWN_BYTES, UP_BYTES
 from bench.throughput.groups import Group, start_group
@@ -40,7 +42,7 @@ def _wait(group: Group, until, at_least: float, at_most: float) -> None:  # noqa
         raise RuntimeError(f"{group.system}: {group.failures()}")
 
 
-def measure_window(group: Group, settle: float, window: float, window_max: float) -> dict:
+def count_window(group: Group, settle: float, window: float, window_max: float, sample: Callable[[], Any]) -> dict:
     """One window: resume, settle, count replies, pause. Rates are per pusher, from the replies' own times.
 
     Settle: at least `settle` seconds and until every pusher had a reply since it resumed (so the window
@@ -49,27 +51,35 @@ def measure_window(group: Group, settle: float, window: float, window_max: float
     from its last reply before the window to its last reply in it: exact for a closed loop, with no
     rounding to whole round trips per window (which matters at 1-3 round trips per second). The sum
     over pushers is the system's rate; if some pusher had no reply in `window_max`, the window falls
-    back to (replies in the window) / (window length).
+    back to (replies in the window) / (window length). `sample()` is read at the window's two edges (CPU
+    counters): its readings come back as `before` and `after`.
     """
-    k = group.k
     group.resume()
     try:
         n_resumed, _ = group.snapshot()
         _wait(group, lambda: (group.snapshot()[0] > n_resumed).all(), settle, window_max)
         n0, ns0 = group.snapshot()
-        c0, t0 = group.cpu(), time.perf_counter()
+        before, t0 = sample(), time.perf_counter()
         _wait(group, lambda: (group.snapshot()[0] > n0).all(), window, window_max)
         n1, ns1 = group.snapshot()
-        c1, t1 = group.cpu(), time.perf_counter()
+        after, t1 = sample(), time.perf_counter()
     finally:
         group.pause()
     dt = t1 - t0
     dn = n1 - n0
     if (dn >= 1).all():
-        rate, estimator = float(sum(dn[i] / ((ns1[i] - ns0[i]) / 1e9) for i in range(k))), "per-pusher reply times"
+        rate = float(sum(dn[i] / ((ns1[i] - ns0[i]) / 1e9) for i in range(group.k)))
+        estimator = "per-pusher reply times"
     else:
         rate, estimator = float(dn.sum() / dt), "count over the window"
-    return dict(seconds=dt, round_trips=int(dn.sum()), round_trips_per_s=rate, estimator=estimator,
+    return dict(seconds=dt, round_trips=int(dn.sum()), rate=rate, estimator=estimator, before=before, after=after)
+
+
+def measure_window(group: Group, settle: float, window: float, window_max: float) -> dict:
+    """One window (`count_window`) with the server's, the pushers' and the machine's CPU."""
+    w = count_window(group, settle, window, window_max, group.cpu)
+    dt, c0, c1 = w["seconds"], w["before"], w["after"]
+    return dict(seconds=dt, round_trips=w["round_trips"], round_trips_per_s=w["rate"], estimator=w["estimator"],
                 server_cpu_cores=(c1[0] - c0[0]) / dt, pushers_cpu_cores=(c1[1] - c0[1]) / dt,
                 server_main_thread_cores=(c1[2] - c0[2]) / dt, machine_busy_cores=(c1[3] - c0[3]) / dt)
 
